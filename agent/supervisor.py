@@ -93,6 +93,7 @@ class Supervisor:
         backoff_min_s: float = 0.5,
         backoff_max_s: float = 10.0,
         rng: random.Random | None = None,
+        fatal: tuple[type[Exception], ...] = (),
     ) -> None:
         self._slots = {service.name: _Slot(service) for service in services}
         self._budget = restart_budget
@@ -100,6 +101,8 @@ class Supervisor:
         self._backoff = (backoff_min_s, backoff_max_s)
         self._rng = rng or random.Random()
         self._started = asyncio.Event()
+        # Errors a restart cannot fix (refused credentials, bad config): stop at once.
+        self._fatal = fatal
 
     def status(self) -> list[ServiceStatus]:
         return [slot.status() for slot in self._slots.values()]
@@ -120,6 +123,8 @@ class Supervisor:
                 self._started.set()
         except* ServiceFailed as failed:
             raise failed.exceptions[0] from None
+        except* self._fatal as fatal:
+            raise fatal.exceptions[0] from None
 
     async def _keep_running(self, slot: _Slot) -> None:
         name = slot.service.name
@@ -130,6 +135,10 @@ class Supervisor:
             try:
                 await slot.service.run()
             except asyncio.CancelledError:
+                raise
+            except self._fatal as exc:
+                slot.last_error = f"{type(exc).__name__}: {exc}"
+                slot.set(ServiceState.FAILED)
                 raise
             except Exception as exc:
                 slot.last_error = f"{type(exc).__name__}: {exc}"

@@ -191,3 +191,15 @@ def test_cli_config_show_masks_secrets_and_names_sources(tmp_path: Path) -> None
     assert lines["capture.video.source"].endswith("[hardware profile virtual]")
     assert lines["identity.room"].endswith(f"[site file {site}]")
     assert lines["stream.panel_port"].endswith("[default]")
+
+
+def test_example_site_file_is_valid() -> None:
+    loaded = load_config([REPO / "examples/agent.yaml"], profile="virtual")
+    assert loaded.config.identity.device_id == "central-school.room-101"
+    assert loaded.config.broker.port == 8883
+
+
+def test_reserved_site_names_are_refused(tmp_path: Path) -> None:
+    site = write(tmp_path, "identity: {site: lesson, room: r1}\n")
+    with pytest.raises(ConfigError, match="identity.site: 'lesson' is reserved"):
+        load_config([site], profile="virtual")

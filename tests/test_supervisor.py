@@ -91,3 +91,23 @@ def test_restart_delay_is_jittered_and_capped() -> None:
     assert len({round(d, 6) for d in delays}) == len(delays)  # no lockstep
     late = [restart_delay(20, 0.5, 10.0, rng) for _ in range(200)]
     assert max(late) <= 10.0 and max(late) > 5.0
+
+
+async def test_fatal_errors_stop_at_once_without_restarts() -> None:
+    class BadCredentials(Exception):
+        pass
+
+    class Refused:
+        name = "mqtt"
+        runs = 0
+
+        async def run(self) -> None:
+            Refused.runs += 1
+            raise BadCredentials("refused")
+
+    steady = Flaky("steady", failures=0)
+    supervisor = Supervisor([Refused(), steady], fatal=(BadCredentials,))
+    with pytest.raises(BadCredentials):
+        await asyncio.wait_for(supervisor.run(), timeout=5)
+    assert Refused.runs == 1
+    assert steady.cancelled.is_set()

@@ -15,6 +15,8 @@ from typing import Annotated, Literal, Self
 
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator, model_validator
 
+# Top-level topic names that are not sites: edu/lesson/{group}, edu/rtc/{from}/{to}.
+RESERVED_SITES = frozenset({"lesson", "rtc"})
 SLUG_PATTERN = r"^[a-z0-9][a-z0-9_-]{0,62}$"
 Slug = Annotated[
     str,
@@ -50,6 +52,13 @@ class IdentityConfig(StrictModel):
     groups: list[GroupMembership] = Field(
         default_factory=list, description="Lesson groups this room belongs to, with its role in each"
     )
+
+    @field_validator("site")
+    @classmethod
+    def _not_reserved(cls, value: str) -> str:
+        if value in RESERVED_SITES:
+            raise ValueError(f"{value!r} is reserved for fleet-wide topics; choose another site id")
+        return value
 
     @model_validator(mode="after")
     def _one_role_per_group(self) -> Self:
