@@ -38,9 +38,7 @@ def _site_files(given: Sequence[Path] | None) -> list[Path]:
         return list(given)
     if DEFAULT_SITE_FILE.exists():
         return [DEFAULT_SITE_FILE]
-    raise ConfigError.single(
-        "", f"no site file: pass --config FILE or create {DEFAULT_SITE_FILE}"
-    )
+    raise ConfigError.single("", f"no site file: pass --config FILE or create {DEFAULT_SITE_FILE}")
 
 
 def _load(args: argparse.Namespace) -> LoadedConfig:
@@ -153,14 +151,17 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="classroom-agent", description="Classroom Edge Agent (version %s)" % __version__
+        prog="classroom-agent", description=f"Classroom Edge Agent (version {__version__})"
     )
     parser.add_argument("--version", action="version", version=f"classroom-agent {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
 
     def with_config(p: argparse.ArgumentParser) -> None:
         p.add_argument(
-            "--config", "-c", type=Path, action="append",
+            "--config",
+            "-c",
+            type=Path,
+            action="append",
             help=f"site file (repeatable, later wins; default {DEFAULT_SITE_FILE})",
         )
         p.add_argument("--profile", help="hardware profile name (default: from config, or auto)")

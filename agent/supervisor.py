@@ -18,7 +18,7 @@ from collections import deque
 from collections.abc import Iterable
 from dataclasses import dataclass
 from enum import StrEnum
-from typing import Protocol
+from typing import Any, Protocol
 
 log = logging.getLogger(__name__)
 
@@ -175,10 +175,10 @@ class Supervisor:
                 return
 
 
-async def cancel_and_wait(task: asyncio.Task[object], timeout: float) -> bool:
-    """Cancel a task and wait for it up to ``timeout``; True if it ended in time."""
+async def cancel_and_wait(task: asyncio.Task[Any], grace_s: float) -> bool:
+    """Cancel a task and wait for it up to ``grace_s``; True if it ended in time."""
     task.cancel()
-    done, _ = await asyncio.wait({task}, timeout=timeout)
+    done, _ = await asyncio.wait({task}, timeout=grace_s)
     if task in done:
         with contextlib.suppress(asyncio.CancelledError, Exception):
             task.result()

@@ -25,7 +25,11 @@ def write(tmp_path: Path, text: str, name: str = "agent.yaml") -> Path:
 def cli(*args: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
         [sys.executable, "-m", "agent.cli", *args],
-        capture_output=True, text=True, timeout=60, cwd=REPO, check=False,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        cwd=REPO,
+        check=False,
     )
 
 
@@ -87,7 +91,9 @@ def test_unknown_key_suggests_the_right_one(tmp_path: Path) -> None:
 
 def test_missing_identity_is_reported(tmp_path: Path) -> None:
     site = write(tmp_path, "identity:\n  site: s1\n")
-    with pytest.raises(ConfigError, match=r"identity.room: required, but missing \(agent.yaml line 1\)"):
+    with pytest.raises(
+        ConfigError, match=r"identity.room: required, but missing \(agent.yaml line 1\)"
+    ):
         load_config([site], profile="virtual")
 
 
@@ -107,14 +113,21 @@ def test_cross_field_rules(tmp_path: Path) -> None:
 
 def test_broker_url_is_parsed() -> None:
     loaded = build_config(
-        [Layer("t", {"identity": {"site": "s", "room": "r"}, "broker": {"url": "mqtt://[::1]:1884"}})]
+        [
+            Layer(
+                "t",
+                {"identity": {"site": "s", "room": "r"}, "broker": {"url": "mqtt://[::1]:1884"}},
+            )
+        ]
     )
     assert (loaded.config.broker.host, loaded.config.broker.port) == ("::1", 1884)
 
 
 def test_unknown_profile_lists_the_known_ones(tmp_path: Path) -> None:
     site = write(tmp_path, IDENTITY + "hardware: {profile: raspberry}\n")
-    with pytest.raises(ConfigError, match=r"hardware.profile: unknown profile 'raspberry' \(available: .*virtual"):
+    with pytest.raises(
+        ConfigError, match=r"hardware.profile: unknown profile 'raspberry' \(available: .*virtual"
+    ):
         load_config([site])
 
 
@@ -171,7 +184,8 @@ def test_cli_config_check_reports_errors_without_traceback(tmp_path: Path) -> No
     assert "Traceback" not in result.stderr
     assert f"{good}: ok (room central-school.room-101, hardware profile virtual)" in result.stdout
     assert "capture.video.fps: must be <= 60, got 120 (bad.yaml line 6)" in result.stderr
-    assert "invalid YAML" in result.stderr and "broken.yaml line 2" in result.stderr
+    assert "invalid YAML" in result.stderr
+    assert "broken.yaml line 2" in result.stderr
     assert "file not found" in result.stderr
 
 
@@ -186,7 +200,9 @@ def test_cli_config_show_masks_secrets_and_names_sources(tmp_path: Path) -> None
     result = cli("config", "show", "--profile", "virtual", "-c", str(site))
     assert result.returncode == 0, result.stderr
     assert "hunter2" not in result.stdout
-    lines = {line.split()[0]: line for line in result.stdout.splitlines() if line and line[0] != "#"}
+    lines = {
+        line.split()[0]: line for line in result.stdout.splitlines() if line and line[0] != "#"
+    }
     assert "********" in lines["broker.password"]
     assert lines["capture.video.source"].endswith("[hardware profile virtual]")
     assert lines["identity.room"].endswith(f"[site file {site}]")
@@ -201,5 +217,5 @@ def test_example_site_file_is_valid() -> None:
 
 def test_reserved_site_names_are_refused(tmp_path: Path) -> None:
     site = write(tmp_path, "identity: {site: lesson, room: r1}\n")
-    with pytest.raises(ConfigError, match="identity.site: 'lesson' is reserved"):
+    with pytest.raises(ConfigError, match=r"identity\.site: 'lesson' is reserved"):
         load_config([site], profile="virtual")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import random
+from collections.abc import Callable
 
 import pytest
 
@@ -30,8 +31,8 @@ class Flaky:
             raise
 
 
-async def wait_for(predicate, timeout: float = 10.0) -> None:
-    deadline = asyncio.get_running_loop().time() + timeout
+async def wait_for(predicate: Callable[[], bool], within: float = 10.0) -> None:
+    deadline = asyncio.get_running_loop().time() + within
     while not predicate():
         if asyncio.get_running_loop().time() > deadline:
             raise AssertionError("condition not met in time")
@@ -53,13 +54,17 @@ async def test_restarts_a_failing_service_and_keeps_the_others_running() -> None
     task.cancel()
     with pytest.raises(asyncio.CancelledError):
         await task
-    assert flaky.cancelled.is_set() and steady.cancelled.is_set()
+    assert flaky.cancelled.is_set()
+    assert steady.cancelled.is_set()
 
 
 async def test_gives_up_when_the_budget_is_exhausted_and_stops_the_rest() -> None:
     broken, steady = Flaky("broken", failures=100), Flaky("steady", failures=0)
     supervisor = Supervisor(
-        [broken, steady], restart_budget=3, restart_window_s=60, backoff_min_s=0.001,
+        [broken, steady],
+        restart_budget=3,
+        restart_window_s=60,
+        backoff_min_s=0.001,
         backoff_max_s=0.002,
     )
     with pytest.raises(ServiceFailed, match="'broken' failed 4 times within 60 s"):
@@ -90,11 +95,12 @@ def test_restart_delay_is_jittered_and_capped() -> None:
     assert all(0.25 <= d <= 10.0 for d in delays)
     assert len({round(d, 6) for d in delays}) == len(delays)  # no lockstep
     late = [restart_delay(20, 0.5, 10.0, rng) for _ in range(200)]
-    assert max(late) <= 10.0 and max(late) > 5.0
+    assert max(late) <= 10.0
+    assert max(late) > 5.0
 
 
 async def test_fatal_errors_stop_at_once_without_restarts() -> None:
-    class BadCredentials(Exception):
+    class BadCredentialsError(Exception):
         pass
 
     class Refused:
@@ -103,11 +109,11 @@ async def test_fatal_errors_stop_at_once_without_restarts() -> None:
 
         async def run(self) -> None:
             Refused.runs += 1
-            raise BadCredentials("refused")
+            raise BadCredentialsError("refused")
 
     steady = Flaky("steady", failures=0)
-    supervisor = Supervisor([Refused(), steady], fatal=(BadCredentials,))
-    with pytest.raises(BadCredentials):
+    supervisor = Supervisor([Refused(), steady], fatal=(BadCredentialsError,))
+    with pytest.raises(BadCredentialsError):
         await asyncio.wait_for(supervisor.run(), timeout=5)
     assert Refused.runs == 1
     assert steady.cancelled.is_set()

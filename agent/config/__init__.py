@@ -63,7 +63,7 @@ def load_config(
                 chosen, reason = hardware["profile"], f"named in {layer.name}"
     if chosen == "auto":
         candidates = []
-        for name, path in available_profiles().items():
+        for _name, path in available_profiles().items():
             try:
                 candidates.append(load_profile_file(path).profile)
             except ConfigError:

@@ -7,6 +7,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from pydantic import BaseModel, ValidationError
+from pydantic_core import ErrorDetails
 
 
 @dataclass(frozen=True)
@@ -60,7 +61,7 @@ def _model_in(annotation: Any) -> type[BaseModel] | None:
     return None
 
 
-def _describe(error: dict[str, Any], model: type[BaseModel]) -> str:
+def _describe(error: ErrorDetails, model: type[BaseModel]) -> str:
     kind = error["type"]
     ctx = error.get("ctx") or {}
     got = error.get("input")
@@ -88,7 +89,7 @@ def _describe(error: dict[str, Any], model: type[BaseModel]) -> str:
         return f"must use lower-case letters, digits, '-' or '_' only, got {got!r}"
     if kind == "value_error":
         return str(ctx.get("error", error["msg"]))
-    if kind.endswith("_type") or kind.endswith("_parsing"):
+    if kind.endswith(("_type", "_parsing")):
         return f"{error['msg'][0].lower()}{error['msg'][1:]}, got {got!r}"
     return f"{error['msg']}, got {got!r}"
 

@@ -105,6 +105,7 @@ def file_layer(path: Path, kind: str = "site file") -> Layer:
 
 def _merge_into(
     target: dict[str, Any],
+    *,
     incoming: Mapping[str, Any],
     layer: Layer,
     prefix: str,
@@ -117,7 +118,9 @@ def _merge_into(
         if isinstance(value, Mapping) and (existing is None or isinstance(existing, dict)):
             if existing is None:
                 existing = target[key] = {}
-            _merge_into(existing, value, layer, path, sources, locate)
+            _merge_into(
+                existing, incoming=value, layer=layer, prefix=path, sources=sources, locate=locate
+            )
             continue
         # A replaced subtree forgets where its old leaves came from.
         for stale in [p for p in sources if p.startswith(path + ".")]:
@@ -147,7 +150,9 @@ def merge_layers(layers: Iterable[Layer]) -> tuple[dict[str, Any], dict[str, str
     sources: dict[str, str] = {}
     locate: dict[str, str] = {}
     for layer in layers:
-        _merge_into(merged, layer.data, layer, "", sources, locate)
+        _merge_into(
+            merged, incoming=layer.data, layer=layer, prefix="", sources=sources, locate=locate
+        )
     return merged, sources, locate
 
 

@@ -47,10 +47,13 @@ class IdentityConfig(StrictModel):
     site: Slug = Field(description="School (site) id; first level under the topic prefix")
     room: Slug = Field(description="Room id, unique within the site")
     display_name: str | None = Field(
-        default=None, max_length=80, description="Human-readable room name for panels and dashboards"
+        default=None,
+        max_length=80,
+        description="Human-readable room name for panels and dashboards",
     )
     groups: list[GroupMembership] = Field(
-        default_factory=list, description="Lesson groups this room belongs to, with its role in each"
+        default_factory=list,
+        description="Lesson groups this room belongs to, with its role in each",
     )
 
     @field_validator("site")
@@ -94,7 +97,9 @@ class TlsConfig(StrictModel):
         return self
 
 
-BROKER_URL_PATTERN = re.compile(r"^(mqtt|mqtts)://(\[[0-9a-fA-F:]+\]|[A-Za-z0-9_.-]+)(:(\d{1,5}))?$")
+BROKER_URL_PATTERN = re.compile(
+    r"^(mqtt|mqtts)://(\[[0-9a-fA-F:]+\]|[A-Za-z0-9_.-]+)(:(\d{1,5}))?$"
+)
 
 
 class BrokerConfig(StrictModel):
@@ -117,7 +122,9 @@ class BrokerConfig(StrictModel):
         default=15, ge=5, le=600, description="MQTT keepalive; the Last Will fires after 1.5x this"
     )
     topic_prefix: Slug = Field(default="edu", description="First level of every topic")
-    reconnect_min_s: float = Field(default=1.0, gt=0, le=60, description="First reconnect delay cap")
+    reconnect_min_s: float = Field(
+        default=1.0, gt=0, le=60, description="First reconnect delay cap"
+    )
     reconnect_max_s: float = Field(
         default=60.0, gt=0, le=3600, description="Largest reconnect delay (full jitter below it)"
     )
@@ -224,7 +231,10 @@ class CaptureConfig(StrictModel):
         description="No frame for this long marks the device lost (detected within 3 s)",
     )
     frozen_after_s: float = Field(
-        default=2.0, gt=0, le=30, description="Identical frames for this long mark the camera degraded"
+        default=2.0,
+        gt=0,
+        le=30,
+        description="Identical frames for this long mark the camera degraded",
     )
     retry_min_s: float = Field(default=0.5, gt=0, le=30, description="First reopen delay")
     retry_max_s: float = Field(default=10.0, gt=0, le=300, description="Largest reopen delay")
@@ -247,7 +257,9 @@ class StreamConfig(StrictModel):
     encoder: Literal["libx264", "h264_vaapi", "h264_qsv"] = Field(
         default="libx264", description="H.264 encoder; hardware encoders where the kit has one"
     )
-    video_bitrate_kbps: int = Field(default=2500, ge=100, le=20000, description="Main layer bitrate")
+    video_bitrate_kbps: int = Field(
+        default=2500, ge=100, le=20000, description="Main layer bitrate"
+    )
     low_bitrate_kbps: int = Field(
         default=500, ge=50, le=5000, description="Low layer bitrate for rooms on poor links"
     )
@@ -266,7 +278,10 @@ class SensingConfig(StrictModel):
 class HealthConfig(StrictModel):
     interval_s: float = Field(default=10.0, ge=1, le=3600, description="Telemetry period")
     disk_alert_percent: float = Field(
-        default=90.0, gt=0, le=100, description="Disk use of the state directory that raises an alert"
+        default=90.0,
+        gt=0,
+        le=100,
+        description="Disk use of the state directory that raises an alert",
     )
     temperature_alert_c: float = Field(
         default=85.0, ge=40, le=120, description="CPU temperature that raises an alert"
@@ -299,9 +314,14 @@ class LoggingConfig(StrictModel):
 
 class SupervisorConfig(StrictModel):
     restart_budget: int = Field(
-        default=5, ge=1, le=100, description="Restarts of one service allowed within restart_window_s"
+        default=5,
+        ge=1,
+        le=100,
+        description="Restarts of one service allowed within restart_window_s",
     )
-    restart_window_s: float = Field(default=60.0, gt=0, le=3600, description="Restart budget window")
+    restart_window_s: float = Field(
+        default=60.0, gt=0, le=3600, description="Restart budget window"
+    )
     shutdown_timeout_s: float = Field(
         default=4.0, gt=0, le=30, description="Time services get to stop before they are cancelled"
     )

@@ -8,6 +8,7 @@ config, merged above the defaults and below the site file.
 
 from __future__ import annotations
 
+import contextlib
 import fnmatch
 import os
 from collections.abc import Iterable
@@ -153,10 +154,8 @@ class HostFacts:
     @classmethod
     def read(cls, sys_root: Path = Path("/sys"), dev_root: Path = Path("/dev")) -> HostFacts:
         product = ""
-        try:
+        with contextlib.suppress(OSError):
             product = (sys_root / "class/dmi/id/product_name").read_text().strip()
-        except OSError:
-            pass
         usb_ids = set()
         usb_root = sys_root / "bus/usb/devices"
         if usb_root.is_dir():

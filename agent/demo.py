@@ -1,0 +1,254 @@
+"""``classroom-agent demo``: a small fleet on an embedded broker, watched live.
+
+Starts Mosquitto on a loopback port, writes a site file per room (one main classroom
+and its receiving classrooms, all on the ``virtual`` hardware profile), runs each
+agent as its own ``classroom-agent run`` process, and renders what the fleet publishes:
+retained state (birth/Last Will) and health telemetry. On Ctrl-C (or after
+``--duration``) it stops every agent with SIGTERM and reports how long each took.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import signal
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, TextIO
+
+import yaml
+
+from agent.config.models import BrokerConfig, IdentityConfig
+from agent.sync import Message, MosquittoBroker, MqttLink
+
+GROUP = "g5-english"
+ROOMS = [
+    ("central-school", "room-101", "Central School, Room 101", "main"),
+    ("village-a", "room-1", "Village A teaching point", "receiving"),
+    ("village-b", "room-1", "Village B teaching point", "receiving"),
+    ("village-c", "room-1", "Village C teaching point", "receiving"),
+    ("village-d", "room-1", "Village D teaching point", "receiving"),
+    ("village-e", "room-1", "Village E teaching point", "receiving"),
+    ("village-f", "room-1", "Village F teaching point", "receiving"),
+    ("village-g", "room-1", "Village G teaching point", "receiving"),
+]
+MAX_ROOMS = len(ROOMS)
+
+
+@dataclass
+class RoomView:
+    device: str
+    role: str
+    state: dict[str, Any] = field(default_factory=dict)
+    health: dict[str, Any] = field(default_factory=dict)
+    health_at: float = 0.0
+    process: asyncio.subprocess.Process | None = None
+    exit_code: int | None = None
+    stop_s: float | None = None
+
+
+def site_file(workdir: Path, room: tuple[str, str, str, str], broker_url: str) -> Path:
+    site, name, display, role = room
+    config = {
+        "identity": {
+            "site": site,
+            "room": name,
+            "display_name": display,
+            "groups": [{"group": GROUP, "role": role}],
+        },
+        "hardware": {"profile": "virtual"},
+        "broker": {"url": broker_url, "keepalive_s": 5},
+        "capture": {"video": {"width": 640, "height": 360, "fps": 15}},
+        "health": {"interval_s": 2},
+        "supervisor": {"state_dir": str(workdir / "state" / f"{site}.{name}")},
+    }
+    path = workdir / f"{site}.{name}.yaml"
+    path.write_text(yaml.safe_dump(config, sort_keys=False))
+    return path
+
+
+def _video(view: RoomView) -> dict[str, Any]:
+    capture = view.health.get("capture") or {}
+    video: dict[str, Any] = capture.get("video") or {}
+    return video
+
+
+def render(views: list[RoomView], broker_url: str, started: float) -> str:
+    lines = [
+        f"Classroom Edge Agent demo - broker {broker_url} - group {GROUP} - "
+        f"{time.monotonic() - started:.0f} s",
+        "",
+        f"{'ROOM':<26} {'ROLE':<10} {'STATE':<8} {'SEQ':>3}  {'CAMERA':<9} {'FPS':>5} "
+        f"{'FRAMES':>7}  {'MIC dBFS':>8}  {'CPU%':>5}  {'HEALTH AGE':>10}",
+    ]
+    for view in views:
+        status = view.state.get("status", "-")
+        video = _video(view)
+        audio = (view.health.get("capture") or {}).get("audio") or {}
+        agent = view.health.get("agent") or {}
+        age = f"{time.monotonic() - view.health_at:.1f} s" if view.health_at else "-"
+        level = audio.get("level_dbfs")
+        lines.append(
+            f"{view.device:<26} {view.role:<10} {status:<8} {view.state.get('seq', '-')!s:>3}  "
+            f"{video.get('state', '-')!s:<9} {_num(video.get('fps')):>5} "
+            f"{video.get('frames_read', '-')!s:>7}  {_num(level):>8}  "
+            f"{_num(agent.get('cpu_percent')):>5}  {age:>10}"
+        )
+    return "\n".join(lines)
+
+
+def _num(value: Any) -> str:
+    return f"{value:.1f}" if isinstance(value, (int, float)) else "-"
+
+
+class Demo:
+    def __init__(self, rooms: int, duration_s: float, workdir: Path, out: TextIO) -> None:
+        self.rooms = ROOMS[:rooms]
+        self.duration_s = duration_s
+        self.workdir = workdir
+        self.out = out
+        self.views = {
+            f"{site}.{room}": RoomView(f"{site}.{room}", role) for site, room, _, role in self.rooms
+        }
+        self._stop = asyncio.Event()
+
+    async def run(self) -> int:
+        loop = asyncio.get_running_loop()
+        for signum in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(signum, self._stop.set)
+        async with MosquittoBroker() as broker:
+            self.out.write(f"embedded Mosquitto at {broker.url}; files in {self.workdir}\n")
+            monitor = MqttLink(
+                BrokerConfig(url=broker.url),
+                IdentityConfig(site="demo", room="monitor"),
+                software_version="demo",
+                profile_name="-",
+                announce=False,
+            )
+            async with asyncio.TaskGroup() as group:
+                link_task = group.create_task(monitor.run(), name="demo-monitor-link")
+                watch_task = group.create_task(self._watch(monitor), name="demo-watch")
+                try:
+                    await self._start_agents(broker.url)
+                    ok = await self._show(broker.url)
+                finally:
+                    await self._stop_agents()
+                    watch_task.cancel()
+                    link_task.cancel()
+        self._report()
+        all_clean = all(view.exit_code == 0 for view in self.views.values())
+        return 0 if ok and all_clean else 1
+
+    async def _start_agents(self, broker_url: str) -> None:
+        logs = self.workdir / "logs"
+        logs.mkdir(parents=True, exist_ok=True)
+        for room in self.rooms:
+            path = site_file(self.workdir, room, broker_url)
+            view = self.views[f"{room[0]}.{room[1]}"]
+            log_file = (logs / f"{view.device}.log").open("wb")
+            view.process = await asyncio.create_subprocess_exec(
+                sys.executable,
+                "-m",
+                "agent.cli",
+                "run",
+                "-c",
+                str(path),
+                stdout=log_file,
+                stderr=asyncio.subprocess.STDOUT,
+            )
+            log_file.close()
+
+    async def _watch(self, monitor: MqttLink) -> None:
+        await monitor.wait_connected()
+        async with (
+            monitor.subscribe("edu/+/+/state") as states,
+            monitor.subscribe("edu/+/+/health", qos=0) as health,
+        ):
+            await asyncio.gather(self._consume(states, "state"), self._consume(health, "health"))
+
+    async def _consume(self, messages: Any, kind: str) -> None:
+        async for message in messages:
+            self._apply(message, kind)
+
+    def _apply(self, message: Message, kind: str) -> None:
+        _, site, room, _ = message.topic.split("/", 3)
+        view = self.views.get(f"{site}.{room}")
+        if view is None:
+            return
+        try:
+            data = json.loads(message.payload)
+        except ValueError:
+            return
+        if kind == "state":
+            view.state = data
+        else:
+            view.health = data
+            view.health_at = time.monotonic()
+
+    async def _show(self, broker_url: str) -> bool:
+        started = time.monotonic()
+        interactive = self.out.isatty()
+        deadline = started + self.duration_s if self.duration_s > 0 else None
+        last_print = 0.0
+        while not self._stop.is_set():
+            now = time.monotonic()
+            if deadline is not None and now >= deadline:
+                break
+            for view in self.views.values():
+                if view.process is not None and view.process.returncode is not None:
+                    view.exit_code = view.process.returncode
+            if interactive:
+                self.out.write(
+                    "\x1b[H\x1b[2J" + render(list(self.views.values()), broker_url, started)
+                )
+                self.out.write("\n\nCtrl-C stops the demo.\n")
+                self.out.flush()
+            elif now - last_print >= 5:
+                self.out.write(render(list(self.views.values()), broker_url, started) + "\n\n")
+                self.out.flush()
+                last_print = now
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._stop.wait(), timeout=1.0)
+        self.out.write(render(list(self.views.values()), broker_url, started) + "\n\n")
+        return all(
+            view.state.get("status") == "online" and _video(view).get("state") == "ok"
+            for view in self.views.values()
+        )
+
+    async def _stop_agents(self) -> None:
+        async def stop(view: RoomView) -> None:
+            process = view.process
+            if process is None:
+                return
+            if process.returncode is None:
+                started = time.monotonic()
+                process.send_signal(signal.SIGTERM)
+                try:
+                    await asyncio.wait_for(process.wait(), timeout=10)
+                except TimeoutError:
+                    process.kill()
+                    await process.wait()
+                view.stop_s = time.monotonic() - started
+            view.exit_code = process.returncode
+
+        await asyncio.gather(*(stop(view) for view in self.views.values()))
+
+    def _report(self) -> None:
+        for view in self.views.values():
+            took = f"stopped in {view.stop_s:.2f} s" if view.stop_s is not None else "had exited"
+            self.out.write(f"{view.device}: {took}, exit code {view.exit_code}\n")
+        self.out.write(f"logs: {self.workdir / 'logs'}\n")
+
+
+def run_demo(rooms: int = 3, duration_s: float = 0, workdir: Path | None = None) -> int:
+    if not 1 <= rooms <= MAX_ROOMS:
+        sys.stderr.write(f"--rooms: must be between 1 and {MAX_ROOMS}, got {rooms}\n")
+        return 2
+    if workdir is None:
+        workdir = Path(tempfile.mkdtemp(prefix="classroom-demo-"))
+    workdir.mkdir(parents=True, exist_ok=True)
+    return asyncio.run(Demo(rooms, duration_s, workdir, sys.stdout).run())

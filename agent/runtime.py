@@ -1,0 +1,234 @@
+"""The daemon: wires capture, the MQTT link and health reporting under one supervisor.
+
+Lifecycle: start the embedded broker if none is configured, start every service, tell
+systemd READY, pet the watchdog while the loop is healthy, reload the site files on
+SIGHUP (an invalid file is rejected and the running config kept), and on SIGTERM or
+SIGINT stop everything within ``supervisor.shutdown_timeout_s``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import signal
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import psutil
+
+from agent import __version__
+from agent.capture import (
+    AudioHub,
+    AudioSource,
+    CaptureError,
+    FrameHub,
+    VideoSource,
+    open_audio_source,
+    open_video_source,
+)
+from agent.config import AgentConfig, ConfigError, LoadedConfig, load_config
+from agent.sdnotify import Notifier, WatchdogService
+from agent.supervisor import Service, ServiceFailed, Supervisor, cancel_and_wait
+from agent.sync import HealthReporter, LinkAuthError, LinkConfigError, MosquittoBroker, MqttLink
+
+log = logging.getLogger(__name__)
+
+EXIT_OK, EXIT_FAILURE, EXIT_CONFIG = 0, 1, 2
+
+
+def preflight_media_files(config: AgentConfig) -> None:
+    """Open and close file sources once: a bad file is a config error, not a lost device.
+
+    Cameras and microphones are not checked here: hardware comes and goes, and the hubs
+    report and retry it; a file named in the config that cannot be read never will be.
+    """
+    sources: list[VideoSource | AudioSource] = []
+    if config.capture.video.source == "file":
+        sources.append(open_video_source(config.capture.video))
+    if config.capture.audio.source == "file":
+        sources.append(open_audio_source(config.capture.audio))
+    for source in sources:
+        try:
+            source.open()
+        finally:
+            source.close()
+
+
+class Agent:
+    """One configuration's worth of services; rebuilt from scratch on reload."""
+
+    def __init__(self, loaded: LoadedConfig, broker_url: str | None) -> None:
+        config = loaded.config
+        self.config = config
+        self.video = FrameHub(open_video_source(config.capture.video), config.capture)
+        self.audio = AudioHub(open_audio_source(config.capture.audio), config.capture)
+        self.link = MqttLink(
+            config.broker,
+            config.identity,
+            software_version=__version__,
+            profile_name=loaded.profile,
+            url_override=broker_url,
+        )
+        self.health = HealthReporter(self.link, config.health, self.health_sections)
+        self._process = psutil.Process()
+        self._process.cpu_percent(None)  # prime: the first reading is always 0
+
+    def health_sections(self) -> dict[str, Any]:
+        """What the health topic carries; sections are filled by their owners."""
+        return {
+            "capture": {
+                "video": self.video.stats().to_dict(),
+                "audio": self.audio.stats().to_dict(),
+            },
+            "agent": {
+                "cpu_percent": round(self._process.cpu_percent(None), 1),
+                "rss_mb": round(self._process.memory_info().rss / 2**20, 1),
+            },
+        }
+
+    def services(self) -> list[Service]:
+        return [self.video, self.audio, self.link, self.health]
+
+    def summary(self) -> str:
+        video = self.video.stats()
+        mqtt = "up" if self.link.is_connected else "down"
+        return f"video {video.state} {video.fps:.0f} fps; mqtt {mqtt}"
+
+
+class Daemon:
+    def __init__(
+        self, loaded: LoadedConfig, site_files: Sequence[Path], profile: str | None
+    ) -> None:
+        self.loaded = loaded
+        self.site_files = list(site_files)
+        self.profile = profile
+        self.notifier = Notifier.from_environment()
+        self._stop = asyncio.Event()
+        self._reload = asyncio.Event()
+        self._supervisor: Supervisor | None = None
+
+    async def main(self) -> int:
+        loop = asyncio.get_running_loop()
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(signum, self._stop.set)
+        loop.add_signal_handler(signal.SIGHUP, self._reload.set)
+        broker: MosquittoBroker | None = None
+        try:
+            await asyncio.to_thread(preflight_media_files, self.loaded.config)
+        except CaptureError as exc:
+            log.error("%s", exc)
+            return EXIT_CONFIG
+        try:
+            broker_url = None
+            if self.loaded.config.broker.url is None:
+                broker = MosquittoBroker()
+                await broker.start()
+                broker_url = broker.url
+                log.info("no broker configured: started the embedded Mosquitto at %s", broker_url)
+            return await self._serve(broker_url)
+        finally:
+            if broker is not None:
+                await broker.stop()
+            for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+                loop.remove_signal_handler(signum)
+
+    async def _serve(self, broker_url: str | None) -> int:
+        while True:
+            config = self.loaded.config
+            agent = Agent(self.loaded, broker_url)
+            watchdog = WatchdogService(self.notifier, self._healthy)
+            supervisor = self._supervisor = Supervisor(
+                [*agent.services(), watchdog],
+                restart_budget=config.supervisor.restart_budget,
+                restart_window_s=config.supervisor.restart_window_s,
+                fatal=(LinkAuthError, LinkConfigError),
+            )
+            running = asyncio.create_task(supervisor.run(), name="supervisor")
+            await supervisor.wait_started()
+            self.notifier.ready()
+            self.notifier.status(f"running as {config.identity.device_id}")
+            log.info(
+                "agent running",
+                extra={
+                    "fields": {
+                        "device": config.identity.device_id,
+                        "profile": self.loaded.profile,
+                        "version": __version__,
+                    }
+                },
+            )
+            outcome = await self._wait(running, agent)
+            if outcome == "failed":
+                return self._exit_code(running)
+            stopped_in = await self._shutdown(running, config.supervisor.shutdown_timeout_s)
+            if outcome == "stop":
+                log.info("stopped cleanly in %.2f s", stopped_in)
+                return EXIT_OK
+            # outcome == "reload": the new config was validated in _wait.
+            log.info("reloaded configuration", extra={"fields": {"layers": self.loaded.layers}})
+
+    def _healthy(self) -> bool:
+        """Withhold watchdog pings once a service has failed for good."""
+        return self._supervisor is None or self._supervisor.healthy()
+
+    async def _wait(self, running: asyncio.Task[None], agent: Agent) -> str:
+        while True:
+            stop = asyncio.create_task(self._stop.wait(), name="wait-stop")
+            reload = asyncio.create_task(self._reload.wait(), name="wait-reload")
+            done, pending = await asyncio.wait(
+                {running, stop, reload}, return_when=asyncio.FIRST_COMPLETED, timeout=30
+            )
+            for task in pending - {running}:
+                task.cancel()
+            await asyncio.gather(*(pending - {running}), return_exceptions=True)
+            if running in done:
+                return "failed"
+            if stop in done:
+                return "stop"
+            if reload in done:
+                self._reload.clear()
+                self.notifier.reloading()
+                try:
+                    candidate = load_config(self.site_files, profile=self.profile)
+                    await asyncio.to_thread(preflight_media_files, candidate.config)
+                except (ConfigError, CaptureError) as exc:
+                    # Keep the last good state: the running agent is untouched.
+                    problems = exc.issues if isinstance(exc, ConfigError) else [exc]
+                    log.error(
+                        "rejected new configuration; keeping the running one: %s",
+                        "; ".join(str(problem) for problem in problems),
+                    )
+                    self.notifier.ready()
+                    continue
+                self.loaded = candidate
+                return "reload"
+            self.notifier.status(agent.summary())
+
+    async def _shutdown(self, running: asyncio.Task[None], grace_s: float) -> float:
+        self.notifier.stopping()
+        started = time.monotonic()
+        if not await cancel_and_wait(running, grace_s):
+            log.error("services did not stop within %.1f s", grace_s)
+        return time.monotonic() - started
+
+    def _exit_code(self, running: asyncio.Task[None]) -> int:
+        error = running.exception()
+        if isinstance(error, (LinkAuthError, LinkConfigError)):
+            log.error("%s", error)
+            return EXIT_CONFIG
+        if isinstance(error, ServiceFailed):
+            log.error("%s", error)
+            return EXIT_FAILURE
+        log.error("supervisor stopped unexpectedly: %r", error)
+        return EXIT_FAILURE
+
+
+def run_daemon(loaded: LoadedConfig, site_files: Sequence[Path], profile: str | None) -> int:
+    """Run until SIGTERM/SIGINT; the exit code tells systemd whether to restart."""
+    daemon = Daemon(loaded, site_files, profile)
+    with contextlib.suppress(KeyboardInterrupt):
+        return asyncio.run(daemon.main())
+    return EXIT_OK

@@ -1,0 +1,57 @@
+"""The README's demo: agents come online on the embedded broker with live capture stats."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.mark.slow
+def test_demo_brings_rooms_online_and_stops_them_cleanly(tmp_path: Path) -> None:
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "agent.cli",
+            "demo",
+            "--rooms",
+            "2",
+            "--duration",
+            "10",
+            "--workdir",
+            str(tmp_path),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=REPO,
+        check=False,
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    final = result.stdout.split("Classroom Edge Agent demo")[-1]
+    rows = [line.split() for line in final.splitlines() if line.startswith(("central", "village"))]
+    assert [row[0] for row in rows] == ["central-school.room-101", "village-a.room-1"]
+    for row in rows:
+        assert row[2] == "online"  # STATE
+        assert row[4] == "ok"  # CAMERA
+        assert float(row[5]) > 5  # measured fps
+    assert result.stdout.count("exit code 0") == 2
+    assert (tmp_path / "logs" / "village-a.room-1.log").exists()
+
+
+def test_demo_refuses_a_bad_room_count() -> None:
+    result = subprocess.run(
+        [sys.executable, "-m", "agent.cli", "demo", "--rooms", "0"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        cwd=REPO,
+        check=False,
+    )
+    assert result.returncode == 2
+    assert "--rooms: must be between 1 and 8, got 0" in result.stderr
