@@ -163,6 +163,10 @@ class Daemon:
             outcome = await self._wait(running, agent)
             if outcome == "failed":
                 return self._exit_code(running)
+            if outcome == "stop":
+                # Only on the final stop: systemd treats STOPPING=1 as "deactivating",
+                # and a READY=1 after it would not bring the unit back.
+                self.notifier.stopping()
             stopped_in = await self._shutdown(running, config.supervisor.shutdown_timeout_s)
             if outcome == "stop":
                 log.info("stopped cleanly in %.2f s", stopped_in)
@@ -208,7 +212,6 @@ class Daemon:
             self.notifier.status(agent.summary())
 
     async def _shutdown(self, running: asyncio.Task[None], grace_s: float) -> float:
-        self.notifier.stopping()
         started = time.monotonic()
         if not await cancel_and_wait(running, grace_s):
             log.error("services did not stop within %.1f s", grace_s)

@@ -20,6 +20,8 @@ from dataclasses import dataclass
 from enum import StrEnum
 from typing import Any, Protocol
 
+from agent.backoff import backoff_delay
+
 log = logging.getLogger(__name__)
 
 
@@ -56,12 +58,6 @@ class ServiceFailed(Exception):
             f"last error: {last_error}"
         )
         self.service = name
-
-
-def restart_delay(attempt: int, minimum: float, maximum: float, rng: random.Random) -> float:
-    """Capped exponential backoff with full jitter, so a fleet never retries in lockstep."""
-    ceiling = min(maximum, minimum * (2 ** min(attempt, 30)))
-    return rng.uniform(minimum / 2, ceiling)
 
 
 class _Slot:
@@ -158,7 +154,7 @@ class Supervisor:
                     ) from exc
                 # A service that ran for a while before failing starts its backoff afresh.
                 attempt = 0 if now - started > self._window else attempt + 1
-                delay = restart_delay(attempt, *self._backoff, self._rng)
+                delay = backoff_delay(attempt, *self._backoff, self._rng)
                 slot.restarts += 1
                 slot.set(ServiceState.BACKOFF)
                 log.warning(

@@ -175,7 +175,8 @@ async def test_daemon_lifecycle_ready_health_reload_and_clean_stop(
             )
         )
         daemon.process.send_signal(signal.SIGHUP)
-        await daemon.wait_notified("RELOADING=1", after=marker)
+        reloading = await daemon.wait_notified("RELOADING=1", after=marker)
+        ready_again = await daemon.wait_notified("READY=1", after=reloading)
         await observer.wait_for(
             f"{base}/health",
             lambda m: str(m.json()["capture"]["video"]["mode"]).startswith("640x360"),
@@ -185,7 +186,9 @@ async def test_daemon_lifecycle_ready_health_reload_and_clean_stop(
         daemon.process.send_signal(signal.SIGTERM)
         assert await daemon.wait_exit() == 0
         assert time.monotonic() - started < 5.0
-        await daemon.wait_notified("STOPPING=1")
+        stopping = await daemon.wait_notified("STOPPING=1")
+        # A reload is not a stop: systemd would never count the unit as active again.
+        assert stopping > ready_again
         offline = await observer.wait_for(
             f"{base}/state", lambda m: m.json()["status"] == "offline"
         )

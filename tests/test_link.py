@@ -16,6 +16,7 @@ from pathlib import Path
 
 import pytest
 
+from agent.backoff import backoff_delay
 from agent.config.models import BrokerConfig, IdentityConfig
 from agent.sync import (
     LinkAuthError,
@@ -25,7 +26,6 @@ from agent.sync import (
     MqttLink,
     PublishRejected,
     Topics,
-    backoff_delay,
 )
 from agent.sync.link import encode_payload
 from tests.brokers import (

@@ -323,7 +323,10 @@ class SupervisorConfig(StrictModel):
         default=60.0, gt=0, le=3600, description="Restart budget window"
     )
     shutdown_timeout_s: float = Field(
-        default=4.0, gt=0, le=30, description="Time services get to stop before they are cancelled"
+        default=4.0,
+        gt=0,
+        le=8,
+        description="Time services get to stop before they are cancelled (systemd kills at 10 s)",
     )
     state_dir: Path = Field(
         default=Path("/var/lib/classroom-agent"), description="Persistent state (store, profiles)"

@@ -23,7 +23,6 @@ from agent.sync.link import (
     PublishRejected,
     SubscribeRejected,
     Subscription,
-    backoff_delay,
 )
 from agent.sync.pki import CertPair, PkiMaterial, make_test_pki
 from agent.sync.topics import Topics
@@ -47,7 +46,6 @@ __all__ = [
     "SubscribeRejected",
     "Subscription",
     "Topics",
-    "backoff_delay",
     "make_test_pki",
     "render_acl",
     "render_password_file",

@@ -46,7 +46,6 @@ import datetime as dt
 import functools
 import json
 import logging
-import math
 import random
 import socket
 import ssl
@@ -65,6 +64,7 @@ from paho.mqtt.properties import Properties
 from paho.mqtt.reasoncodes import ReasonCode
 from paho.mqtt.subscribeoptions import SubscribeOptions
 
+from agent.backoff import backoff_delay
 from agent.config.models import BROKER_URL_PATTERN, BrokerConfig, IdentityConfig
 from agent.sync.topics import Topics
 
@@ -93,7 +93,7 @@ class LinkError(Exception):
     """Base class of the link's errors."""
 
 
-class LinkDown(LinkError):  # noqa: N818  (the name reads as the state it reports)
+class LinkDown(LinkError):
     """Not connected: a QoS > 0 publish could not be sent or acknowledged."""
 
 
@@ -105,7 +105,7 @@ class LinkAuthError(LinkConfigError):
     """The broker refused this device's credentials before the link ever connected."""
 
 
-class PublishRejected(LinkError):  # noqa: N818
+class PublishRejected(LinkError):
     """The broker answered a QoS > 0 publish with a failure reason code (MQTT 5)."""
 
     def __init__(self, topic: str, reason_code: int, reason: str) -> None:
@@ -115,7 +115,7 @@ class PublishRejected(LinkError):  # noqa: N818
         self.reason = reason
 
 
-class SubscribeRejected(LinkError):  # noqa: N818
+class SubscribeRejected(LinkError):
     """The broker refused a subscription (SUBACK failure reason code)."""
 
 
@@ -160,19 +160,6 @@ class LinkStats:
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
-
-
-def backoff_delay(
-    attempt: int, min_s: float, max_s: float, rng: random.Random | None = None
-) -> float:
-    """Reconnect delay before retry number ``attempt`` (0-based): capped exponential
-    backoff with full jitter, ``uniform(0, min(max_s, min_s * 2**attempt))``.
-
-    Full jitter spreads a fleet that lost the broker at the same moment over the whole
-    window instead of bringing it back in synchronized waves.
-    """
-    cap = min(max_s, min_s * math.pow(2.0, min(max(attempt, 0), 64)))
-    return (rng or random).uniform(0.0, cap)
 
 
 def encode_payload(payload: Payload) -> tuple[bytes, bool]:
