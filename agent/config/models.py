@@ -239,6 +239,12 @@ class CaptureConfig(StrictModel):
     retry_min_s: float = Field(default=0.5, gt=0, le=30, description="First reopen delay")
     retry_max_s: float = Field(default=10.0, gt=0, le=300, description="Largest reopen delay")
 
+    @model_validator(mode="after")
+    def _retry_order(self) -> Self:
+        if self.retry_min_s > self.retry_max_s:
+            raise ValueError("retry_min_s must not exceed retry_max_s")
+        return self
+
 
 class IceServerConfig(StrictModel):
     urls: list[str] = Field(min_length=1, description="stun:host:port or turn:host:port URLs")
