@@ -249,8 +249,10 @@ async def test_broker_restart_reconnects_resubscribes_and_seq_grows(
     assert message.payload == b"after restart"
     assert stats.connects == 2
     assert stats.disconnects == 1
+    # The loss is recorded; a reconnect attempt made while the broker was still down
+    # may have replaced it with "unreachable" (which attempt wins is a race).
     assert stats.last_error is not None
-    assert stats.last_error.startswith("lost")
+    assert stats.last_error.startswith(("lost", "unreachable"))
 
 
 async def test_link_started_before_the_broker_connects_and_warns_once(
