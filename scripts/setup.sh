@@ -10,6 +10,7 @@ APT_PACKAGES=(
   portaudio19-dev                        # PyAudio (microphones)
   openssl                                # device certificates
   systemd                                # systemd-analyze, to check the service unit
+  chromium                               # headless browser for the web pages' tests
 )
 
 SUDO=""
