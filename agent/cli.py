@@ -27,6 +27,7 @@ from agent.config import (
 )
 from agent.config.loader import read_yaml_file
 from agent.config.profiles import check_profile_file, detect_profile
+from agent.sync.credentials import add_broker_parser
 
 DEFAULT_SITE_FILE = Path("/etc/classroom-agent/agent.yaml")
 EXIT_OK, EXIT_FAILURE, EXIT_CONFIG = 0, 1, 2
@@ -141,6 +142,15 @@ def cmd_run(args: argparse.Namespace) -> int:
     return run_daemon(loaded, site_files=_site_files(args.config), profile=args.profile)
 
 
+def cmd_selftest(args: argparse.Namespace) -> int:
+    from agent.logs import setup_logging
+    from agent.selftest import run_selftest_cli
+
+    loaded = _load(args)
+    setup_logging("warning")
+    return run_selftest_cli(loaded, json_output=args.json)
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     from agent.demo import run_demo
     from agent.logs import setup_logging
@@ -189,6 +199,15 @@ def build_parser() -> argparse.ArgumentParser:
     devices = sub.add_parser("devices", help="list cameras (with modes) and microphones")
     devices.add_argument("--json", action="store_true")
     devices.set_defaults(func=cmd_devices)
+
+    selftest = sub.add_parser(
+        "selftest", help="pre-class check: camera, microphone, disk, clock, broker"
+    )
+    with_config(selftest)
+    selftest.add_argument("--json", action="store_true")
+    selftest.set_defaults(func=cmd_selftest)
+
+    add_broker_parser(sub)
 
     demo = sub.add_parser("demo", help="run a demo fleet on an embedded broker")
     demo.add_argument("--rooms", type=int, default=3, help="rooms to start (1-8)")

@@ -13,26 +13,41 @@ import contextlib
 import logging
 import signal
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
-
-import psutil
 
 from agent import __version__
 from agent.capture import (
     AudioHub,
     AudioSource,
     CaptureError,
+    DeviceState,
     FrameHub,
     VideoSource,
     open_audio_source,
     open_video_source,
 )
 from agent.config import AgentConfig, ConfigError, LoadedConfig, load_config
+from agent.metrics import MetricsServer
 from agent.sdnotify import Notifier, WatchdogService
+from agent.selftest import SelftestThresholds, selftest_handler
 from agent.supervisor import Service, ServiceFailed, Supervisor, cancel_and_wait
-from agent.sync import HealthReporter, LinkAuthError, LinkConfigError, MosquittoBroker, MqttLink
+from agent.sync import (
+    AlertEngine,
+    CommandService,
+    HealthReporter,
+    HomeAssistantDiscovery,
+    LinkAuthError,
+    LinkConfigError,
+    MosquittoBroker,
+    MqttLink,
+    Outbox,
+    ProcessMetrics,
+    ReliablePublisher,
+    SystemMetrics,
+)
+from agent.sync.commands import callable_handler, ping_handler
 
 log = logging.getLogger(__name__)
 
@@ -57,6 +72,50 @@ def preflight_media_files(config: AgentConfig) -> None:
             source.close()
 
 
+class CaptureService:
+    """Runs the video and audio hubs together, and restarts them on command.
+
+    The supervisor restarts what fails; this restarts what an operator asks for
+    (``cmd/restart-capture``), e.g. after re-seating a USB camera.
+    """
+
+    name = "capture"
+
+    def __init__(self, video: FrameHub, audio: AudioHub) -> None:
+        self.video = video
+        self.audio = audio
+        self._restart = asyncio.Event()
+
+    async def run(self) -> None:
+        while True:
+            async with asyncio.TaskGroup() as group:
+                hubs = [
+                    group.create_task(self.video.run(), name=self.video.name),
+                    group.create_task(self.audio.run(), name=self.audio.name),
+                ]
+                await self._restart.wait()
+                self._restart.clear()
+                log.info("restarting capture on request")
+                for hub in hubs:
+                    hub.cancel()
+
+    async def restart(self) -> dict[str, str]:
+        """Reopen both devices; return their states once they have settled (<= 20 s)."""
+        requested = time.time()
+        self._restart.set()
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + 20
+        while loop.time() < deadline:
+            video, audio = self.video.stats(), self.audio.stats()
+            settled = [(video.since_wall, video.state), (audio.since_wall, audio.state)]
+            if all(
+                since >= requested and state != DeviceState.STARTING for since, state in settled
+            ):
+                break
+            await asyncio.sleep(0.1)
+        return {"video": self.video.stats().state.value, "audio": self.audio.stats().state.value}
+
+
 class Agent:
     """One configuration's worth of services; rebuilt from scratch on reload."""
 
@@ -65,6 +124,7 @@ class Agent:
         self.config = config
         self.video = FrameHub(open_video_source(config.capture.video), config.capture)
         self.audio = AudioHub(open_audio_source(config.capture.audio), config.capture)
+        self.capture = CaptureService(self.video, self.audio)
         self.link = MqttLink(
             config.broker,
             config.identity,
@@ -72,9 +132,66 @@ class Agent:
             profile_name=loaded.profile,
             url_override=broker_url,
         )
-        self.health = HealthReporter(self.link, config.health, self.health_sections)
-        self._process = psutil.Process()
-        self._process.cpu_percent(None)  # prime: the first reading is always 0
+        self.profile = loaded.profile
+        # Alerts and events survive broker outages (and restarts) in an on-disk outbox.
+        self.outbox = Outbox(
+            config.supervisor.state_dir / "outbox.db", max_rows=config.health.store_max_rows
+        )
+        self.publisher = ReliablePublisher(self.link, self.outbox)
+        self.alerts = AlertEngine(config.health)
+        self.process = ProcessMetrics()
+        # Filled in by the daemon once the supervisor exists.
+        self.service_states: Callable[[], dict[str, str]] = dict
+        self.health = HealthReporter(
+            self.link,
+            config.health,
+            self.health_sections,
+            system=SystemMetrics(config.supervisor.state_dir),
+            alerts=self.alerts,
+            publisher=self.publisher,
+        )
+        self.commands = CommandService(self.link)
+        self.commands.register(
+            "ping",
+            ping_handler(self.link, version=__version__, started_monotonic=time.monotonic()),
+            args={},
+        )
+        self.commands.register(
+            "selftest",
+            selftest_handler(
+                self.video,
+                self.audio,
+                state_dir=config.supervisor.state_dir,
+                link=self.link,
+                thresholds=SelftestThresholds.from_health(config.health),
+            ),
+            args={},
+            timeout_s=60,
+        )
+        self.commands.register(
+            "restart-capture", callable_handler(self.capture.restart), args={}, timeout_s=30
+        )
+        self.optional: list[Service] = []
+        if config.health.home_assistant_discovery:
+            self.optional.append(
+                HomeAssistantDiscovery(
+                    self.link,
+                    software_version=__version__,
+                    model=loaded.profile,
+                    health_interval_s=config.health.interval_s,
+                )
+            )
+        if config.health.metrics_enabled:
+            # The last published message, not a fresh measurement: a scrape must not
+            # reset the CPU-percent readings the health topic reports.
+            self.optional.append(
+                MetricsServer(
+                    lambda: self.health.last_message,
+                    config.identity,
+                    host=config.health.metrics_bind,
+                    port=config.health.metrics_port,
+                )
+            )
 
     def health_sections(self) -> dict[str, Any]:
         """What the health topic carries; sections are filled by their owners."""
@@ -83,14 +200,20 @@ class Agent:
                 "video": self.video.stats().to_dict(),
                 "audio": self.audio.stats().to_dict(),
             },
-            "agent": {
-                "cpu_percent": round(self._process.cpu_percent(None), 1),
-                "rss_mb": round(self._process.memory_info().rss / 2**20, 1),
-            },
+            "agent": self.process.section(
+                version=__version__, profile=self.profile, services=self.service_states()
+            ),
         }
 
     def services(self) -> list[Service]:
-        return [self.video, self.audio, self.link, self.health]
+        return [
+            self.capture,
+            self.link,
+            self.publisher,
+            self.health,
+            self.commands,
+            *self.optional,
+        ]
 
     def summary(self) -> str:
         video = self.video.stats()
@@ -146,6 +269,7 @@ class Daemon:
                 restart_window_s=config.supervisor.restart_window_s,
                 fatal=(LinkAuthError, LinkConfigError),
             )
+            agent.service_states = self._service_states
             running = asyncio.create_task(supervisor.run(), name="supervisor")
             await supervisor.wait_started()
             self.notifier.ready()
@@ -173,6 +297,11 @@ class Daemon:
                 return EXIT_OK
             # outcome == "reload": the new config was validated in _wait.
             log.info("reloaded configuration", extra={"fields": {"layers": self.loaded.layers}})
+
+    def _service_states(self) -> dict[str, str]:
+        if self._supervisor is None:
+            return {}
+        return {status.name: status.state.value for status in self._supervisor.status()}
 
     def _healthy(self) -> bool:
         """Withhold watchdog pings once a service has failed for good."""

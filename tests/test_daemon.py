@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import signal
 import socket
@@ -13,12 +14,17 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
+import jsonschema
 import pytest
 import yaml
 
-from tests.brokers import DEVICE_1, BrokerUnderTest, observing
+from tests.brokers import ADMIN, DEVICE_1, BrokerUnderTest, observing
 
 REPO = Path(__file__).resolve().parents[1]
+SCHEMAS = {
+    name: json.loads((REPO / "schemas" / f"{name}.v1.json").read_text())
+    for name in ("state", "health", "alert")
+}
 pytestmark = pytest.mark.slow
 
 
@@ -149,7 +155,13 @@ async def test_daemon_lifecycle_ready_health_reload_and_clean_stop(
             within=20,
         )
         body = health.json()
+        # The real daemon's messages follow the published contracts.
+        jsonschema.validate(birth.json(), SCHEMAS["state"])
+        for message in observer.received(f"{base}/health"):
+            jsonschema.validate(message.json(), SCHEMAS["health"])
         assert body["v"] == 1
+        assert body["agent"]["services"]["mqtt"] == "running"
+        assert body["mqtt"]["queued"] == 0
         assert body["capture"]["video"]["mode"].startswith("320x240")
         assert body["capture"]["audio"]["state"] == "ok"
         assert body["capture"]["audio"]["level_dbfs"] is not None
@@ -293,3 +305,36 @@ def test_bad_config_exits_2_without_traceback(tmp_path: Path) -> None:
         in result.stderr
     )
     assert "Traceback" not in result.stderr
+
+
+async def test_commands_over_mqtt_ping_restart_capture_and_selftest(
+    mosquitto: BrokerUnderTest, tmp_path: Path, daemon_factory: Any
+) -> None:
+    daemon = daemon_factory(site_config(mosquitto, tmp_path))
+    base = f"{mosquitto.prefix}/school1/room1"
+    async with observing(mosquitto, f"{base}/#", user=ADMIN) as it:
+        await daemon.start()
+        await it.wait_for(f"{base}/state", lambda m: m.json()["status"] == "online")
+
+        await it.publish(f"{base}/cmd/ping", json.dumps({"id": "p1", "args": {}}))
+        ping = (await it.wait_for(f"{base}/cmd/ping/result")).json()
+        assert (ping["id"], ping["ok"], ping["result"]["device"]) == ("p1", True, DEVICE_1)
+
+        await it.publish(f"{base}/cmd/restart-capture", json.dumps({"id": "r1", "args": {}}))
+        restart = (await it.wait_for(f"{base}/cmd/restart-capture/result", within=30)).json()
+        assert restart["ok"], restart
+        assert restart["result"] == {"video": "ok", "audio": "ok"}
+
+        await it.publish(f"{base}/cmd/selftest", json.dumps({"id": "s1", "args": {}}))
+        selftest = (await it.wait_for(f"{base}/cmd/selftest/result", within=60)).json()
+        checks = {check["name"]: check["status"] for check in selftest["result"]["checks"]}
+        assert checks["camera"] == "pass"
+        assert checks["microphone"] == "pass"
+        assert checks["broker"] == "pass"
+
+        await it.publish(f"{base}/cmd/reboot", json.dumps({"id": "x1", "args": {}}))
+        unknown = (await it.wait_for(f"{base}/cmd/reboot/result")).json()
+        assert not unknown["ok"]
+        assert "unknown command" in unknown["error"]
+    assert daemon.process.returncode is None
+    assert "Traceback" not in daemon.log()

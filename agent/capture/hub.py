@@ -47,6 +47,7 @@ _JOIN_TIMEOUT_S = 1.0
 _RATE_WINDOW_S = 2.0
 _LEVEL_WINDOW_S = 1.0
 _SILENCE_DBFS = -120.0  # floor for an all-zero signal (JSON has no -inf)
+_BT601_BGR = np.array([0.114, 0.587, 0.299], dtype=np.float32)  # luma weights, BGR order
 
 
 class DeviceState(StrEnum):
@@ -109,6 +110,9 @@ class VideoStats:
     read_errors: int
     reopen_attempts: int
     consumers: tuple[ConsumerStats, ...]
+    # BT.601 luma (0-255) of the latest frame, from the frozen check's subsample; None
+    # while no frame is arriving. A covered lens or a dead sensor reads near 0.
+    mean_luma: float | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -122,6 +126,7 @@ class VideoStats:
             "frames_read": self.frames_read,
             "read_errors": self.read_errors,
             "reopen_attempts": self.reopen_attempts,
+            "mean_luma": None if self.mean_luma is None else round(self.mean_luma, 1),
             "consumers": {
                 c.name: {"delivered": c.delivered, "skipped": c.skipped} for c in self.consumers
             },
@@ -564,12 +569,22 @@ class FrameSubscription(_Subscription):
         return ConsumerStats(self.name, self.delivered, self.skipped + behind)
 
 
+def _mean_luma(image: Image) -> float | None:
+    """BT.601 luma of a BGR image's mean colour (0-255); None for an unexpected layout."""
+    if image.ndim != 3 or image.shape[2] != 3 or image.size == 0:
+        return None
+    # A matrix product, not mean(axis=0): a strided per-channel reduction is ~10x slower.
+    return float((image.reshape(-1, 3) @ _BT601_BGR).mean())
+
+
 class FrameHub(_CaptureHub[VideoMode]):
     """One camera (or file, or pattern) shared by every video consumer.
 
     Frozen pictures are caught with a CRC of every 8th pixel in each direction: cheap
     (tens of microseconds at 720p) and, unlike a real sensor's noise, a stuck driver
-    buffer repeats exactly.
+    buffer repeats exactly. The same subsample is kept (a reference, no copy) so that
+    ``stats()`` can report the picture's mean luma: computed once per stats call rather
+    than once per frame, since only health telemetry reads it.
     """
 
     _unit = "frame"
@@ -586,6 +601,7 @@ class FrameHub(_CaptureHub[VideoMode]):
         self._latest: Frame | None = None
         self._digest: int | None = None
         self._same_since_ns = 0
+        self._subsample: Image | None = None
 
     @property
     def latest(self) -> Frame | None:
@@ -607,9 +623,11 @@ class FrameHub(_CaptureHub[VideoMode]):
     def _accept(self, data: NDArray[Any], captured_ns: int, wall_ns: int) -> None:
         image: Image = data
         image.flags.writeable = False  # shared by every consumer
-        digest = zlib.crc32(np.ascontiguousarray(image[::8, ::8]).data)
+        subsample = np.ascontiguousarray(image[::8, ::8])
+        digest = zlib.crc32(subsample.data)
         with self._lock:
             index = self._note_item_locked(captured_ns)
+            self._subsample = subsample
             self._latest = Frame(image, index, captured_ns, wall_ns)
             if digest != self._digest:
                 self._digest, self._same_since_ns = digest, captured_ns
@@ -629,13 +647,16 @@ class FrameHub(_CaptureHub[VideoMode]):
             common = self._common_locked(now_ns)
             subs = [s for s in self._subs if isinstance(s, FrameSubscription)]
             mode, frames = self._mode, self._reads
+            subsample = self._subsample
         rate = common.pop("rate")
+        arriving = common["state"] in (DeviceState.OK, DeviceState.DEGRADED)
         return VideoStats(
             **common,
             mode=mode,
             fps=rate,
             frames_read=frames,
             consumers=tuple(s.stats() for s in subs),
+            mean_luma=_mean_luma(subsample) if arriving and subsample is not None else None,
         )
 
 

@@ -295,8 +295,83 @@ class HealthConfig(StrictModel):
     camera_lost_alert_s: float = Field(
         default=10.0, ge=0, le=3600, description="Camera lost for longer than this raises an alert"
     )
+    frozen_alert_s: float = Field(
+        default=10.0,
+        ge=0,
+        le=3600,
+        description="Camera frozen (identical frames) for longer than this raises an alert",
+    )
+    black_luma_max: float = Field(
+        default=12.0,
+        ge=0,
+        le=255,
+        description="Mean picture luma (0-255) below this counts as a black picture",
+    )
+    black_alert_s: float = Field(
+        default=30.0,
+        ge=0,
+        le=3600,
+        description="A black picture for longer than this raises an alert (lens covered)",
+    )
+    mic_silent_dbfs: float = Field(
+        default=-60.0,
+        ge=-120,
+        le=0,
+        description="Microphone level (RMS, dBFS) below this counts as silence",
+    )
+    mic_silent_alert_s: float = Field(
+        default=60.0,
+        ge=0,
+        le=3600,
+        description="Silence for longer than this during a live lesson raises an alert",
+    )
+    temperature_alert_s: float = Field(
+        default=30.0,
+        ge=0,
+        le=3600,
+        description="Temperature above temperature_alert_c for longer than this raises an alert",
+    )
+    broker_unreachable_alert_s: float = Field(
+        default=60.0,
+        ge=0,
+        le=86400,
+        description="Broker unreachable for longer than this raises an alert (sent when back)",
+    )
+    clock_unsynced_alert_s: float = Field(
+        default=900.0,
+        ge=0,
+        le=86400,
+        description="Clock not NTP-synchronised for longer than this raises an alert",
+    )
+    alert_clear_s: float = Field(
+        default=10.0,
+        ge=0,
+        le=3600,
+        description="An alert clears once its condition has been false for this long (no flapping)",
+    )
+    store_max_rows: int = Field(
+        default=10000,
+        ge=10,
+        le=1_000_000,
+        description=(
+            "Messages the on-disk store-and-forward queue keeps during an outage; beyond it "
+            "the oldest telemetry is dropped (alerts never are)"
+        ),
+    )
     home_assistant_discovery: bool = Field(
         default=False, description="Publish Home Assistant MQTT discovery config"
+    )
+    metrics_enabled: bool = Field(
+        default=False,
+        description="Serve Prometheus metrics at http://metrics_bind:metrics_port/metrics",
+    )
+    metrics_port: int = Field(
+        default=9464, ge=1024, le=65535, description="Port of the Prometheus /metrics page"
+    )
+    metrics_bind: str = Field(
+        default="127.0.0.1",
+        description="Address /metrics listens on; keep loopback unless a firewall protects it "
+        "(the page has no authentication)",
     )
 
 

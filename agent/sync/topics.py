@@ -11,6 +11,7 @@ Layout (``{prefix}`` is ``broker.topic_prefix``, default ``edu``; a device id is
     {prefix}/{site}/{room}/health               QoS 0  device: periodic metrics
     {prefix}/{site}/{room}/alert                QoS 1  device: alert raised / cleared
     {prefix}/{site}/{room}/sensing              QoS 1  device: aggregates only, no media
+    {prefix}/{site}/{room}/probe                QoS 1  device: self-test round trip (own only)
     {prefix}/{site}/{room}/config/desired    R  QoS 1  IT only: signed profile
     {prefix}/{site}/{room}/config/reported   R  QoS 1  device: applied / rejected, why
     {prefix}/{site}/{room}/cmd/{name}           QoS 1  IT / panel: a command
@@ -90,6 +91,11 @@ class Topics:
     @property
     def sensing(self) -> str:
         return f"{self.base}/sensing"
+
+    @property
+    def probe(self) -> str:
+        """The self-test's broker round trip: the one topic a device writes and reads."""
+        return f"{self.base}/probe"
 
     @property
     def config_desired(self) -> str:
