@@ -46,24 +46,33 @@ class RoomView:
     state: dict[str, Any] = field(default_factory=dict)
     health: dict[str, Any] = field(default_factory=dict)
     health_at: float = 0.0
+    live_at: float | None = None  # first health report of the lesson being live here
+    g2g_ms: float | None = None  # last glass-to-glass median reported while live
     process: asyncio.subprocess.Process | None = None
     exit_code: int | None = None
     stop_s: float | None = None
 
 
-def site_file(workdir: Path, room: tuple[str, str, str, str], broker_url: str) -> Path:
+def site_file(
+    workdir: Path, room: tuple[str, str, str, str], broker_url: str, receivers: list[str]
+) -> Path:
     site, name, display, role = room
+    membership: dict[str, Any] = {"group": GROUP, "role": role}
+    if role == "main":
+        membership["receivers"] = receivers
     config = {
         "identity": {
             "site": site,
             "room": name,
             "display_name": display,
-            "groups": [{"group": GROUP, "role": role}],
+            "groups": [membership],
         },
         "hardware": {"profile": "virtual"},
         "broker": {"url": broker_url, "keepalive_s": 5},
         "capture": {"video": {"width": 640, "height": 360, "fps": 15}},
-        "health": {"interval_s": 2},
+        "health": {"interval_s": 1},
+        # Everything stays on this machine: loopback ICE candidates, no STUN server.
+        "stream": {"ice_host_addresses": ["127.0.0.1"], "video_bitrate_kbps": 800},
         "supervisor": {"state_dir": str(workdir / "state" / f"{site}.{name}")},
     }
     path = workdir / f"{site}.{name}.yaml"
@@ -83,22 +92,45 @@ def render(views: list[RoomView], broker_url: str, started: float) -> str:
         f"{time.monotonic() - started:.0f} s",
         "",
         f"{'ROOM':<26} {'ROLE':<10} {'STATE':<8} {'SEQ':>3}  {'CAMERA':<9} {'FPS':>5} "
-        f"{'FRAMES':>7}  {'MIC dBFS':>8}  {'CPU%':>5}  {'HEALTH AGE':>10}",
+        f"{'FRAMES':>7}  {'MIC dBFS':>8}  {'CPU%':>5}  {'LESSON':<14} {'G2G ms':>6}",
     ]
     for view in views:
         status = view.state.get("status", "-")
         video = _video(view)
         audio = (view.health.get("capture") or {}).get("audio") or {}
         agent = view.health.get("agent") or {}
-        age = f"{time.monotonic() - view.health_at:.1f} s" if view.health_at else "-"
         level = audio.get("level_dbfs")
         lines.append(
             f"{view.device:<26} {view.role:<10} {status:<8} {view.state.get('seq', '-')!s:>3}  "
             f"{video.get('state', '-')!s:<9} {_num(video.get('fps')):>5} "
             f"{video.get('frames_read', '-')!s:>7}  {_num(level):>8}  "
-            f"{_num(agent.get('cpu_percent')):>5}  {age:>10}"
+            f"{_num(agent.get('cpu_percent')):>5}  {lesson_state(view):<14} "
+            f"{_num(view.g2g_ms):>6}"
         )
     return "\n".join(lines)
+
+
+def lesson_state(view: RoomView) -> str:
+    """'waiting', 'joining', 'live', … for a receiving room; 'live 2/2' for the main room."""
+    stream = view.health.get("stream")
+    if not isinstance(stream, dict):
+        return "waiting" if view.role == "receiving" else "-"
+    peers = stream.get("peers") or {}
+    if stream.get("role") == "main":
+        live = sum(1 for peer in peers.values() if (peer or {}).get("state") == "connected")
+        return f"live {live}/{len(peers)}"
+    return str(stream.get("state", "-"))
+
+
+def glass_to_glass_ms(view: RoomView) -> float | None:
+    """Median capture-to-decoded latency of the video this room receives (stamped frames)."""
+    stream = view.health.get("stream")
+    received = stream.get("received") if isinstance(stream, dict) else None
+    for figures in (received or {}).values():
+        value = figures.get("latency_p50_ms")
+        if isinstance(value, (int, float)):
+            return float(value)
+    return None
 
 
 def _num(value: Any) -> str:
@@ -115,6 +147,8 @@ class Demo:
             f"{site}.{room}": RoomView(f"{site}.{room}", role) for site, room, _, role in self.rooms
         }
         self._stop = asyncio.Event()
+        self.button_at: float | None = None
+        self.main = next(f"{s}.{r}" for s, r, _, role in self.rooms if role == "main")
 
     async def run(self) -> int:
         loop = asyncio.get_running_loop()
@@ -134,7 +168,7 @@ class Demo:
                 watch_task = group.create_task(self._watch(monitor), name="demo-watch")
                 try:
                     await self._start_agents(broker.url)
-                    ok = await self._show(broker.url)
+                    ok = await self._show(broker.url, monitor)
                 finally:
                     await self._stop_agents()
                     watch_task.cancel()
@@ -147,7 +181,8 @@ class Demo:
         logs = self.workdir / "logs"
         logs.mkdir(parents=True, exist_ok=True)
         for room in self.rooms:
-            path = site_file(self.workdir, room, broker_url)
+            receivers = [f"{site}.{name}" for site, name, _, role in self.rooms if role != "main"]
+            path = site_file(self.workdir, room, broker_url, receivers)
             view = self.views[f"{room[0]}.{room[1]}"]
             log_file = (logs / f"{view.device}.log").open("wb")
             view.process = await asyncio.create_subprocess_exec(
@@ -188,8 +223,39 @@ class Demo:
         else:
             view.health = data
             view.health_at = time.monotonic()
+            joined = view.role == "receiving" and lesson_state(view) == "live"
+            if self.button_at is not None and view.live_at is None and joined:
+                view.live_at = view.health_at
+            view.g2g_ms = glass_to_glass_ms(view) or view.g2g_ms
 
-    async def _show(self, broker_url: str) -> bool:
+    async def _press(self, monitor: MqttLink, command: str) -> None:
+        """What the teacher's one button does: a command to the main room."""
+        site, room = self.main.split(".")
+        request = {"id": f"demo-{command}", "args": {"subject": "English"}}
+        if command == "lesson-end":
+            request["args"] = {}
+        await monitor.publish(f"edu/{site}/{room}/cmd/{command}", request, qos=1)
+
+    def _everyone_online(self) -> bool:
+        return all(
+            view.state.get("status") == "online" and _video(view).get("state") == "ok"
+            for view in self.views.values()
+        )
+
+    async def _end_lesson(self, monitor: MqttLink) -> bool:
+        """Press End; the receiving rooms must go back to waiting."""
+        receiving = [v for v in self.views.values() if v.role == "receiving"]
+        if self.button_at is None or not receiving:
+            return True
+        await self._press(monitor, "lesson-end")
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            if all(lesson_state(view) == "waiting" for view in receiving):
+                return True
+            await asyncio.sleep(0.2)
+        return False
+
+    async def _show(self, broker_url: str, monitor: MqttLink) -> bool:
         started = time.monotonic()
         interactive = self.out.isatty()
         deadline = started + self.duration_s if self.duration_s > 0 else None
@@ -201,6 +267,9 @@ class Demo:
             for view in self.views.values():
                 if view.process is not None and view.process.returncode is not None:
                     view.exit_code = view.process.returncode
+            if self.button_at is None and monitor.is_connected and self._everyone_online():
+                await self._press(monitor, "lesson-start")
+                self.button_at = time.monotonic()
             if interactive:
                 self.out.write(
                     "\x1b[H\x1b[2J" + render(list(self.views.values()), broker_url, started)
@@ -214,10 +283,17 @@ class Demo:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._stop.wait(), timeout=1.0)
         self.out.write(render(list(self.views.values()), broker_url, started) + "\n\n")
-        return all(
-            view.state.get("status") == "online" and _video(view).get("state") == "ok"
-            for view in self.views.values()
+        everyone_joined = all(
+            view.live_at is not None for view in self.views.values() if view.role == "receiving"
         )
+        healthy = self._everyone_online()
+        ended = await self._end_lesson(monitor)
+        self.out.write(
+            "lesson ended: receiving rooms back to 'waiting'\n"
+            if ended
+            else "lesson end: a room did not go back to 'waiting' within 10 s\n"
+        )
+        return healthy and everyone_joined and ended
 
     async def _stop_agents(self) -> None:
         async def stop(view: RoomView) -> None:
@@ -239,8 +315,21 @@ class Demo:
 
     def _report(self) -> None:
         for view in self.views.values():
-            took = f"stopped in {view.stop_s:.2f} s" if view.stop_s is not None else "had exited"
-            self.out.write(f"{view.device}: {took}, exit code {view.exit_code}\n")
+            if view.role != "receiving":
+                continue
+            if self.button_at is None or view.live_at is None:
+                self.out.write(f"{view.device}: never joined the lesson\n")
+                continue
+            took = view.live_at - self.button_at
+            g2g = view.g2g_ms
+            latency = f", glass-to-glass median {g2g:.0f} ms" if g2g is not None else ""
+            self.out.write(
+                f"{view.device}: live {took:.1f} s after the button "
+                f"(health every 1 s, so within that){latency}\n"
+            )
+        for view in self.views.values():
+            stop = f"stopped in {view.stop_s:.2f} s" if view.stop_s is not None else "had exited"
+            self.out.write(f"{view.device}: {stop}, exit code {view.exit_code}\n")
         self.out.write(f"logs: {self.workdir / 'logs'}\n")
 
 

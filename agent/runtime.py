@@ -32,6 +32,7 @@ from agent.config import AgentConfig, ConfigError, LoadedConfig, load_config
 from agent.metrics import MetricsServer
 from agent.sdnotify import Notifier, WatchdogService
 from agent.selftest import SelftestThresholds, selftest_handler
+from agent.stream import EncoderSettings, LessonHost, ProbeSink, StreamService
 from agent.supervisor import Service, ServiceFailed, Supervisor, cancel_and_wait
 from agent.sync import (
     AlertEngine,
@@ -47,7 +48,7 @@ from agent.sync import (
     ReliablePublisher,
     SystemMetrics,
 )
-from agent.sync.commands import callable_handler, ping_handler
+from agent.sync.commands import CommandError, callable_handler, ping_handler
 
 log = logging.getLogger(__name__)
 
@@ -150,6 +151,23 @@ class Agent:
             alerts=self.alerts,
             publisher=self.publisher,
         )
+        self.received = ProbeSink()
+        self.stream = StreamService(
+            self.link,
+            self.video,
+            self.audio,
+            config.stream,
+            host_addresses=config.stream.ice_host_addresses,
+            # Until the display sink lands, received video is decoded and its stamps read:
+            # synthetic cameras then report glass-to-glass latency in the health topic.
+            sink=self.received,
+            encoder_settings=EncoderSettings(
+                bitrate_kbps=config.stream.video_bitrate_kbps,
+                keyframe_interval_s=config.stream.keyframe_interval_s,
+                preset=config.stream.x264_preset,
+            ),
+            media_timeout_s=config.stream.media_timeout_s,
+        )
         self.commands = CommandService(self.link)
         self.commands.register(
             "ping",
@@ -171,6 +189,15 @@ class Agent:
         self.commands.register(
             "restart-capture", callable_handler(self.capture.restart), args={}, timeout_s=30
         )
+        if self.stream.hosts:
+            # The one button, until the panel lands: IT or a presenter key sends these.
+            self.commands.register(
+                "lesson-start",
+                self.start_lesson,
+                args={"group": str, "subject": str},
+                timeout_s=15,
+            )
+            self.commands.register("lesson-end", self.end_lesson, args={"group": str}, timeout_s=15)
         self.optional: list[Service] = []
         if config.health.home_assistant_discovery:
             self.optional.append(
@@ -200,10 +227,34 @@ class Agent:
                 "video": self.video.stats().to_dict(),
                 "audio": self.audio.stats().to_dict(),
             },
+            "stream": self.stream_section(),
             "agent": self.process.section(
                 version=__version__, profile=self.profile, services=self.service_states()
             ),
         }
+
+    def stream_section(self) -> dict[str, Any] | None:
+        section = self.stream.stats()
+        if section is not None:
+            section["received"] = self.received.summary()
+        return section
+
+    def _host(self, args: dict[str, Any]) -> LessonHost:
+        group = args.get("group") or next(iter(self.stream.hosts))
+        host = self.stream.hosts.get(group)
+        if host is None:
+            known = ", ".join(self.stream.hosts)
+            raise CommandError(f"this room is not the main room of group {group!r} ({known})")
+        return host
+
+    async def start_lesson(self, args: dict[str, Any]) -> dict[str, Any]:
+        announcement = await self._host(args).start_lesson(args.get("subject", ""))
+        return {"lesson_id": announcement.lesson_id, "group": announcement.group}
+
+    async def end_lesson(self, args: dict[str, Any]) -> dict[str, Any]:
+        host = self._host(args)
+        await host.end_lesson()
+        return {"group": host.group}
 
     def services(self) -> list[Service]:
         return [
@@ -211,6 +262,7 @@ class Agent:
             self.link,
             self.publisher,
             self.health,
+            self.stream,
             self.commands,
             *self.optional,
         ]

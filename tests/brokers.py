@@ -49,7 +49,11 @@ from agent.sync import (
 DEVICE_1 = "school1.room1"
 DEVICE_2 = "school1.room2"
 TEST_DEVICES = (
-    IdentityConfig(site="school1", room="room1", groups=[{"group": "music", "role": "main"}]),
+    IdentityConfig(
+        site="school1",
+        room="room1",
+        groups=[{"group": "music", "role": "main", "receivers": ["school1.room2"]}],
+    ),
     IdentityConfig(site="school1", room="room2", groups=[{"group": "music", "role": "receiving"}]),
 )
 ADMIN = "admin"

@@ -63,7 +63,11 @@ ROOM2 = "school1.room2"
 FLEET = {
     "prefix": "edu",
     "devices": [
-        {"site": "school1", "room": "room1", "groups": [{"group": "music", "role": "main"}]},
+        {
+            "site": "school1",
+            "room": "room1",
+            "groups": [{"group": "music", "role": "main", "receivers": [ROOM2]}],
+        },
         {"site": "school1", "room": "room2", "groups": [{"group": "music", "role": "receiving"}]},
     ],
     "admins": ["it"],
@@ -281,7 +285,7 @@ def test_tool_writes_a_complete_fleet_directory(fleet_dir: Path) -> None:
     assert snippet["identity"] == {
         "site": "school1",
         "room": "room1",
-        "groups": [{"group": "music", "role": "main"}],
+        "groups": [{"group": "music", "role": "main", "receivers": [ROOM2]}],
     }
     assert snippet["broker"]["tls"]["cert_file"] == "/etc/classroom-agent/device.pem"
     assert not (fleet_dir / "clients" / "it" / "broker.yaml").exists()  # roles are not devices

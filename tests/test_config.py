@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -101,7 +102,8 @@ def test_cross_field_rules(tmp_path: Path) -> None:
     site = write(
         tmp_path,
         IDENTITY
-        + "  groups:\n    - {group: g1, role: main}\n    - {group: g1, role: receiving}\n"
+        + "  groups:\n    - {group: g1, role: main, receivers: [s.r]}\n"
+        + "    - {group: g1, role: receiving}\n"
         + "broker:\n  url: mqtts://broker.example:8883\n",
     )
     with pytest.raises(ConfigError) as caught:
@@ -218,4 +220,24 @@ def test_example_site_file_is_valid() -> None:
 def test_reserved_site_names_are_refused(tmp_path: Path) -> None:
     site = write(tmp_path, "identity: {site: lesson, room: r1}\n")
     with pytest.raises(ConfigError, match=r"identity\.site: 'lesson' is reserved"):
+        load_config([site], profile="virtual")
+
+
+@pytest.mark.parametrize(
+    ("membership", "message"),
+    [
+        ("{group: g1, role: main}", "role 'main' needs 'receivers'"),
+        ("{group: g1, role: receiving, receivers: [a.b]}", "only the main room lists"),
+        ("{group: g1, role: main, receivers: [village-a]}", "identity.groups.0.receivers.0"),
+    ],
+)
+def test_group_receivers_rules(tmp_path: Path, membership: str, message: str) -> None:
+    site = write(tmp_path, IDENTITY + f"  groups:\n    - {membership}\n")
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        load_config([site], profile="virtual")
+
+
+def test_ice_host_addresses_must_be_ip_literals(tmp_path: Path) -> None:
+    site = write(tmp_path, IDENTITY + "stream: {ice_host_addresses: [localhost]}\n")
+    with pytest.raises(ConfigError, match="must be IP addresses, got 'localhost'"):
         load_config([site], profile="virtual")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -37,13 +38,20 @@ def test_demo_brings_rooms_online_and_stops_them_cleanly(tmp_path: Path) -> None
     rows = [
         line.split()
         for line in final.splitlines()
-        if line.startswith(("central", "village")) and "exit code" not in line
+        if len(line.split()) > 2 and line.split()[1] in ("main", "receiving")
     ]
     assert [row[0] for row in rows] == ["central-school.room-101", "village-a.room-1"]
     for row in rows:
         assert row[2] == "online"  # STATE
         assert row[4] == "ok"  # CAMERA
         assert float(row[5]) > 5  # measured fps
+    # The button was pressed: the receiving room joined, decoded stamped video, and
+    # went back to waiting when the lesson ended.
+    assert rows[0][9:11] == ["live", "1/1"], rows[0]  # LESSON: main room, rooms live
+    assert rows[1][9] == "live", rows[1]
+    assert float(rows[1][10]) < 1000  # glass-to-glass median, ms
+    assert re.search(r"village-a\.room-1: live \d+\.\d s after the button", result.stdout)
+    assert "lesson ended: receiving rooms back to 'waiting'" in result.stdout
     assert result.stdout.count("exit code 0") == 2
     assert (tmp_path / "logs" / "village-a.room-1.log").exists()
 

@@ -146,7 +146,9 @@ def test_password_hash_matches_mosquitto_passwd_format() -> None:
 
 
 def test_acl_scheme() -> None:
-    main = IdentityConfig(site="s1", room="r1", groups=[{"group": "music", "role": "main"}])
+    main = IdentityConfig(
+        site="s1", room="r1", groups=[{"group": "music", "role": "main", "receivers": ["s2.r9"]}]
+    )
     receiving = IdentityConfig(
         site="s2", room="r9", groups=[{"group": "music", "role": "receiving"}]
     )

@@ -8,6 +8,7 @@ falls back to a default.
 
 from __future__ import annotations
 
+import ipaddress
 import re
 from enum import StrEnum
 from pathlib import Path
@@ -18,6 +19,7 @@ from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator, m
 # Top-level topic names that are not sites: edu/lesson/{group}, edu/rtc/{from}/{to}.
 RESERVED_SITES = frozenset({"lesson", "rtc"})
 SLUG_PATTERN = r"^[a-z0-9][a-z0-9_-]{0,62}$"
+DEVICE_ID_PATTERN = r"^[a-z0-9][a-z0-9_-]{0,62}\.[a-z0-9][a-z0-9_-]{0,62}$"
 Slug = Annotated[
     str,
     Field(
@@ -41,6 +43,24 @@ class LessonRole(StrEnum):
 class GroupMembership(StrictModel):
     group: Slug = Field(description="Lesson group id shared by a main room and its receiving rooms")
     role: LessonRole = Field(description="'main' broadcasts the lesson, 'receiving' joins it")
+    receivers: list[Annotated[str, Field(pattern=DEVICE_ID_PATTERN)]] = Field(
+        default_factory=list,
+        description="For role 'main': device ids ('site.room') of the receiving rooms that "
+        "may join this group's lessons",
+    )
+
+    @model_validator(mode="after")
+    def _receivers_for_main_only(self) -> Self:
+        if self.role is LessonRole.MAIN and not self.receivers:
+            raise ValueError(
+                f"group {self.group!r}: role 'main' needs 'receivers' (the device ids "
+                "'site.room' of the rooms that join)"
+            )
+        if self.role is LessonRole.RECEIVING and self.receivers:
+            raise ValueError(
+                f"group {self.group!r}: only the main room lists 'receivers'; remove them here"
+            )
+        return self
 
 
 class IdentityConfig(StrictModel):
@@ -269,7 +289,35 @@ class StreamConfig(StrictModel):
     low_bitrate_kbps: int = Field(
         default=500, ge=50, le=5000, description="Low layer bitrate for rooms on poor links"
     )
+    ice_host_addresses: list[str] = Field(
+        default_factory=list,
+        description="IP addresses offered as ICE host candidates; empty: every interface "
+        "but loopback (the demo and tests use 127.0.0.1)",
+    )
+    keyframe_interval_s: float = Field(
+        default=2.0, ge=0.5, le=10, description="Longest time between keyframes of the lesson video"
+    )
+    x264_preset: Literal["ultrafast", "superfast", "veryfast", "faster", "fast"] = Field(
+        default="ultrafast", description="libx264 speed/quality trade-off (ultrafast fits 2 cores)"
+    )
+    media_timeout_s: float = Field(
+        default=6.0,
+        ge=2,
+        le=60,
+        description="A receiving room that gets no media for this long reconnects",
+    )
     panel_bind: str = Field(default="127.0.0.1", description="Address the teacher panel listens on")
+
+    @field_validator("ice_host_addresses")
+    @classmethod
+    def _ip_literals(cls, value: list[str]) -> list[str]:
+        for address in value:
+            try:
+                ipaddress.ip_address(address)
+            except ValueError:
+                raise ValueError(f"must be IP addresses, got {address!r}") from None
+        return value
+
     panel_port: int = Field(default=8470, ge=1, le=65535, description="Teacher panel port")
 
 

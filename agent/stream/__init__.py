@@ -1,0 +1,65 @@
+"""Live dual-teacher lessons over WebRTC (aiortc), signalled over the MQTT link.
+
+The main room's :class:`LessonHost` announces a lesson and answers the receiving rooms'
+offers; each receiving room's :class:`LessonJoiner` joins by itself and reconnects
+while the lesson lasts. Video is encoded once (:class:`SharedH264Encoder`) however many
+rooms watch; audio is Opus per peer. :class:`StreamService` wires it all for one room.
+See ``agent/stream/lesson.py`` for the lifecycle and ``signalling.py`` for the wire
+format and what is rejected.
+"""
+
+from agent.stream.audio import HubAudioTrack
+from agent.stream.encoder import (
+    EncodedVideoTrack,
+    EncoderSettings,
+    EncoderStats,
+    SharedH264Encoder,
+    TrackStats,
+    route_keyframe_requests,
+)
+from agent.stream.lesson import (
+    Announcement,
+    AnnouncementInvalid,
+    JoinState,
+    LessonHost,
+    LessonJoiner,
+)
+from agent.stream.peer import IceSettings, PeerSession
+from agent.stream.service import StreamService
+from agent.stream.signalling import (
+    MAX_MESSAGE_BYTES,
+    Signal,
+    Signalling,
+    SignalRejected,
+    SignalType,
+    parse_signal,
+)
+from agent.stream.sinks import MediaSink, NullSink, ProbeSink, ProbeStats
+
+__all__ = [
+    "MAX_MESSAGE_BYTES",
+    "Announcement",
+    "AnnouncementInvalid",
+    "EncodedVideoTrack",
+    "EncoderSettings",
+    "EncoderStats",
+    "HubAudioTrack",
+    "IceSettings",
+    "JoinState",
+    "LessonHost",
+    "LessonJoiner",
+    "MediaSink",
+    "NullSink",
+    "PeerSession",
+    "ProbeSink",
+    "ProbeStats",
+    "SharedH264Encoder",
+    "Signal",
+    "SignalRejected",
+    "SignalType",
+    "Signalling",
+    "StreamService",
+    "TrackStats",
+    "parse_signal",
+    "route_keyframe_requests",
+]

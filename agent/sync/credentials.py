@@ -69,7 +69,7 @@ devices:
   - site: central-school
     room: room-101
     groups:
-      - {{group: g5-english, role: main}}
+      - {{group: g5-english, role: main, receivers: [rural-point-1.room-1]}}
   - site: rural-point-1
     room: room-1
     groups:

@@ -1,0 +1,80 @@
+"""The room's microphone as an aiortc audio track (Opus is encoded per peer by aiortc).
+
+Opus at 48 kHz is cheap (well under 1 % of a core per peer), so audio takes aiortc's
+normal path. Each track is its own AudioHub consumer: audio is never sampled or shared
+with the video path, and nothing the video fan-out drops touches it.
+"""
+
+from __future__ import annotations
+
+import fractions
+import logging
+
+import av
+from aiortc.mediastreams import MediaStreamError, MediaStreamTrack
+
+from agent.capture import AudioChunk, AudioHub, AudioSubscription
+
+log = logging.getLogger(__name__)
+
+MAX_BACKLOG_CHUNKS = 3  # 60 ms at 20 ms chunks: more than this is latency, not jitter
+QUEUE_CHUNKS = 25  # what the hub keeps for this consumer while the sender is busy
+
+
+class HubAudioTrack(MediaStreamTrack):
+    """``recv()`` returns ``s16`` ``AudioFrame`` s with sample-accurate ``pts``.
+
+    Subscribes on the first ``recv()`` (the sender starts pulling only once the peer is
+    connected), so the first frame is fresh. If the sender falls more than
+    ``MAX_BACKLOG_CHUNKS`` behind (a stalled loop), the oldest chunks are skipped: late
+    audio is worse than a click. ``pts`` advances by the chunks' sample counts and jumps
+    over chunks the hub or this track dropped, so the receiver sees the gap.
+    """
+
+    kind = "audio"
+
+    def __init__(self, hub: AudioHub, name: str) -> None:
+        super().__init__()
+        self.name = name
+        self._hub = hub
+        self._sub: AudioSubscription | None = None
+        self._first_index: int | None = None
+        self._samples_per_chunk = 0
+        self.delivered = 0
+        self.skipped = 0
+
+    async def recv(self) -> av.AudioFrame:
+        if self.readyState != "live":
+            raise MediaStreamError
+        if self._sub is None:
+            self._sub = self._hub.subscribe(f"stream.audio:{self.name}", max_chunks=QUEUE_CHUNKS)
+        try:
+            chunk = await self._sub.get()
+            while self._sub.stats().queued > MAX_BACKLOG_CHUNKS:
+                newer = self._sub.get_nowait()
+                if newer is None:
+                    break
+                chunk = newer
+                self.skipped += 1
+        except RuntimeError:  # the subscription was closed by stop()
+            raise MediaStreamError from None
+        self.delivered += 1
+        return self._frame(chunk)
+
+    def _frame(self, chunk: AudioChunk) -> av.AudioFrame:
+        samples = chunk.samples
+        count = int(samples.shape[0])
+        if self._first_index is None:
+            self._first_index = chunk.index
+            self._samples_per_chunk = count
+        layout = "mono" if chunk.channels == 1 else "stereo"
+        frame = av.AudioFrame.from_ndarray(samples.reshape(1, -1), format="s16", layout=layout)
+        frame.sample_rate = chunk.sample_rate
+        frame.time_base = fractions.Fraction(1, chunk.sample_rate)
+        frame.pts = (chunk.index - self._first_index) * self._samples_per_chunk
+        return frame
+
+    def stop(self) -> None:
+        super().stop()
+        if self._sub is not None:
+            self._sub.close()

@@ -1,0 +1,303 @@
+"""One WebRTC peer connection with another room: its tracks, its sinks, its ending.
+
+Both sides of a lesson use :class:`PeerSession`; the lesson code decides who offers.
+A session owns everything it starts (the RTCPeerConnection, the local tracks, one sink
+task per remote track) and :meth:`PeerSession.close` finishes all of it, so a lesson
+that ends or a room that reconnects leaves no task, thread or socket behind.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import Coroutine, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from aiortc import RTCPeerConnection, RTCRtpSender, RTCSessionDescription
+from aiortc.mediastreams import MediaStreamError, MediaStreamTrack
+
+from agent.capture import AudioHub
+from agent.config.models import IceServerConfig
+from agent.stream.audio import HubAudioTrack
+from agent.stream.encoder import SharedH264Encoder, route_keyframe_requests
+from agent.stream.ice import check_host_addresses, gather, new_peer_connection
+from agent.stream.sinks import MediaSink
+
+log = logging.getLogger(__name__)
+
+# Constrained baseline first: what browsers offer and what our libx264 produces.
+_H264_PROFILES = ("42e01f", "42001f")
+
+
+@dataclass(frozen=True, slots=True)
+class IceSettings:
+    """``servers``: STUN/TURN (empty: host candidates only, nothing public is contacted).
+    ``host_addresses``: the only addresses host candidates use (empty: aioice's choice,
+    every interface but loopback; tests use ``("127.0.0.1",)``)."""
+
+    servers: tuple[IceServerConfig, ...] = ()
+    host_addresses: tuple[str, ...] = ()
+
+    def __post_init__(self) -> None:
+        check_host_addresses(self.host_addresses)
+
+    @classmethod
+    def of(
+        cls, servers: Sequence[IceServerConfig] = (), host_addresses: Sequence[str] = ()
+    ) -> IceSettings:
+        return cls(tuple(servers), tuple(host_addresses))
+
+
+def h264_preferences() -> list[Any]:
+    """aiortc's H.264 codec capabilities (and RTX), constrained baseline first."""
+    codecs = RTCRtpSender.getCapabilities("video").codecs
+    h264 = [c for c in codecs if c.mimeType.lower() == "video/h264"]
+    h264.sort(
+        key=lambda c: (
+            _H264_PROFILES.index(c.parameters.get("profile-level-id", ""))
+            if c.parameters.get("profile-level-id", "") in _H264_PROFILES
+            else len(_H264_PROFILES)
+        )
+    )
+    rtx = [c for c in codecs if c.mimeType.lower() == "video/rtx"]
+    return h264 + rtx
+
+
+class _WatchedTrack(MediaStreamTrack):
+    """Passes a remote track through, noting when media last arrived."""
+
+    def __init__(self, inner: MediaStreamTrack, session: PeerSession) -> None:
+        super().__init__()
+        self.kind = inner.kind
+        self._inner = inner
+        self._session = session
+
+    async def recv(self) -> Any:
+        item = await self._inner.recv()
+        self._session.last_media = time.monotonic()
+        return item
+
+
+class PeerSession:
+    """A peer connection to ``remote`` for lesson ``lesson_id``.
+
+    ``ended`` is set (once, with ``end_reason``) when the connection fails or closes or
+    when the lesson code calls :meth:`end`; ``connected`` when ICE and DTLS are up.
+    """
+
+    def __init__(
+        self, remote: str, lesson_id: str, ice: IceSettings, sink: MediaSink | None
+    ) -> None:
+        self.remote = remote
+        self.lesson_id = lesson_id
+        self.ice = ice
+        self.pc: RTCPeerConnection = new_peer_connection(ice.servers)
+        self.connected = asyncio.Event()
+        self.ended = asyncio.Event()
+        self.end_reason = ""
+        self.created = time.monotonic()
+        self.connected_at: float | None = None
+        self.last_media: float | None = None
+        self._sink = sink
+        self._tracks: list[MediaStreamTrack] = []
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._closed = False
+        self.pc.on("connectionstatechange", self._on_state)
+        self.pc.on("track", self._on_track)
+
+    @property
+    def state(self) -> str:
+        return str(self.pc.connectionState)
+
+    def _on_state(self) -> None:
+        state = self.pc.connectionState
+        log.debug("peer %s (lesson %s): %s", self.remote, self.lesson_id, state)
+        if state == "connected" and not self.connected.is_set():
+            self.connected_at = time.monotonic()
+            self.connected.set()
+        elif state in ("failed", "closed"):
+            self.end(f"connection {state}")
+
+    def _on_track(self, track: MediaStreamTrack) -> None:
+        if self._closed:
+            return
+        sink = self._sink
+        watched = _WatchedTrack(track, self)
+        coro = _drain(watched) if sink is None else sink.consume(self.remote, watched)
+        task = asyncio.create_task(
+            _guard(coro, f"sink for {track.kind} from {self.remote}"),
+            name=f"stream-sink-{self.remote}-{track.kind}",
+        )
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    def end(self, reason: str) -> None:
+        if not self.ended.is_set():
+            self.end_reason = reason
+            self.ended.set()
+
+    # -- outgoing media ----------------------------------------------------------------
+
+    def add_video(self, encoder: SharedH264Encoder, transceiver: Any | None = None) -> None:
+        """Send the shared encoder's stream; the peer's PLI/FIR reach that encoder."""
+        track = encoder.track(f"{self.remote}/{self.lesson_id}")
+        self._tracks.append(track)
+        if transceiver is None:
+            sender = self.pc.addTrack(track)
+        else:
+            transceiver.sender.replaceTrack(track)
+            sender = transceiver.sender
+        route_keyframe_requests(sender, encoder.request_keyframe)
+
+    def add_audio(self, hub: AudioHub, transceiver: Any | None = None) -> None:
+        track = HubAudioTrack(hub, f"{self.remote}/{self.lesson_id}")
+        self._tracks.append(track)
+        if transceiver is None:
+            self.pc.addTrack(track)
+        else:
+            transceiver.sender.replaceTrack(track)
+
+    # -- negotiation ---------------------------------------------------------------------
+
+    async def make_offer(self, encoder: SharedH264Encoder | None, audio: AudioHub | None) -> str:
+        """The complete offer SDP: video (H.264 only) and audio, sent if we have them."""
+        video_tx = self.pc.addTransceiver("video", direction="sendrecv" if encoder else "recvonly")
+        video_tx.setCodecPreferences(h264_preferences())
+        if encoder is not None:
+            self.add_video(encoder, video_tx)
+        audio_tx = self.pc.addTransceiver("audio", direction="sendrecv" if audio else "recvonly")
+        if audio is not None:
+            self.add_audio(audio, audio_tx)
+        await gather(self.pc, await self.pc.createOffer(), self.ice.host_addresses)
+        return str(self.pc.localDescription.sdp)
+
+    async def accept_answer(self, sdp: str) -> None:
+        await self.pc.setRemoteDescription(RTCSessionDescription(sdp=sdp, type="answer"))
+
+    async def make_answer(
+        self, offer_sdp: str, encoder: SharedH264Encoder | None, audio: AudioHub | None
+    ) -> str:
+        """Apply a remote offer and return the complete answer SDP (raises ValueError and
+        aiortc's errors for an offer we cannot use)."""
+        await self.pc.setRemoteDescription(RTCSessionDescription(sdp=offer_sdp, type="offer"))
+        for transceiver in self.pc.getTransceivers():
+            if transceiver.kind == "video":
+                transceiver.setCodecPreferences(h264_preferences())
+                if encoder is not None and transceiver.sender.track is None:
+                    self.add_video(encoder, transceiver)
+                    transceiver.direction = "sendrecv"
+            elif transceiver.kind == "audio" and audio and transceiver.sender.track is None:
+                self.add_audio(audio, transceiver)
+                transceiver.direction = "sendrecv"
+        await gather(self.pc, await self.pc.createAnswer(), self.ice.host_addresses)
+        sdp = str(self.pc.localDescription.sdp)
+        if encoder is not None and "H264" not in sdp:
+            raise ValueError("the offer has no H.264 video this room can send")
+        return sdp
+
+    async def wait_connected(self, timeout: float) -> bool:  # noqa: ASYNC109
+        """True once connected; False if the session ended or ``timeout`` passed first."""
+        return await wait_first(self.connected, self.ended, timeout=timeout) is self.connected
+
+    # -- teardown ------------------------------------------------------------------------
+
+    async def close(self, reason: str = "closed") -> None:
+        """Close the connection and finish every task the session started (idempotent)."""
+        self.end(reason)
+        if self._closed:
+            return
+        self._closed = True
+        await finish(self._teardown())
+
+    async def _teardown(self) -> None:
+        for track in self._tracks:
+            track.stop()
+        try:
+            await self.pc.close()
+        except Exception:
+            log.exception("closing the peer connection to %s failed", self.remote)
+        tasks = list(self._tasks)
+        for task in tasks:
+            task.cancel()
+        if tasks:
+            await asyncio.gather(*tasks, return_exceptions=True)
+
+    def describe(self) -> dict[str, Any]:
+        """This peer in the health topic's ``stream.peers`` shape (contracts v1); the
+        RTP statistics are null until the stats work fills them from ``getStats()``."""
+        now = time.monotonic()
+        return {
+            "state": self.state,
+            "rtt_ms": None,
+            "loss_percent": None,
+            "jitter_ms": None,
+            "bitrate_kbps": None,
+            "fps": None,
+            "layer": None,
+            "lesson": self.lesson_id,
+            "connected_for_s": None
+            if self.connected_at is None
+            else round(now - self.connected_at, 1),
+            "media_age_s": None if self.last_media is None else round(now - self.last_media, 1),
+        }
+
+
+async def finish(work: Coroutine[Any, Any, None]) -> None:
+    """Run ``work`` to its end even if the caller is cancelled meanwhile, then pass the
+    cancellation on. Teardown must not stop halfway: aiortc shares one future between
+    concurrent ``close()`` calls, and cancelling a waiter on it breaks the other
+    (``InvalidStateError`` in aiortc's own close task)."""
+    task = asyncio.ensure_future(work)
+    cancelled = False
+    while not task.done():
+        try:
+            await asyncio.wait({task})
+        except asyncio.CancelledError:
+            cancelled = True
+    if cancelled:
+        if not task.cancelled() and task.exception() is not None:
+            log.error("teardown failed while cancelled", exc_info=task.exception())
+        raise asyncio.CancelledError
+    task.result()
+
+
+async def wait_first(
+    *events: asyncio.Event,
+    timeout: float | None = None,  # noqa: ASYNC109
+) -> asyncio.Event | None:
+    """The first of ``events`` to be set (or None after ``timeout``), with no task left."""
+    for event in events:
+        if event.is_set():
+            return event
+    waiters = {asyncio.ensure_future(event.wait()): event for event in events}
+    try:
+        await asyncio.wait(waiters, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        for waiter in waiters:
+            waiter.cancel()
+        await asyncio.gather(*waiters, return_exceptions=True)
+    for event in events:
+        if event.is_set():
+            return event
+    return None
+
+
+async def _drain(track: MediaStreamTrack) -> None:
+    with contextlib.suppress(MediaStreamError):
+        while True:
+            await track.recv()
+
+
+async def _guard(coro: Any, what: str) -> None:
+    """Run a sink: its failure is logged and ends only that sink, never the lesson."""
+    try:
+        await coro
+    except asyncio.CancelledError:
+        raise
+    except MediaStreamError:
+        pass
+    except Exception:
+        log.exception("%s failed", what)

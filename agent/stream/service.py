@@ -1,0 +1,109 @@
+"""A room's live-lesson machinery as one supervisor service, built from its config.
+
+The runtime adds one :class:`StreamService` next to the hubs and the link. It runs the
+signalling endpoint, the shared encoder (idle until a peer needs video), one
+:class:`LessonHost` per group where this room is ``main`` and one :class:`LessonJoiner`
+for the groups where it is ``receiving``; if any of them fails, all restart together.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Sequence
+from typing import Any
+
+from agent.capture import AudioHub, FrameHub
+from agent.config.models import LessonRole, StreamConfig
+from agent.stream.encoder import EncoderSettings, SharedH264Encoder
+from agent.stream.lesson import LessonHost, LessonJoiner
+from agent.stream.peer import IceSettings
+from agent.stream.signalling import Signalling
+from agent.stream.sinks import MediaSink
+from agent.sync import MqttLink
+
+log = logging.getLogger(__name__)
+
+
+class StreamService:
+    """Signalling + encoder + lesson host(s) + joiner for one room.
+
+    Who may join a group this room hosts is the group's ``receivers`` in the identity
+    (config). ``host_addresses``: ICE host-candidate addresses (empty:
+    every interface but loopback). ``sink``: where received media goes (None: drained).
+    """
+
+    name = "stream"
+
+    def __init__(
+        self,
+        link: MqttLink,
+        video: FrameHub | None,
+        audio: AudioHub | None,
+        config: StreamConfig,
+        *,
+        host_addresses: Sequence[str] = (),
+        sink: MediaSink | None = None,
+        encoder_settings: EncoderSettings | None = None,
+        media_timeout_s: float = 6.0,
+    ) -> None:
+        if config.video_codec != "h264":
+            log.warning(
+                "stream.video_codec %s: lessons send H.264 (encode once)", config.video_codec
+            )
+        if config.encoder != "libx264":
+            log.warning("stream.encoder %s is not supported yet: using libx264", config.encoder)
+        self.link = link
+        self.signalling = Signalling(link)
+        settings = encoder_settings or EncoderSettings(bitrate_kbps=config.video_bitrate_kbps)
+        self.encoder = None if video is None else SharedH264Encoder(video, settings)
+        ice = IceSettings.of(config.ice_servers, host_addresses)
+        identity = link.identity
+        self.hosts: dict[str, LessonHost] = {
+            m.group: LessonHost(
+                link,
+                self.signalling,
+                m.group,
+                m.receivers,
+                encoder=self.encoder,
+                audio=audio,
+                ice=ice,
+                sink=sink,
+            )
+            for m in identity.groups
+            if m.role is LessonRole.MAIN
+        }
+        receiving = [m.group for m in identity.groups if m.role is LessonRole.RECEIVING]
+        self.joiner = (
+            LessonJoiner(
+                link,
+                self.signalling,
+                receiving,
+                encoder=self.encoder,
+                audio=audio,
+                ice=ice,
+                sink=sink,
+                media_timeout_s=media_timeout_s,
+            )
+            if receiving
+            else None
+        )
+
+    async def run(self) -> None:
+        async with asyncio.TaskGroup() as tasks:
+            tasks.create_task(self.signalling.run(), name="stream-signalling")
+            if self.encoder is not None:
+                tasks.create_task(self.encoder.run(), name="stream-encoder")
+            for host in self.hosts.values():
+                tasks.create_task(host.run(), name=f"stream-host-{host.group}")
+            if self.joiner is not None:
+                tasks.create_task(self.joiner.run(), name="stream-joiner")
+
+    def stats(self) -> dict[str, Any] | None:
+        """The health topic's ``stream`` section: the live lesson, if any (contracts v1)."""
+        for host in self.hosts.values():
+            if host.lesson is not None:
+                return host.stats()
+        if self.joiner is not None and self.joiner.lesson is not None:
+            return self.joiner.stats()
+        return None
