@@ -27,6 +27,7 @@ from agent.config import (
 )
 from agent.config.loader import read_yaml_file
 from agent.config.profiles import check_profile_file, detect_profile
+from agent.dashboard import add_dashboard_parser
 from agent.sync.credentials import add_broker_parser
 
 DEFAULT_SITE_FILE = Path("/etc/classroom-agent/agent.yaml")
@@ -156,7 +157,12 @@ def cmd_demo(args: argparse.Namespace) -> int:
     from agent.logs import setup_logging
 
     setup_logging("warning")
-    return run_demo(rooms=args.rooms, duration_s=args.duration, workdir=args.workdir)
+    return run_demo(
+        rooms=args.rooms,
+        duration_s=args.duration,
+        workdir=args.workdir,
+        dashboard_port=args.dashboard_port,
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -208,11 +214,18 @@ def build_parser() -> argparse.ArgumentParser:
     selftest.set_defaults(func=cmd_selftest)
 
     add_broker_parser(sub)
+    add_dashboard_parser(sub)
 
     demo = sub.add_parser("demo", help="run a demo fleet on an embedded broker")
     demo.add_argument("--rooms", type=int, default=3, help="rooms to start (1-8)")
     demo.add_argument("--duration", type=float, default=0, help="seconds to run (0: until Ctrl-C)")
     demo.add_argument("--workdir", type=Path, help="keep the demo's files here")
+    demo.add_argument(
+        "--dashboard-port",
+        type=int,
+        default=8480,
+        help="maintenance dashboard port on 127.0.0.1 (a free one if taken)",
+    )
     demo.set_defaults(func=cmd_demo)
     return parser
 

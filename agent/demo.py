@@ -13,6 +13,7 @@ import asyncio
 import contextlib
 import json
 import signal
+import socket
 import sys
 import tempfile
 import time
@@ -23,6 +24,8 @@ from typing import Any, TextIO
 import yaml
 
 from agent.config.models import BrokerConfig, IdentityConfig
+from agent.dashboard import DashboardConfig
+from agent.dashboard.server import DashboardServer
 from agent.sync import Message, MosquittoBroker, MqttLink
 
 GROUP = "g5-english"
@@ -138,7 +141,9 @@ def _num(value: Any) -> str:
 
 
 class Demo:
-    def __init__(self, rooms: int, duration_s: float, workdir: Path, out: TextIO) -> None:
+    def __init__(
+        self, rooms: int, duration_s: float, workdir: Path, out: TextIO, dashboard_port: int = 0
+    ) -> None:
         self.rooms = ROOMS[:rooms]
         self.duration_s = duration_s
         self.workdir = workdir
@@ -148,6 +153,8 @@ class Demo:
         }
         self._stop = asyncio.Event()
         self.button_at: float | None = None
+        self.dashboard_port = dashboard_port
+        self.dashboard_url = ""
         self.main = next(f"{s}.{r}" for s, r, _, role in self.rooms if role == "main")
 
     async def run(self) -> int:
@@ -163,16 +170,36 @@ class Demo:
                 profile_name="-",
                 announce=False,
             )
+            dashboard = DashboardServer(
+                DashboardConfig(
+                    broker=BrokerConfig(url=broker.url),
+                    port=self.dashboard_port,
+                    health_interval_s=1,
+                )
+            )
             async with asyncio.TaskGroup() as group:
                 link_task = group.create_task(monitor.run(), name="demo-monitor-link")
                 watch_task = group.create_task(self._watch(monitor), name="demo-watch")
+                dashboard_task = group.create_task(dashboard.run(), name="demo-dashboard")
                 try:
+                    await dashboard.wait_ready()
+                    self.dashboard_url = dashboard.url
+                    self.out.write(
+                        f"maintenance dashboard: {dashboard.url} (open it in a browser)\n"
+                    )
                     await self._start_agents(broker.url)
+                    pids = ", ".join(
+                        f"{view.device} pid {view.process.pid}"
+                        for view in self.views.values()
+                        if view.process is not None
+                    )
+                    self.out.write(f"agents: {pids} (kill -9 one to see it go offline)\n")
                     ok = await self._show(broker.url, monitor)
                 finally:
                     await self._stop_agents()
                     watch_task.cancel()
                     link_task.cancel()
+                    dashboard_task.cancel()
         self._report()
         all_clean = all(view.exit_code == 0 for view in self.views.values())
         return 0 if ok and all_clean else 1
@@ -274,7 +301,9 @@ class Demo:
                 self.out.write(
                     "\x1b[H\x1b[2J" + render(list(self.views.values()), broker_url, started)
                 )
-                self.out.write("\n\nCtrl-C stops the demo.\n")
+                self.out.write(
+                    f"\n\nMaintenance dashboard: {self.dashboard_url}\nCtrl-C stops the demo.\n"
+                )
                 self.out.flush()
             elif now - last_print >= 5:
                 self.out.write(render(list(self.views.values()), broker_url, started) + "\n\n")
@@ -333,11 +362,27 @@ class Demo:
         self.out.write(f"logs: {self.workdir / 'logs'}\n")
 
 
-def run_demo(rooms: int = 3, duration_s: float = 0, workdir: Path | None = None) -> int:
+def _free_or_any(port: int) -> int:
+    """``port`` if nothing listens on it, else 0 (any free port): the demo must start."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
+        try:
+            probe.bind(("127.0.0.1", port))
+        except OSError:
+            return 0
+    return port
+
+
+def run_demo(
+    rooms: int = 3,
+    duration_s: float = 0,
+    workdir: Path | None = None,
+    dashboard_port: int = 8480,
+) -> int:
     if not 1 <= rooms <= MAX_ROOMS:
         sys.stderr.write(f"--rooms: must be between 1 and {MAX_ROOMS}, got {rooms}\n")
         return 2
     if workdir is None:
         workdir = Path(tempfile.mkdtemp(prefix="classroom-demo-"))
     workdir.mkdir(parents=True, exist_ok=True)
-    return asyncio.run(Demo(rooms, duration_s, workdir, sys.stdout).run())
+    demo = Demo(rooms, duration_s, workdir, sys.stdout, _free_or_any(dashboard_port))
+    return asyncio.run(demo.run())

@@ -26,6 +26,8 @@ def test_demo_brings_rooms_online_and_stops_them_cleanly(tmp_path: Path) -> None
             "10",
             "--workdir",
             str(tmp_path),
+            "--dashboard-port",
+            "0",
         ],
         capture_output=True,
         text=True,
@@ -53,6 +55,7 @@ def test_demo_brings_rooms_online_and_stops_them_cleanly(tmp_path: Path) -> None
     assert re.search(r"village-a\.room-1: live \d+\.\d s after the button", result.stdout)
     assert "lesson ended: receiving rooms back to 'waiting'" in result.stdout
     assert result.stdout.count("exit code 0") == 2
+    assert re.search(r"maintenance dashboard: http://127\.0\.0\.1:\d+/", result.stdout)
     assert (tmp_path / "logs" / "village-a.room-1.log").exists()
 
 

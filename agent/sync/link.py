@@ -1034,6 +1034,8 @@ class MqttLink:
             "profile": self.profile_name,
             "boot_time": self.boot_time.isoformat(timespec="seconds").replace("+00:00", "Z"),
         }
+        if self.identity.display_name:
+            payload["display_name"] = self.identity.display_name
         payload.update(extra)
         payload["seq"] = seq
         return payload

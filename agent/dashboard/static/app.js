@@ -1,0 +1,665 @@
+// Classroom fleet dashboard: one WebSocket, incremental DOM updates (no framework, no build).
+//
+// The server sends a "snapshot" first, then "update" messages holding only the rooms that
+// changed (at most a few per second). Each room is one table row; an update rewrites only
+// the cells whose text or class changed, so a fleet of 500 rooms stays cheap. Filters live
+// in the URL hash (#school=...&status=...&q=...), so a view can be bookmarked or shared.
+"use strict";
+
+(() => {
+  const RULES = {
+    camera_lost: "Camera lost",
+    camera_frozen: "Camera frozen",
+    camera_black: "Camera black",
+    mic_silent: "Mic silent",
+    disk_full: "Disk full",
+    temperature_high: "Too hot",
+    broker_unreachable: "Broker unreachable",
+    clock_unsynced: "Clock unsynced",
+  };
+  const STATUS_TEXT = {
+    online: "Online",
+    offline: "Offline",
+    shutdown: "Shut down",
+    stale: "Stale",
+    unknown: "No state",
+  };
+  const FILTERS = ["all", "online", "offline", "stale", "alerts", "lesson"];
+
+  const $ = (id) => document.getElementById(id);
+  const rows = new Map(); // room id -> {tr, cells, room, sig}
+  const sites = new Map(); // site -> {section, tbody, ids: [], nameEl, countsEl}
+  const lessons = new Map(); // group -> lesson view
+  let offsetMs = 0; // server clock minus ours
+  let startedAt = 0;
+  let filter = { school: "", status: "all", q: "" };
+  let socket = null;
+  let retry = 0;
+  let lastMessage = 0;
+
+  // -- small helpers ------------------------------------------------------------------
+
+  const serverNow = () => (Date.now() + offsetMs) / 1000;
+
+  function el(tag, cls, text) {
+    const node = document.createElement(tag);
+    if (cls) node.className = cls;
+    if (text !== undefined) node.textContent = text;
+    return node;
+  }
+
+  function setText(node, text) {
+    if (node.textContent !== text) node.textContent = text;
+  }
+
+  function setClass(node, cls) {
+    if (node.className !== cls) node.className = cls;
+  }
+
+  function setTitle(node, title) {
+    if (node.title !== title) node.title = title;
+  }
+
+  function duration(seconds) {
+    const s = Math.max(0, Math.floor(seconds));
+    if (s < 60) return `${s} s`;
+    const m = Math.floor(s / 60);
+    if (m < 60) return `${m} min`;
+    const h = Math.floor(m / 60);
+    if (h < 48) return `${h} h ${m % 60} min`;
+    return `${Math.floor(h / 24)} d ${h % 24} h`;
+  }
+
+  // Formatting with toLocale*String builds a formatter per call: far too slow for
+  // 500 rows, so build them once.
+  const TIME = new Intl.DateTimeFormat(undefined, { hour: "2-digit", minute: "2-digit" });
+  const DAY = new Intl.DateTimeFormat(undefined, { month: "short", day: "numeric" });
+  const SECONDS = new Intl.DateTimeFormat(undefined, { hour: "2-digit", minute: "2-digit", second: "2-digit" });
+
+  function clockTime(epoch) {
+    const d = new Date(epoch * 1000);
+    const time = TIME.format(d);
+    if (Date.now() - d.getTime() < 12 * 3600 * 1000 && d.getDate() === new Date().getDate()) {
+      return time;
+    }
+    return `${DAY.format(d)} ${time}`;
+  }
+
+  function fixed(value, digits) {
+    return typeof value === "number" ? value.toFixed(digits) : null;
+  }
+
+  function statusOf(room) {
+    if (room.status === "online") return room.stale ? "stale" : "online";
+    if (room.status === "offline") return room.reason === "shutdown" ? "shutdown" : "offline";
+    return "unknown";
+  }
+
+  function inLesson(room) {
+    return room.lesson !== null && room.lesson !== undefined;
+  }
+
+  // -- filters ------------------------------------------------------------------------
+
+  function matches(room) {
+    if (filter.school && room.site !== filter.school) return false;
+    const st = statusOf(room);
+    switch (filter.status) {
+      case "online": if (st !== "online") return false; break;
+      case "offline": if (st !== "offline" && st !== "shutdown") return false; break;
+      case "stale": if (st !== "stale") return false; break;
+      case "alerts": if (!room.alerts.length) return false; break;
+      case "lesson": if (!inLesson(room)) return false; break;
+      default: break;
+    }
+    if (filter.q) {
+      const hay = `${room.id} ${room.name || ""}`.toLowerCase();
+      if (!hay.includes(filter.q)) return false;
+    }
+    return true;
+  }
+
+  function readHash() {
+    const params = new URLSearchParams(location.hash.replace(/^#/, ""));
+    const status = params.get("status") || "all";
+    filter = {
+      school: params.get("school") || "",
+      status: FILTERS.includes(status) ? status : "all",
+      q: (params.get("q") || "").trim().toLowerCase(),
+    };
+    ensureSchoolOption(filter.school);
+    $("f-school").value = filter.school;
+    $("f-search").value = params.get("q") || "";
+    for (const button of document.querySelectorAll(".seg button")) {
+      button.setAttribute("aria-pressed", String(button.dataset.status === filter.status));
+    }
+  }
+
+  function writeHash() {
+    const params = new URLSearchParams();
+    if (filter.school) params.set("school", filter.school);
+    if (filter.status !== "all") params.set("status", filter.status);
+    if (filter.q) params.set("q", filter.q);
+    const hash = params.toString();
+    history.replaceState(null, "", hash ? `#${hash}` : location.pathname + location.search);
+  }
+
+  function applyFilter() {
+    for (const entry of rows.values()) entry.tr.hidden = !matches(entry.room);
+    refreshSites(sites.keys());
+    refreshFilterCounts();
+    renderLessons();
+  }
+
+  // -- schools ------------------------------------------------------------------------
+
+  function ensureSchoolOption(site) {
+    if (!site) return;
+    const select = $("f-school");
+    for (const option of select.options) if (option.value === site) return;
+    const option = el("option", "", site);
+    option.value = site;
+    let before = null;
+    for (const other of select.options) {
+      if (other.value && other.value > site) { before = other; break; }
+    }
+    select.insertBefore(option, before);
+  }
+
+  function siteFor(site) {
+    let entry = sites.get(site);
+    if (entry) return entry;
+    const fragment = $("school-tpl").content.cloneNode(true);
+    const section = fragment.querySelector("section");
+    section.dataset.site = site;
+    entry = {
+      section,
+      tbody: section.querySelector("tbody"),
+      ids: [],
+      nameEl: section.querySelector(".school-name"),
+      countsEl: section.querySelector(".school-counts"),
+    };
+    entry.nameEl.textContent = site;
+    const keys = [...sites.keys(), site].sort();
+    const next = keys[keys.indexOf(site) + 1];
+    $("schools").insertBefore(section, next ? sites.get(next).section : null);
+    sites.set(site, entry);
+    ensureSchoolOption(site);
+    return entry;
+  }
+
+  function refreshSites(names) {
+    let visibleRooms = 0;
+    for (const name of names) {
+      const site = sites.get(name);
+      if (!site) continue;
+      let total = 0, visible = 0, online = 0, stale = 0, offline = 0, alerts = 0;
+      for (const id of site.ids) {
+        const entry = rows.get(id);
+        total += 1;
+        if (!entry.tr.hidden) visible += 1;
+        const st = statusOf(entry.room);
+        if (st === "online") online += 1;
+        if (st === "stale") stale += 1;
+        if (st === "offline" || st === "shutdown") offline += 1;
+        alerts += entry.room.alerts.length;
+      }
+      site.section.hidden = visible === 0;
+      const counts = site.countsEl;
+      counts.replaceChildren();
+      counts.append(`${total} room${total === 1 ? "" : "s"} · ${online} online`);
+      if (stale) counts.append(" · ", el("span", "warn", `${stale} stale`));
+      if (offline) counts.append(" · ", el("span", "bad", `${offline} offline`));
+      if (alerts) counts.append(" · ", el("span", "bad", `${alerts} alert${alerts === 1 ? "" : "s"}`));
+    }
+    for (const entry of rows.values()) if (!entry.tr.hidden) visibleRooms += 1;
+    $("rooms-empty").hidden = visibleRooms > 0 || rows.size === 0;
+    setText($("shown"), rows.size ? `${visibleRooms} of ${rows.size} rooms shown` : "");
+  }
+
+  function refreshFilterCounts() {
+    const counts = { all: 0, online: 0, offline: 0, stale: 0, alerts: 0, lesson: 0 };
+    for (const { room } of rows.values()) {
+      if (filter.school && room.site !== filter.school) continue;
+      counts.all += 1;
+      const st = statusOf(room);
+      if (st === "online") counts.online += 1;
+      if (st === "offline" || st === "shutdown") counts.offline += 1;
+      if (st === "stale") counts.stale += 1;
+      if (room.alerts.length) counts.alerts += 1;
+      if (inLesson(room)) counts.lesson += 1;
+    }
+    for (const span of document.querySelectorAll(".seg .n")) {
+      setText(span, String(counts[span.dataset.n]));
+    }
+  }
+
+  // -- rooms --------------------------------------------------------------------------
+
+  function makeRow(room) {
+    const tr = el("tr");
+    tr.dataset.id = room.id;
+    const cells = {};
+    const td = (name, cls) => {
+      const cell = el("td", cls);
+      tr.append(cell);
+      cells[name] = cell;
+      return cell;
+    };
+    const status = td("status", "status-cell");
+    cells.pill = el("span", "st");
+    cells.pill.append(el("span", "dot"), (cells.statusText = el("span", "st-text")));
+    cells.since = el("span", "since");
+    status.append(cells.pill, cells.since);
+    const roomCell = td("room", "room-cell");
+    cells.name = el("div", "rname");
+    cells.rid = el("div", "rid", room.id);
+    roomCell.append(cells.name, cells.rid);
+    td("camera", "fig");
+    td("mic", "fig");
+    td("cpu", "fig num");
+    td("temp", "fig num");
+    td("disk", "fig num");
+    td("rtt", "fig num");
+    td("clock", "fig");
+    td("alerts", "alerts-cell");
+    td("lesson", "lesson-cell");
+    return { tr, cells, room: null, alertSig: null };
+  }
+
+  function insertRow(entry, room) {
+    const site = siteFor(room.site);
+    const ids = site.ids;
+    let lo = 0, hi = ids.length;
+    while (lo < hi) {
+      const mid = (lo + hi) >> 1;
+      if (ids[mid] < room.id) lo = mid + 1; else hi = mid;
+    }
+    ids.splice(lo, 0, room.id);
+    const next = ids[lo + 1];
+    site.tbody.insertBefore(entry.tr, next ? rows.get(next).tr : null);
+  }
+
+  function figure(cell, text, unit, cls, title) {
+    // One value with a muted unit; null shows a dash.
+    if (text === null || text === undefined) {
+      if (cell.dataset.v !== "-") {
+        cell.dataset.v = "-";
+        cell.replaceChildren(el("span", "none", "–"));
+        cell.title = "";
+      }
+      return;
+    }
+    if (cell.dataset.v !== "1") {
+      // Built once; later updates rewrite the two spans' text and class in place.
+      cell.dataset.v = "1";
+      cell.replaceChildren(el("span"), el("span", "unit"));
+    }
+    const [value, unitEl] = cell.children;
+    setText(value, text);
+    setClass(value, cls || "");
+    setText(unitEl, unit || "");
+    setTitle(cell, title || "");
+  }
+
+  function level(value, warn, bad) {
+    if (typeof value !== "number") return "";
+    if (value >= bad) return "v-bad";
+    if (value >= warn) return "v-warn";
+    return "";
+  }
+
+  function renderSince(entry) {
+    const room = entry.room;
+    const st = statusOf(room);
+    let text = "";
+    let title = "";
+    if (st === "stale" && room.health) {
+      text = `no health for ${duration(serverNow() - room.health.received)}`;
+      title = `last health ${clockTime(room.health.received)}`;
+    } else if (st === "stale") {
+      text = "no health yet";
+    } else if (room.since) {
+      const age = duration(serverNow() - room.since);
+      text = room.since_exact ? `for ${age}` : `for ≥ ${age}`;
+      title = `${room.since_exact ? "since" : "since before"} ${clockTime(room.since)}`;
+      if (room.reason && st !== "online") title += ` (${room.reason})`;
+    }
+    setText(entry.cells.since, text);
+    setTitle(entry.cells.since, title);
+  }
+
+  function updateRow(entry, room) {
+    entry.room = room;
+    const c = entry.cells;
+    const st = statusOf(room);
+    entry.tr.dataset.status = st;
+    setClass(entry.tr, st === "offline" || st === "shutdown" ? "is-offline" : st === "stale" ? "is-stale" : "");
+    setClass(c.pill, `st st-${st}`);
+    setText(c.statusText, STATUS_TEXT[st]);
+    setTitle(c.pill, st === "offline" ? `Offline: ${room.reason || "connection lost"}` : "");
+    renderSince(entry);
+    setText(c.name, room.name || room.room);
+    setTitle(c.name, room.name ? `${room.name} (${room.id})` : room.id);
+
+    const h = room.health;
+    if (!h) {
+      for (const name of ["camera", "mic", "cpu", "temp", "disk", "rtt", "clock"]) figure(c[name], null);
+    } else {
+      const cam = h.camera || "?";
+      const camCls = cam === "ok" ? "v-ok" : cam === "degraded" || cam === "starting" ? "v-warn" : "v-bad";
+      const camText = cam === "ok" ? "OK" : cam.charAt(0).toUpperCase() + cam.slice(1);
+      figure(c.camera, camText, h.fps !== null ? `${fixed(h.fps, 1)} fps` : "", camCls,
+        h.camera_reason ? `camera ${cam}: ${h.camera_reason}` : `camera ${cam}`);
+      const micCls = h.mic && h.mic !== "ok" ? "v-bad" : h.clipping ? "v-warn" : "";
+      const micText = h.mic && h.mic !== "ok" ? h.mic : fixed(h.mic_dbfs, 0);
+      figure(c.mic, micText, h.mic && h.mic !== "ok" ? "" : "dBFS", micCls,
+        h.clipping ? "clipping" : `microphone ${h.mic || "?"}`);
+      figure(c.cpu, fixed(h.cpu_percent, 0), "%", level(h.cpu_percent, 85, 95),
+        typeof h.memory_percent === "number" ? `memory ${fixed(h.memory_percent, 0)} %` : "");
+      figure(c.temp, fixed(h.temperature_c, 0), "°C", level(h.temperature_c, 75, 85));
+      figure(c.disk, fixed(h.disk_percent, 0), "%", level(h.disk_percent, 85, 90),
+        typeof h.disk_free_mb === "number" ? `${(h.disk_free_mb / 1024).toFixed(1)} GB free` : "");
+      figure(c.rtt, fixed(h.broker_rtt_ms, 0), "ms", level(h.broker_rtt_ms, 200, 1000),
+        h.queued ? `${h.queued} messages waiting to be sent` : "");
+      const offset = h.clock_offset_s;
+      let clockText = "Synced", clockCls = "v-ok", clockTitle = "NTP synchronised";
+      if (h.clock_synced === false) {
+        clockText = "Unsynced"; clockCls = "v-warn"; clockTitle = "not NTP synchronised";
+      } else if (h.clock_synced === null) {
+        clockText = "Unknown"; clockCls = ""; clockTitle = "NTP status unknown";
+      }
+      if (typeof offset === "number" && Math.abs(offset) >= 5 && st !== "stale") {
+        clockText = `${offset > 0 ? "−" : "+"}${duration(Math.abs(offset))}`;
+        clockCls = "v-warn";
+        clockTitle = `room clock differs from the dashboard's by about ${duration(Math.abs(offset))}`;
+      }
+      figure(c.clock, clockText, "", clockCls, clockTitle);
+    }
+
+    const sig = room.alerts.map((a) => `${a.id}:${a.severity}`).join(",");
+    if (sig !== entry.alertSig) {
+      entry.alertSig = sig;
+      if (!room.alerts.length) {
+        c.alerts.replaceChildren(el("span", "none", "–"));
+      } else {
+        const chips = el("div", "chips");
+        for (const alert of room.alerts) {
+          const chip = el("span", `chip chip-${alert.severity}`);
+          chip.dataset.rule = alert.rule;
+          chip.append(
+            el("b", "", alert.severity === "critical" ? "CRIT" : "WARN"),
+            RULES[alert.rule] || alert.rule.replace(/_/g, " "),
+          );
+          const since = alert.since ? ` since ${clockTime(alert.since)}` : "";
+          chip.title = `${alert.severity}: ${alert.message || alert.rule}${since}${alert.delayed ? " (delivered late)" : ""}`;
+          chips.append(chip);
+        }
+        c.alerts.replaceChildren(chips);
+      }
+    }
+
+    const lesson = room.lesson;
+    const lessonKey = lesson ? `${lesson.group}|${lesson.role}|${lesson.joined}|${lesson.subject}` : "";
+    if (c.lesson.dataset.v !== lessonKey) {
+      c.lesson.dataset.v = lessonKey;
+      if (!lesson) {
+        c.lesson.replaceChildren(el("span", "none", "–"));
+        c.lesson.title = "";
+      } else {
+        const subject = lesson.subject || lesson.group || "lesson";
+        const role = lesson.role === "main" ? "Main" : lesson.joined ? "Joined" : "Not joined";
+        c.lesson.replaceChildren(el("span", `badge${lesson.joined ? "" : " not-joined"}`, `${role} · ${subject}`));
+        c.lesson.title = `${lesson.group || ""} ${lesson.lesson_id || ""}`.trim();
+      }
+    }
+    entry.tr.hidden = !matches(room);
+  }
+
+  function applyRooms(list) {
+    const touched = new Set();
+    for (const room of list) {
+      let entry = rows.get(room.id);
+      if (!entry) {
+        entry = makeRow(room);
+        rows.set(room.id, entry);
+        updateRow(entry, room);
+        insertRow(entry, room);
+      } else {
+        updateRow(entry, room);
+      }
+      touched.add(room.site);
+    }
+    $("rooms-wait").hidden = rows.size > 0;
+    refreshSites(touched);
+    refreshFilterCounts();
+  }
+
+  function removeMissing(ids) {
+    for (const [id, entry] of rows) {
+      if (ids.has(id)) continue;
+      entry.tr.remove();
+      rows.delete(id);
+      const site = sites.get(entry.room.site);
+      site.ids.splice(site.ids.indexOf(id), 1);
+    }
+  }
+
+  // -- header and lessons -------------------------------------------------------------
+
+  function applyCounts(counts) {
+    setText($("k-rooms"), String(counts.rooms));
+    setText($("k-schools"), `${sites.size} school${sites.size === 1 ? "" : "s"}`);
+    setText($("k-online"), String(counts.online));
+    setText($("k-online-note"), counts.rooms ? `${Math.round((100 * (counts.online + counts.stale)) / counts.rooms)} % connected` : "");
+    setText($("k-offline"), String(counts.offline));
+    $("k-offline").parentElement.classList.toggle("zero", counts.offline === 0);
+    setText($("k-offline-note"), counts.unknown ? `${counts.unknown} without state` : "Last Will or shutdown");
+    setText($("k-stale"), String(counts.stale));
+    $("k-stale").parentElement.classList.toggle("zero", counts.stale === 0);
+    setText($("k-alerts"), String(counts.alerts));
+    $("k-alerts").parentElement.classList.toggle("zero", counts.alerts === 0);
+    setText($("k-alerts-note"), `${counts.critical} critical · ${counts.warning} warning`);
+    setText($("k-lessons"), String(counts.lessons_live));
+    setText($("k-lessons-note"), `${counts.rooms_in_lesson} rooms taking part`);
+  }
+
+  function roomLabel(id) {
+    const entry = rows.get(id);
+    return entry && entry.room.name ? entry.room.name : id;
+  }
+
+  function renderLessons() {
+    const body = $("lessons-body");
+    const fragment = document.createDocumentFragment();
+    // Problems first (main room offline, poor stream, rooms missing), then by group;
+    // with a school selected, only the lessons that school takes part in.
+    const inSchool = (lesson) => !filter.school ||
+      [lesson.main, ...lesson.expected].some((d) => d.split(".")[0] === filter.school);
+    const trouble = (lesson) => (lesson.main_online ? 0 : 8) +
+      ({ poor: 4, fair: 2 }[lesson.quality] || 0) + (lesson.joined.length < lesson.expected.length ? 1 : 0);
+    const shown = [...lessons.values()].filter(inSchool);
+    const ordered = shown.sort((a, b) => trouble(b) - trouble(a) ||
+      a.group.localeCompare(b.group, undefined, { numeric: true }));
+    const issues = ordered.filter((lesson) => trouble(lesson) >= 2).length;
+    const note = $("lessons-note");
+    note.replaceChildren(`${shown.length} live${filter.school ? ` with ${filter.school}` : ""}`);
+    if (issues) note.append(" · ", el("span", "bad", `${issues} with stream problems`));
+    for (const lesson of ordered) {
+      const tr = el("tr");
+      tr.dataset.group = lesson.group;
+      const subject = el("td");
+      subject.append(el("div", "subject", lesson.subject || "—"));
+      tr.append(el("td", "group", lesson.group), subject);
+      const main = el("td");
+      main.append(el("span", "", lesson.main_name || lesson.main));
+      if (lesson.main_name) main.append(el("span", "lesson-site", lesson.main.split(".")[0]));
+      main.title = lesson.main;
+      if (!lesson.main_online) main.append(" ", el("span", "missing", "(offline)"));
+      tr.append(main);
+      const expected = lesson.expected.length;
+      const joined = lesson.joined.length;
+      const joinedCell = el("td");
+      const bar = el("span", "joined-bar");
+      const meter = el("span", `meter${joined < expected ? " partial" : ""}`);
+      const fill = el("i");
+      fill.style.width = `${expected ? Math.round((100 * joined) / expected) : 0}%`;
+      meter.append(fill);
+      bar.append(meter, `${joined} / ${expected}`);
+      joinedCell.append(bar);
+      const missing = lesson.expected.filter((d) => !lesson.joined.includes(d));
+      if (missing.length) {
+        joinedCell.title = `not joined: ${missing.map(roomLabel).join(", ")}`;
+        joinedCell.append(" ", el("span", "missing", `${missing.length} missing`));
+      }
+      tr.append(joinedCell);
+      const quality = el("td");
+      const label = { good: "Good", fair: "Fair", poor: "Poor", unknown: "Unknown" }[lesson.quality] || lesson.quality;
+      quality.append(el("span", `q q-${lesson.quality}`, label));
+      if (lesson.quality_detail) quality.append(el("span", "q-detail", lesson.quality_detail));
+      tr.append(quality);
+      const started = el("td", "started num");
+      started.dataset.started = lesson.started_at || "";
+      tr.append(started);
+      fragment.append(tr);
+    }
+    body.replaceChildren(fragment);
+    $("lessons-empty").hidden = ordered.length > 0;
+    $("lessons-empty").textContent = filter.school && lessons.size
+      ? `No live lesson involves ${filter.school}.` : "No lesson is live right now.";
+    tickLessons();
+  }
+
+  function tickLessons() {
+    for (const cell of document.querySelectorAll("#lessons-body .started")) {
+      const started = Number(cell.dataset.started);
+      setText(cell, started ? duration(serverNow() - started) : "–");
+      if (started) setTitle(cell, `started ${clockTime(started)}`);
+    }
+  }
+
+  function applyBroker(broker) {
+    const banner = $("banner");
+    setText($("broker-url"), `Broker ${broker.url}`);
+    if (broker.connected) {
+      banner.hidden = true;
+    } else if (!broker.ever_connected) {
+      banner.hidden = false;
+      setText(banner, `Connecting to the broker ${broker.url}…`);
+    } else {
+      banner.hidden = false;
+      setText(banner, `The dashboard lost its connection to the broker (${broker.url}) at ${clockTime(broker.since)}: the figures below are frozen until it is back.`);
+    }
+  }
+
+  function setConn(kind, text) {
+    setClass($("conn"), `conn conn-${kind}`);
+    setText($("conn-text"), text);
+  }
+
+  // -- messages -------------------------------------------------------------------------
+
+  function onMessage(event) {
+    let message;
+    try {
+      message = JSON.parse(event.data);
+    } catch {
+      return;
+    }
+    if (typeof message.generated_at === "number") {
+      offsetMs = message.generated_at * 1000 - Date.now();
+      lastMessage = Date.now();
+    }
+    if (message.type === "snapshot") {
+      startedAt = message.started_at || 0;
+      removeMissing(new Set(message.rooms.map((r) => r.id)));
+      applyRooms(message.rooms);
+      lessons.clear();
+      for (const lesson of message.lessons) lessons.set(lesson.group, lesson);
+      renderLessons();
+      applyBroker(message.broker);
+      applyCounts(message.counts);
+    } else if (message.type === "update") {
+      if (message.rooms.length) applyRooms(message.rooms);
+      if (message.lessons) {
+        for (const lesson of message.lessons) lessons.set(lesson.group, lesson);
+        for (const group of message.lessons_removed || []) lessons.delete(group);
+        renderLessons();
+      }
+      if (message.broker) applyBroker(message.broker);
+      applyCounts(message.counts);
+    }
+    tickUpdated();
+  }
+
+  function tickUpdated() {
+    if (!lastMessage) return;
+    setText($("updated"), `Updated ${SECONDS.format(new Date(lastMessage))}`);
+  }
+
+  function connect() {
+    const scheme = location.protocol === "https:" ? "wss" : "ws";
+    socket = new WebSocket(`${scheme}://${location.host}/api/ws`);
+    socket.addEventListener("open", () => {
+      retry = 0;
+      setConn("live", "Live");
+    });
+    socket.addEventListener("message", onMessage);
+    socket.addEventListener("close", () => {
+      socket = null;
+      const delay = Math.min(10000, 500 * 2 ** retry) * (0.5 + Math.random() / 2);
+      retry += 1;
+      setConn("down", "Reconnecting…");
+      setTimeout(connect, delay);
+    });
+  }
+
+  // -- start --------------------------------------------------------------------------
+
+  function start() {
+    readHash();
+    $("f-school").addEventListener("change", (e) => {
+      filter.school = e.target.value;
+      writeHash();
+      applyFilter();
+    });
+    for (const button of document.querySelectorAll(".seg button")) {
+      button.addEventListener("click", () => {
+        filter.status = button.dataset.status;
+        for (const other of document.querySelectorAll(".seg button")) {
+          other.setAttribute("aria-pressed", String(other === button));
+        }
+        writeHash();
+        applyFilter();
+      });
+    }
+    let searchTimer = 0;
+    $("f-search").addEventListener("input", (e) => {
+      clearTimeout(searchTimer);
+      searchTimer = setTimeout(() => {
+        filter.q = e.target.value.trim().toLowerCase();
+        writeHash();
+        applyFilter();
+      }, 150);
+    });
+    $("lessons-toggle").addEventListener("click", (e) => {
+      const open = e.target.getAttribute("aria-expanded") !== "true";
+      e.target.setAttribute("aria-expanded", String(open));
+      e.target.textContent = open ? "Hide" : "Show";
+      $("lessons-wrap").hidden = !open;
+    });
+    window.addEventListener("hashchange", () => {
+      readHash();
+      applyFilter();
+    });
+    setInterval(() => {
+      // Relative times ("for 12 min") of the rows in view, and the lessons' durations.
+      for (const entry of rows.values()) if (!entry.tr.hidden) renderSince(entry);
+      tickLessons();
+    }, 5000);
+    connect();
+  }
+
+  if (document.readyState === "loading") document.addEventListener("DOMContentLoaded", start);
+  else start();
+})();

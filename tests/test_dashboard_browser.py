@@ -1,0 +1,213 @@
+"""The dashboard page in a real browser (Debian's Chromium, headless, driven by Playwright).
+
+A simulated fleet publishes on a real Mosquitto; one more room runs as its own process
+over a real `MqttLink`, so ``kill -9`` makes the broker publish its Last Will. The page
+must list the rooms, show a new alert within 2 s, turn the killed room offline, filter
+by school and status (kept in the URL hash), fetch nothing from another site, and leave
+a screenshot in artifacts/dashboard.png.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import sys
+import time
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from agent.dashboard import DashboardConfig, DashboardServer, SimFleet, fleet_layout
+from tests.brokers import DASHBOARD, BrokerUnderTest
+
+CHROMIUM = Path("/usr/bin/chromium")
+CHROMIUM_ARGS = [
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+    "--no-first-run",
+    "--disable-quic",
+]
+ARTIFACTS = Path(__file__).resolve().parents[1] / "artifacts"
+REPO = Path(__file__).resolve().parents[1]
+KILLED = "stone-bridge.room-101"  # the room in its own process
+
+pytestmark = [
+    pytest.mark.slow,
+    pytest.mark.skipif(
+        not CHROMIUM.exists(), reason="Debian's chromium is not installed at /usr/bin/chromium"
+    ),
+]
+
+VISIBLE_ROWS = """() => [...document.querySelectorAll('tr[data-id]')]
+    .filter((row) => row.offsetParent !== null).map((row) => row.dataset.id)"""
+
+
+async def until(page: Any, script: str, *, within: float, what: str) -> float:
+    """Poll ``script`` in the page until it is truthy; seconds it took."""
+    started = time.monotonic()
+    while not await page.evaluate(script):
+        if time.monotonic() - started > within:
+            pytest.fail(f"the page did not show {what} within {within} s")
+        await asyncio.sleep(0.02)
+    return time.monotonic() - started
+
+
+@contextlib.asynccontextmanager
+async def room_process(broker: BrokerUnderTest) -> AsyncIterator[asyncio.subprocess.Process]:
+    """A simulated room in a child process with its own connection and Last Will."""
+    process = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-c",
+        "import sys; from agent.dashboard.simulate import main; sys.exit(main())",
+        "--broker",
+        broker.url,
+        "--prefix",
+        broker.prefix,
+        "--room",
+        KILLED,
+        "--interval",
+        "1",
+        stdout=asyncio.subprocess.PIPE,
+        cwd=REPO,
+    )
+    try:
+        assert process.stdout is not None
+        line = await asyncio.wait_for(process.stdout.readline(), 30)
+        assert line.decode().strip() == f"ready {KILLED}", line
+        yield process
+    finally:
+        if process.returncode is None:
+            process.kill()
+        await process.wait()
+
+
+async def test_the_page_shows_the_fleet_live(mosquitto: BrokerUnderTest) -> None:
+    from playwright.async_api import async_playwright
+
+    specs, groups = fleet_layout(20, per_school=5)
+    fleet = SimFleet(
+        mosquitto.broker_config(None), specs, groups, interval_s=1.0, offline=0.1, silent=0.05
+    )
+    server = DashboardServer(
+        DashboardConfig(broker=mosquitto.broker_config(DASHBOARD), port=0, health_interval_s=1.0)
+    )
+    tasks = [
+        asyncio.create_task(server.run(), name="test-dashboard"),
+        asyncio.create_task(fleet.run(), name="test-fleet"),
+    ]
+    try:
+        async with asyncio.timeout(20):
+            await server.wait_ready()
+            await fleet.wait_ready()
+        async with room_process(mosquitto) as child, async_playwright() as playwright:
+            browser = await playwright.chromium.launch(
+                executable_path=str(CHROMIUM), args=CHROMIUM_ARGS, headless=True
+            )
+            try:
+                await check_the_page(browser, server, fleet, child)
+            finally:
+                await browser.close()
+    finally:
+        for task in tasks:
+            task.cancel()
+        for task in tasks:
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+
+
+async def check_the_page(
+    browser: Any, server: DashboardServer, fleet: SimFleet, child: asyncio.subprocess.Process
+) -> None:
+    page = await browser.new_page(viewport={"width": 1440, "height": 1000})
+    errors: list[str] = []
+    urls: list[str] = []
+    page.on("pageerror", lambda exc: errors.append(str(exc)))
+    page.on("console", lambda msg: errors.append(msg.text) if msg.type == "error" else None)
+    page.on("request", lambda request: urls.append(request.url))
+    await page.goto(server.url)
+
+    # Every room, the shared fleet's and the one in its own process.
+    rooms = len(fleet.rooms) + 1
+    took = await until(
+        page,
+        f"document.querySelectorAll('tr[data-id]').length === {rooms} && "
+        f"document.querySelector('tr[data-id=\"{KILLED}\"]').dataset.status === 'online'",
+        within=15,
+        what=f"{rooms} rooms",
+    )
+    print(f"\npage listed {rooms} rooms {took:.2f} s after loading")
+    assert await page.text_content("#k-rooms") == str(rooms)
+    assert await page.text_content("#conn-text") == "Live"
+
+    # An alert published on MQTT shows on the page within 2 s.
+    device = next(
+        d for d in sorted(fleet.rooms) if d not in fleet.offline and d not in fleet.silent
+    )
+    chip = f'tr[data-id="{device}"] .chip[data-rule="camera_frozen"]'
+    started = time.monotonic()
+    await fleet.raise_alert(device, "camera_frozen", "critical", "camera frozen for 10 s")
+    await until(page, f"document.querySelector('{chip}') !== null", within=10, what="the alert")
+    delay = time.monotonic() - started
+    print(f"alert: MQTT publish -> visible on the page in {delay * 1000:.0f} ms")
+    assert delay < 2.0, f"the alert took {delay:.2f} s to show"
+    assert "Camera frozen" in (await page.text_content(chip) or "")
+    assert "CRIT" in (await page.text_content(chip) or "")  # severity in words, not only colour
+
+    # A killed agent (no DISCONNECT): the broker publishes its Last Will, the room goes offline.
+    started = time.monotonic()
+    child.kill()
+    await child.wait()
+    row = f'tr[data-id="{KILLED}"]'
+    await until(
+        page,
+        f"document.querySelector('{row}').dataset.status === 'offline'",
+        within=15,
+        what="the killed room offline",
+    )
+    print(f"kill -9 -> room offline on the page in {(time.monotonic() - started) * 1000:.0f} ms")
+    assert await page.text_content(f"{row} .st-text") == "Offline"
+
+    # Filters: school, then status; both kept in the URL hash.
+    await page.select_option("#f-school", "hillside")
+    visible = await page.evaluate(VISIBLE_ROWS)
+    assert sorted(visible) == sorted(d for d in fleet.rooms if d.startswith("hillside."))
+    assert await page.evaluate("location.hash") == "#school=hillside"
+    await page.select_option("#f-school", "")
+    await page.click("button[data-status='offline']")
+    offline = sorted([KILLED, *(d for d, why in fleet.offline.items() if why != "shutdown")])
+    shut_down = sorted(d for d, why in fleet.offline.items() if why == "shutdown")
+    assert sorted(await page.evaluate(VISIBLE_ROWS)) == sorted(offline + shut_down)
+    assert await page.evaluate("location.hash") == "#status=offline"
+    assert await page.get_attribute("button[data-status='offline']", "aria-pressed") == "true"
+    # A bookmarked view opens filtered.
+    await page.goto(f"{server.url}#school=stone-bridge&status=offline")
+    await page.reload()
+    await until(
+        page, f"document.querySelector('{row}') !== null", within=10, what="the reloaded page"
+    )
+    assert await page.evaluate(VISIBLE_ROWS) == [KILLED]
+    assert await page.input_value("#f-school") == "stone-bridge"
+
+    # Back to everything, wait for the silent room to turn stale, and keep a screenshot.
+    await page.select_option("#f-school", "")
+    await page.click("button[data-status='all']")
+    if fleet.silent:
+        stale = next(iter(fleet.silent))
+        await until(
+            page,
+            f"document.querySelector('tr[data-id=\"{stale}\"]').dataset.status === 'stale'",
+            within=10,
+            what="a stale room",
+        )
+    ARTIFACTS.mkdir(exist_ok=True)
+    await page.screenshot(path=str(ARTIFACTS / "dashboard.png"), full_page=True)
+
+    assert errors == []
+    base = server.url
+    assert urls
+    assert all(url.startswith(base) for url in urls), [u for u in urls if not u.startswith(base)]
