@@ -49,7 +49,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from agent.config.models import SLUG_PATTERN, IdentityConfig
 from agent.sync.acl import hash_password, render_acl
 from agent.sync.discovery import HA_DISCOVERY_PREFIX
-from agent.sync.pki import CertPair, _new_key, _write_cert, _write_key
+from agent.sync.pki import CertPair, _make_ca, _new_key, _write_cert, _write_key
 
 DEFAULT_DIR = Path("/etc/mosquitto/classroom")
 SHIPPED_CONFIG = Path(__file__).resolve().parents[2] / "broker" / "mosquitto.conf"
@@ -224,33 +224,12 @@ def create_ca(
             f"{directory} already has a CA; replacing it would lock out every device"
         )
     now = now or dt.datetime.now(dt.UTC)
-    key = _new_key()
-    name = _name(common_name)
-    cert = (
-        x509.CertificateBuilder()
-        .subject_name(name)
-        .issuer_name(name)
-        .public_key(key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now - dt.timedelta(hours=1))
-        .not_valid_after(now + dt.timedelta(days=CA_DAYS))
-        .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
-        .add_extension(
-            x509.KeyUsage(
-                digital_signature=True,
-                content_commitment=False,
-                key_encipherment=False,
-                data_encipherment=False,
-                key_agreement=False,
-                key_cert_sign=True,
-                crl_sign=True,
-                encipher_only=False,
-                decipher_only=False,
-            ),
-            critical=True,
-        )
-        .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), critical=False)
-        .sign(key, hashes.SHA256())
+    cert, key = _make_ca(
+        common_name,
+        now,
+        name=_name(common_name),
+        backdate=dt.timedelta(hours=1),
+        valid_for=dt.timedelta(days=CA_DAYS),
     )
     _write_key(directory / "ca.key", key)
     _write_cert(directory / "ca.pem", cert)

@@ -98,18 +98,24 @@ def _write_cert(path: Path, cert: x509.Certificate) -> None:
 
 
 def _make_ca(
-    common_name: str, now: dt.datetime
+    common_name: str,
+    now: dt.datetime,
+    *,
+    name: x509.Name | None = None,
+    backdate: dt.timedelta = dt.timedelta(days=1),
+    valid_for: dt.timedelta = dt.timedelta(days=3650),
 ) -> tuple[x509.Certificate, ec.EllipticCurvePrivateKey]:
+    """A self-signed CA (the test PKI's, and the fleet CA of `agent.sync.credentials`)."""
     key = _new_key()
-    name = _name(common_name)
+    name = name or _name(common_name)
     cert = (
         x509.CertificateBuilder()
         .subject_name(name)
         .issuer_name(name)
         .public_key(key.public_key())
         .serial_number(x509.random_serial_number())
-        .not_valid_before(now - dt.timedelta(days=1))
-        .not_valid_after(now + dt.timedelta(days=3650))
+        .not_valid_before(now - backdate)
+        .not_valid_after(now + valid_for)
         .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
         .add_extension(
             x509.KeyUsage(
