@@ -139,7 +139,8 @@ class Agent:
             config.supervisor.state_dir / "outbox.db", max_rows=config.health.store_max_rows
         )
         self.publisher = ReliablePublisher(self.link, self.outbox)
-        self.alerts = AlertEngine(config.health)
+        # A silent microphone matters only while a lesson is live in this room.
+        self.alerts = AlertEngine(config.health, in_lesson=self.in_lesson)
         self.process = ProcessMetrics()
         # Filled in by the daemon once the supervisor exists.
         self.service_states: Callable[[], dict[str, str]] = dict
@@ -232,6 +233,9 @@ class Agent:
                 version=__version__, profile=self.profile, services=self.service_states()
             ),
         }
+
+    def in_lesson(self) -> bool:
+        return self.stream.stats() is not None
 
     def stream_section(self) -> dict[str, Any] | None:
         section = self.stream.stats()
