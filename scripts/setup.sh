@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# Installs everything the agent, its demo and its tests need, on Debian 12+ as root
-# (or with sudo). Safe to re-run: it skips what is already there.
+# Installs everything the agent and its demo need, on Debian 12+ as root (or with
+# sudo); `setup.sh --test` adds what only the tests need (a headless browser).
+# Safe to re-run: it skips what is already there.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -10,8 +11,10 @@ APT_PACKAGES=(
   portaudio19-dev                        # PyAudio (microphones)
   openssl                                # device certificates
   systemd                                # systemd-analyze, to check the service unit
-  chromium                               # headless browser for the web pages' tests
 )
+if [ "${1:-}" = "--test" ]; then
+  APT_PACKAGES+=(chromium)               # headless browser for the web pages' tests
+fi
 
 SUDO=""
 if [ "$(id -u)" -ne 0 ]; then SUDO="sudo"; fi
