@@ -180,6 +180,7 @@ def _describe(exc: BaseException) -> str:
 
 ModeT = TypeVar("ModeT")
 ModeT_co = TypeVar("ModeT_co", covariant=True)
+ItemT = TypeVar("ItemT")
 
 
 class _Source(Protocol[ModeT_co]):
@@ -195,7 +196,7 @@ class _Source(Protocol[ModeT_co]):
     def interrupt(self) -> None: ...
 
 
-class _Subscription:
+class _Subscription(ABC, Generic[ItemT]):
     """What every consumer has: a name and an event the hub sets when there is news."""
 
     def __init__(self, hub: _CaptureHub[Any], name: str) -> None:
@@ -224,6 +225,21 @@ class _Subscription:
 
     def _closed_error(self) -> RuntimeError:
         return RuntimeError(f"subscription {self.name!r} to {self._hub.name} is closed")
+
+    @abstractmethod
+    async def get(self) -> ItemT:
+        """The next item for this consumer; raises once the subscription is closed."""
+
+    def __aiter__(self) -> Self:
+        return self
+
+    async def __anext__(self) -> ItemT:
+        try:
+            return await self.get()
+        except RuntimeError:
+            if self._closed:
+                raise StopAsyncIteration from None
+            raise
 
 
 class _CaptureHub(ABC, Generic[ModeT]):
@@ -255,7 +271,7 @@ class _CaptureHub(ABC, Generic[ModeT]):
         self._loop: asyncio.AbstractEventLoop | None = None
         self._loop_thread: int | None = None
         self._thread: threading.Thread | None = None
-        self._subs: list[_Subscription] = []
+        self._subs: list[_Subscription[Any]] = []
         self._listeners: list[StateListener] = []
         self._changed = asyncio.Event()
 
@@ -496,13 +512,13 @@ class _CaptureHub(ABC, Generic[ModeT]):
 
     # -- consumers and stats -------------------------------------------------------
 
-    def _add(self, sub: _Subscription) -> None:
+    def _add(self, sub: _Subscription[Any]) -> None:
         with self._lock:
             if any(existing.name == sub.name for existing in self._subs):
                 raise ValueError(f"{self.name} already has a consumer named {sub.name!r}")
             self._subs.append(sub)
 
-    def _unsubscribe(self, sub: _Subscription) -> None:
+    def _unsubscribe(self, sub: _Subscription[Any]) -> None:
         with self._lock:
             if sub in self._subs:
                 self._subs.remove(sub)
@@ -526,7 +542,7 @@ class _CaptureHub(ABC, Generic[ModeT]):
         }
 
 
-class FrameSubscription(_Subscription):
+class FrameSubscription(_Subscription[Frame]):
     """A video consumer: always the newest frame, never a backlog."""
 
     def __init__(self, hub: FrameHub, name: str, last_index: int) -> None:
@@ -549,17 +565,6 @@ class FrameSubscription(_Subscription):
                 return frame
             self._event.clear()
             await self._event.wait()
-
-    def __aiter__(self) -> Self:
-        return self
-
-    async def __anext__(self) -> Frame:
-        try:
-            return await self.get()
-        except RuntimeError:
-            if self._closed:
-                raise StopAsyncIteration from None
-            raise
 
     def stats(self) -> ConsumerStats:
         # Frames that went by since the last delivery count as skipped already, so a
@@ -660,7 +665,7 @@ class FrameHub(_CaptureHub[VideoMode]):
         )
 
 
-class AudioSubscription(_Subscription):
+class AudioSubscription(_Subscription[AudioChunk]):
     """An audio consumer: every chunk in order, up to ``max_chunks`` behind."""
 
     def __init__(self, hub: AudioHub, name: str, max_chunks: int) -> None:
@@ -693,17 +698,6 @@ class AudioSubscription(_Subscription):
                 raise self._closed_error()
             self._event.clear()
             await self._event.wait()
-
-    def __aiter__(self) -> Self:
-        return self
-
-    async def __anext__(self) -> AudioChunk:
-        try:
-            return await self.get()
-        except RuntimeError:
-            if self._closed:
-                raise StopAsyncIteration from None
-            raise
 
     def stats(self) -> AudioConsumerStats:
         with self._hub._lock:
