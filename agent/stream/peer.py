@@ -25,6 +25,7 @@ from agent.stream.audio import HubAudioTrack
 from agent.stream.encoder import SharedH264Encoder, route_keyframe_requests
 from agent.stream.ice import check_host_addresses, gather, new_peer_connection
 from agent.stream.sinks import MediaSink
+from agent.stream.stats import Direction, Figures, StatsSnapshot, figures, snapshot
 
 log = logging.getLogger(__name__)
 
@@ -78,6 +79,8 @@ class _WatchedTrack(MediaStreamTrack):
     async def recv(self) -> Any:
         item = await self._inner.recv()
         self._session.last_media = time.monotonic()
+        if self.kind == "video":
+            self._session.video_frames = (self._session.video_frames or 0) + 1
         return item
 
 
@@ -86,7 +89,11 @@ class PeerSession:
 
     ``ended`` is set (once, with ``end_reason``) when the connection fails or closes or
     when the lesson code calls :meth:`end`; ``connected`` when ICE and DTLS are up.
+    While connected, a poller reads ``getStats()`` every :attr:`stats_interval_s` and
+    keeps the latest RTP figures for :meth:`describe`.
     """
+
+    stats_interval_s: float = 2.0
 
     def __init__(
         self, remote: str, lesson_id: str, ice: IceSettings, sink: MediaSink | None
@@ -101,6 +108,12 @@ class PeerSession:
         self.created = time.monotonic()
         self.connected_at: float | None = None
         self.last_media: float | None = None
+        self.video_frames: int | None = None  # decoded video frames received (None: no track)
+        self.figures = Figures()
+        # The offerer is a receiving room (its rate: what it receives); the answerer the
+        # main room (its rate: the video it sends).
+        self.bitrate_of: Direction = "received"
+        self._last_snapshot: StatsSnapshot | None = None
         self._sink = sink
         self._tracks: list[MediaStreamTrack] = []
         self._tasks: set[asyncio.Task[None]] = set()
@@ -118,6 +131,7 @@ class PeerSession:
         if state == "connected" and not self.connected.is_set():
             self.connected_at = time.monotonic()
             self.connected.set()
+            self._start(self._poll_stats(), f"stream-stats-{self.remote}")
         elif state in ("failed", "closed"):
             self.end(f"connection {state}")
 
@@ -126,13 +140,43 @@ class PeerSession:
             return
         sink = self._sink
         watched = _WatchedTrack(track, self)
+        if track.kind == "video" and self.video_frames is None:
+            self.video_frames = 0
         coro = _drain(watched) if sink is None else sink.consume(self.remote, watched)
-        task = asyncio.create_task(
+        self._start(
             _guard(coro, f"sink for {track.kind} from {self.remote}"),
-            name=f"stream-sink-{self.remote}-{track.kind}",
+            f"stream-sink-{self.remote}-{track.kind}",
         )
+
+    def _start(self, coro: Coroutine[Any, Any, None], name: str) -> None:
+        """A task owned by the session: cancelled and awaited by :meth:`close`."""
+        if self._closed:
+            coro.close()
+            return
+        task = asyncio.create_task(coro, name=name)
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
+
+    # -- statistics ----------------------------------------------------------------------
+
+    async def sample_stats(self) -> Figures:
+        """Read ``getStats()`` once and update :attr:`figures` (rates over the interval
+        since the previous sample)."""
+        report = await self.pc.getStats()
+        current = snapshot(report, time.monotonic(), self.video_frames)
+        self.figures = figures(self._last_snapshot, current, self.bitrate_of)
+        self._last_snapshot = current
+        return self.figures
+
+    async def _poll_stats(self) -> None:
+        while not self.ended.is_set():
+            try:
+                await self.sample_stats()
+            except asyncio.CancelledError:
+                raise
+            except Exception:  # statistics never end a lesson
+                log.debug("getStats() for %s failed", self.remote, exc_info=True)
+            await wait_first(self.ended, timeout=self.stats_interval_s)
 
     def end(self, reason: str) -> None:
         if not self.ended.is_set():
@@ -196,6 +240,7 @@ class PeerSession:
         sdp = str(self.pc.localDescription.sdp)
         if encoder is not None and "H264" not in sdp:
             raise ValueError("the offer has no H.264 video this room can send")
+        self.bitrate_of = "sent"
         return sdp
 
     async def wait_connected(self, timeout: float) -> bool:  # noqa: ASYNC109
@@ -227,15 +272,11 @@ class PeerSession:
 
     def describe(self) -> dict[str, Any]:
         """This peer in the health topic's ``stream.peers`` shape (contracts v1); the
-        RTP statistics are null until the stats work fills them from ``getStats()``."""
+        RTP figures are the poller's latest (null until known, see agent.stream.stats)."""
         now = time.monotonic()
         return {
             "state": self.state,
-            "rtt_ms": None,
-            "loss_percent": None,
-            "jitter_ms": None,
-            "bitrate_kbps": None,
-            "fps": None,
+            **self.figures.as_dict(),
             "layer": None,
             "lesson": self.lesson_id,
             "connected_for_s": None
