@@ -72,7 +72,7 @@ def site_file(
         },
         "hardware": {"profile": "virtual"},
         "broker": {"url": broker_url, "keepalive_s": 5},
-        "capture": {"video": {"width": 640, "height": 360, "fps": 15}},
+        "capture": {"video": {"width": 640, "height": 360, "fps": 25}},
         "health": {"interval_s": 1},
         # Everything stays on this machine: loopback ICE candidates, no STUN server.
         "stream": {"ice_host_addresses": ["127.0.0.1"], "video_bitrate_kbps": 800},
