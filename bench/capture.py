@@ -18,8 +18,10 @@ import statistics
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import cv2
 
@@ -74,23 +76,33 @@ def summarise(latencies_ns: list[int]) -> tuple[float, float]:
     return statistics.median(ms), statistics.quantiles(ms, n=20)[18]
 
 
-async def run_video(label: str, cfg: VideoConfig, seconds: float) -> Row:
-    hub = FrameHub(open_video_source(cfg), CaptureConfig())
+async def measure(
+    label: str,
+    hub: FrameHub | AudioHub,
+    seconds: float,
+    *,
+    rate: Callable[[Any], float],
+    items: Callable[[Any], int],
+    missed: Callable[[Any], int],
+) -> Row:
+    """One hub with a fast and a slow consumer; ``rate``/``items``/``missed`` read the
+    hub's and its consumers' stats (video skips frames, audio drops chunks)."""
     latencies: list[int] = []
     measuring = asyncio.Event()
     done = asyncio.Event()
 
     async def fast() -> None:
-        with hub.subscribe("fast") as frames:
+        with hub.subscribe("fast") as consumer:
             while not done.is_set():
-                frame = await frames.get()
+                item = await consumer.get()
                 if measuring.is_set():
-                    latencies.append(time.monotonic_ns() - frame.captured_ns)
+                    latencies.append(time.monotonic_ns() - item.captured_ns)
 
     async def slow() -> None:
-        with hub.subscribe("slow") as frames:
+        # Video: always the latest frame. Audio: a 50-chunk queue read 1 chunk per 0.2 s.
+        with hub.subscribe("slow") as consumer:
             while not done.is_set():
-                await frames.get()
+                await consumer.get()
                 await asyncio.sleep(SLOW_PERIOD_S)
 
     runner = asyncio.create_task(hub.run(), name="hub")
@@ -117,70 +129,39 @@ async def run_video(label: str, cfg: VideoConfig, seconds: float) -> Row:
     end = {c.name: c for c in after.consumers}
     return Row(
         label,
-        after.fps,
-        after.frames_read - before.frames_read,
+        rate(after),
+        items(after) - items(before),
         p50,
         p95,
         end["fast"].delivered - start["fast"].delivered,
-        end["fast"].skipped - start["fast"].skipped,
+        missed(end["fast"]) - missed(start["fast"]),
         end["slow"].delivered - start["slow"].delivered,
-        end["slow"].skipped - start["slow"].skipped,
+        missed(end["slow"]) - missed(start["slow"]),
         100.0 * (cpu1 - cpu0) / (wall1 - wall0),
+    )
+
+
+async def run_video(label: str, cfg: VideoConfig, seconds: float) -> Row:
+    hub = FrameHub(open_video_source(cfg), CaptureConfig())
+    return await measure(
+        label,
+        hub,
+        seconds,
+        rate=lambda s: s.fps,
+        items=lambda s: s.frames_read,
+        missed=lambda c: c.skipped,
     )
 
 
 async def run_audio(label: str, cfg: AudioConfig, seconds: float) -> Row:
     hub = AudioHub(open_audio_source(cfg), CaptureConfig())
-    latencies: list[int] = []
-    measuring = asyncio.Event()
-    done = asyncio.Event()
-
-    async def fast() -> None:
-        with hub.subscribe("fast") as chunks:
-            while not done.is_set():
-                chunk = await chunks.get()
-                if measuring.is_set():
-                    latencies.append(time.monotonic_ns() - chunk.captured_ns)
-
-    async def slow() -> None:
-        with hub.subscribe("slow") as chunks:  # 50-chunk queue, read 1 chunk per 0.2 s
-            while not done.is_set():
-                await chunks.get()
-                await asyncio.sleep(SLOW_PERIOD_S)
-
-    runner = asyncio.create_task(hub.run(), name="hub")
-    try:
-        async with asyncio.timeout(15):
-            await hub.wait_for_state(DeviceState.OK)
-        async with asyncio.TaskGroup() as group:
-            group.create_task(fast(), name="fast")
-            group.create_task(slow(), name="slow")
-            await asyncio.sleep(1.0)
-            before = hub.stats()
-            cpu0, wall0 = time.process_time(), time.monotonic()
-            measuring.set()
-            await asyncio.sleep(seconds)
-            cpu1, wall1 = time.process_time(), time.monotonic()
-            after = hub.stats()
-            done.set()
-    finally:
-        runner.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await runner
-    p50, p95 = summarise(latencies)
-    start = {c.name: c for c in before.consumers}
-    end = {c.name: c for c in after.consumers}
-    return Row(
+    return await measure(
         label,
-        after.chunks_per_s,
-        after.chunks_read - before.chunks_read,
-        p50,
-        p95,
-        end["fast"].delivered - start["fast"].delivered,
-        end["fast"].dropped - start["fast"].dropped,
-        end["slow"].delivered - start["slow"].delivered,
-        end["slow"].dropped - start["slow"].dropped,
-        100.0 * (cpu1 - cpu0) / (wall1 - wall0),
+        hub,
+        seconds,
+        rate=lambda s: s.chunks_per_s,
+        items=lambda s: s.chunks_read,
+        missed=lambda c: c.dropped,
     )
 
 
