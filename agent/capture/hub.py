@@ -116,11 +116,9 @@ class VideoStats:
 
     def to_dict(self) -> dict[str, Any]:
         return {
-            "source": self.source,
-            "state": self.state.value,
-            "reason": self.reason,
-            "since": round(self.since_wall, 3),
-            "state_for_s": round(self.state_for_s, 1),
+            **_device_state(
+                self.source, self.state, self.reason, self.since_wall, self.state_for_s
+            ),
             "mode": None if self.mode is None else str(self.mode),
             "fps": round(self.fps, 1),
             "frames_read": self.frames_read,
@@ -131,6 +129,19 @@ class VideoStats:
                 c.name: {"delivered": c.delivered, "skipped": c.skipped} for c in self.consumers
             },
         }
+
+
+def _device_state(
+    source: str, state: DeviceState, reason: str, since_wall: float, state_for_s: float
+) -> dict[str, Any]:
+    """The fields every device's stats share in the health topic."""
+    return {
+        "source": source,
+        "state": state.value,
+        "reason": reason,
+        "since": round(since_wall, 3),
+        "state_for_s": round(state_for_s, 1),
+    }
 
 
 @dataclass(frozen=True, slots=True)
@@ -154,11 +165,9 @@ class AudioStats:
 
     def to_dict(self) -> dict[str, Any]:
         return {
-            "source": self.source,
-            "state": self.state.value,
-            "reason": self.reason,
-            "since": round(self.since_wall, 3),
-            "state_for_s": round(self.state_for_s, 1),
+            **_device_state(
+                self.source, self.state, self.reason, self.since_wall, self.state_for_s
+            ),
             "format": None if self.format is None else str(self.format),
             "chunks_per_s": round(self.chunks_per_s, 1),
             "chunks_read": self.chunks_read,
