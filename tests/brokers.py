@@ -36,6 +36,7 @@ import pytest
 from paho.mqtt.enums import CallbackAPIVersion
 
 from agent.config.models import BrokerConfig, IdentityConfig, TlsConfig
+from agent.supervisor import Service
 from agent.sync import (
     BrokerTls,
     Message,
@@ -367,3 +368,18 @@ async def observing(
 async def first(awaitable: Awaitable[Any], within: float = 10.0) -> Any:
     """``awaitable`` with a test deadline."""
     return await asyncio.wait_for(awaitable, within)
+
+
+@contextlib.asynccontextmanager
+async def serving(*services: Service) -> AsyncIterator[None]:
+    """Run services as tasks; cancel and await them on exit."""
+    tasks = [asyncio.create_task(s.run(), name=f"test-{s.name}") for s in services]
+    try:
+        yield
+        for task in tasks:
+            if task.done():
+                task.result()  # a service that died: show why
+    finally:
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)

@@ -31,18 +31,8 @@ from tests.brokers import (
     make_link,
     observing,
     running,
+    serving,
 )
-
-
-@contextlib.asynccontextmanager
-async def serving(service: CommandService) -> AsyncIterator[None]:
-    task = asyncio.create_task(service.run(), name="test-commands")
-    try:
-        yield
-    finally:
-        task.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await task
 
 
 @contextlib.asynccontextmanager

@@ -4,11 +4,9 @@ retained on a real Mosquitto held to the fleet ACL."""
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
 import re
 import time
-from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -36,6 +34,7 @@ from tests.brokers import (
     make_link,
     observing,
     running,
+    serving,
 )
 
 SCHEMAS = Path(__file__).resolve().parent.parent / "schemas"
@@ -236,17 +235,6 @@ def test_node_id_and_acl_collisions() -> None:
 # -- on a real broker -----------------------------------------------------------------------
 
 
-@contextlib.asynccontextmanager
-async def discovery_running(service: HomeAssistantDiscovery) -> AsyncIterator[None]:
-    task = asyncio.create_task(service.run(), name="test-discovery")
-    try:
-        yield
-    finally:
-        task.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await task
-
-
 async def test_configs_are_retained_and_republished_after_a_broker_restart(
     mosquitto: BrokerUnderTest,
 ) -> None:
@@ -255,7 +243,7 @@ async def test_configs_are_retained_and_republished_after_a_broker_restart(
         link, software_version="1.2.3", model="virtual", health_interval_s=10
     )
     expected = set(service.configs)
-    async with running(link), discovery_running(service):
+    async with running(link), serving(service):
         await eventually(lambda: service.published >= 1, what="discovery published")
         # Home Assistant (the read-only dashboard user) connects later: retained copies.
         async with observing(mosquitto, "homeassistant/#", user=DASHBOARD) as ha:

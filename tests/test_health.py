@@ -44,7 +44,6 @@ from agent.config.models import (
     IdentityConfig,
     VideoConfig,
 )
-from agent.supervisor import Service
 from agent.sync import (
     AlertEngine,
     Delivery,
@@ -65,27 +64,13 @@ from tests.brokers import (
     make_link,
     observing,
     running,
+    serving,
 )
 
 SCHEMAS = Path(__file__).resolve().parents[1] / "schemas"
 HEALTH_SCHEMA = json.loads((SCHEMAS / "health.v1.json").read_text())
 ALERT_SCHEMA = json.loads((SCHEMAS / "alert.v1.json").read_text())
 STATE_SCHEMA = json.loads((SCHEMAS / "state.v1.json").read_text())
-
-
-@contextlib.asynccontextmanager
-async def serving(*services: Service) -> AsyncIterator[None]:
-    """Run services as tasks; cancel and await them on exit."""
-    tasks = [asyncio.create_task(s.run(), name=f"test-{s.name}") for s in services]
-    try:
-        yield
-        for task in tasks:
-            if task.done():
-                task.result()  # a service that died: show why
-    finally:
-        for task in tasks:
-            task.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
 
 
 # -- system metrics and mean luma ----------------------------------------------------------

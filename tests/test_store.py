@@ -25,6 +25,7 @@ from tests.brokers import (
     make_link,
     observing,
     running,
+    serving,
 )
 
 REPO = Path(__file__).resolve().parents[1]
@@ -37,17 +38,6 @@ def body(**fields: Any) -> bytes:
 
 async def contents(outbox: Outbox) -> list[tuple[str, Any]]:
     return [(row.kind, json.loads(row.payload)["n"]) for row in await outbox.peek(1000)]
-
-
-@contextlib.asynccontextmanager
-async def serving(publisher: ReliablePublisher) -> Any:
-    task = asyncio.create_task(publisher.run(), name="test-outbox")
-    try:
-        yield task
-    finally:
-        task.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await task
 
 
 # -- the outbox alone ------------------------------------------------------------------------
