@@ -272,8 +272,27 @@ class IceServerConfig(StrictModel):
     credential: SecretStr | None = Field(default=None, description="TURN credential")
 
 
+class PlaybackConfig(StrictModel):
+    output: Literal["device", "file", "none"] = Field(
+        default="device",
+        description="device: PyAudio output (loudspeakers); file: write a WAV file (rooms "
+        "without a sound card, tests); none: do not play",
+    )
+    device: str | None = Field(
+        default=None,
+        description="PyAudio output device index or a substring of its name; empty: default",
+    )
+    path: Path | None = Field(default=None, description="WAV file to write (output: file)")
+
+    @model_validator(mode="after")
+    def _output_needs(self) -> Self:
+        if self.output == "file" and self.path is None:
+            raise ValueError("output 'file' needs 'path' (the WAV file to write)")
+        return self
+
+
 class StreamConfig(StrictModel):
-    """Live-lesson settings. Filled in by the live-lesson work; the seam is here."""
+    """Live-lesson settings: WebRTC, the shared encoder, the panel, sinks."""
 
     ice_servers: list[IceServerConfig] = Field(
         default_factory=list,
@@ -318,7 +337,32 @@ class StreamConfig(StrictModel):
                 raise ValueError(f"must be IP addresses, got {address!r}") from None
         return value
 
-    panel_port: int = Field(default=8470, ge=1, le=65535, description="Teacher panel port")
+    panel_port: int = Field(
+        default=8470, ge=0, le=65535, description="Teacher panel port (0: any free port)"
+    )
+    panel_enabled: bool = Field(
+        default=True, description="Serve the one-button panel, its local API and the kiosk page"
+    )
+    watch_token_file: Path | None = Field(
+        default=None,
+        description="File holding the token that authorises the remote 'watch' page and API "
+        "calls from other hosts; empty: <state_dir>/panel-token, created on first start",
+    )
+    low_layer_height: int = Field(
+        default=360,
+        ge=90,
+        le=1080,
+        description="Picture height of the low layer sent to rooms on poor links",
+    )
+    record_dir: Path | None = Field(
+        default=None,
+        description="Record each lesson here (this room's own copy, one file per lesson); "
+        "empty: not recorded",
+    )
+    playback: PlaybackConfig = Field(
+        default_factory=PlaybackConfig,
+        description="Where a receiving room plays the lesson's sound",
+    )
 
 
 class SensingConfig(StrictModel):
