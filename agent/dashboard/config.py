@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import ipaddress
 from typing import Any, Self
 
 from pydantic import Field, ValidationError, model_validator
@@ -11,18 +10,6 @@ from agent.config.errors import ConfigError, issues_from_validation
 from agent.config.models import BrokerConfig, StrictModel
 
 DEFAULT_BROKER_URL = "mqtt://127.0.0.1:1883"
-LOOPBACK_NAMES = frozenset({"localhost", "127.0.0.1", "::1"})
-
-
-def is_loopback(host: str) -> bool:
-    """True for ``localhost`` and loopback addresses (the safe default to listen on)."""
-    host = host.strip("[]")
-    if host in LOOPBACK_NAMES:
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
 
 
 class DashboardConfig(StrictModel):

@@ -28,7 +28,6 @@ import json
 import logging
 import time
 import uuid
-from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
@@ -36,9 +35,10 @@ from aiohttp import WSCloseCode, WSMsgType, web
 
 from agent import __version__
 from agent.config.models import IdentityConfig
-from agent.dashboard.config import LOOPBACK_NAMES, DashboardConfig, is_loopback
+from agent.dashboard.config import DashboardConfig
 from agent.dashboard.model import FleetModel
 from agent.sync import Message, MqttLink, Subscription
+from agent.web import expected_hosts, guard, same_origin
 
 logger = logging.getLogger(__name__)
 
@@ -49,11 +49,6 @@ SEND_TIMEOUT_S = 10.0  # a client that cannot take one message in this long is d
 MAX_BACKLOG = 16  # messages queued per client before it is resynchronised instead
 STATE_QUEUE = 50_000  # retained states of a large fleet arrive in one burst: never drop them
 TELEMETRY_QUEUE = 10_000
-CSP = (
-    "default-src 'self'; script-src 'self'; style-src 'self'; img-src 'self' data:; "
-    "connect-src 'self'; base-uri 'none'; form-action 'none'; frame-ancestors 'none'"
-)
-Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 
 class DashboardError(RuntimeError):
@@ -131,12 +126,7 @@ class DashboardServer:
         self.push_bytes = 0
         self.resyncs = 0
         self.clients_dropped = 0
-        if config.allowed_hosts:
-            self._hosts: frozenset[str] | None = frozenset(h.lower() for h in config.allowed_hosts)
-        elif is_loopback(config.bind):
-            self._hosts = LOOPBACK_NAMES
-        else:
-            self._hosts = None
+        self._hosts = expected_hosts(config.bind, config.allowed_hosts)
 
     # -- public -----------------------------------------------------------------------
 
@@ -343,7 +333,7 @@ class DashboardServer:
     # -- HTTP ---------------------------------------------------------------------------
 
     def _app(self) -> web.Application:
-        app = web.Application(middlewares=[self._guard], client_max_size=64 * 1024)
+        app = web.Application(middlewares=[guard(self._hosts)], client_max_size=64 * 1024)
         app.router.add_get("/", self._index)
         app.router.add_get("/api/fleet", self._fleet)
         app.router.add_get("/api/stats", self._stats)
@@ -351,20 +341,6 @@ class DashboardServer:
         app.router.add_static("/static/", STATIC_DIR, follow_symlinks=False)
         app.on_shutdown.append(self._close_clients)
         return app
-
-    @web.middleware
-    async def _guard(self, request: web.Request, handler: Handler) -> web.StreamResponse:
-        """Refuse unexpected Host names; set headers that keep the page self-contained."""
-        if self._hosts is not None and _host_name(request.host) not in self._hosts:
-            return web.Response(status=421, text="unexpected Host header\n")
-        response = await handler(request)
-        if not response.prepared:
-            response.headers["Content-Security-Policy"] = CSP
-            response.headers["X-Content-Type-Options"] = "nosniff"
-            response.headers["Referrer-Policy"] = "no-referrer"
-            response.headers["X-Frame-Options"] = "DENY"
-            response.headers.setdefault("Cache-Control", "no-cache")
-        return response
 
     async def _index(self, request: web.Request) -> web.StreamResponse:
         return web.FileResponse(STATIC_DIR / "index.html")
@@ -378,8 +354,7 @@ class DashboardServer:
         return web.json_response(self.stats(), dumps=_dumps)
 
     async def _websocket(self, request: web.Request) -> web.StreamResponse:
-        origin = request.headers.get("Origin")
-        if origin is not None and origin.split("://", 1)[-1].lower() != request.host.lower():
+        if not same_origin(request):
             # Another site open in the same browser must not read the fleet through us.
             return web.Response(status=403, text="cross-origin WebSocket refused\n")
         ws = web.WebSocketResponse(heartbeat=30.0, max_msg_size=4096)
@@ -404,14 +379,6 @@ class DashboardServer:
     async def _close_clients(self, app: web.Application) -> None:
         for client in list(self._clients):
             await client.ws.close(code=WSCloseCode.GOING_AWAY, message=b"dashboard stopping")
-
-
-def _host_name(host: str) -> str:
-    """``Host`` without the port (``[::1]:8480`` -> ``::1``)."""
-    host = host.lower()
-    if host.startswith("["):
-        return host[1 : host.find("]")] if "]" in host else host
-    return host.rsplit(":", 1)[0] if host.count(":") == 1 else host
 
 
 async def serve_dashboard(config: DashboardConfig, *, url_override: str | None = None) -> None:
