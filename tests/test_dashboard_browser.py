@@ -21,40 +21,18 @@ import pytest
 
 from agent.dashboard import DashboardConfig, DashboardServer, SimFleet, fleet_layout
 from tests.brokers import DASHBOARD, BrokerUnderTest
+from tests.browsers import ARTIFACTS, chromium, needs_chromium, until
 
-CHROMIUM = Path("/usr/bin/chromium")
-CHROMIUM_ARGS = [
-    "--no-sandbox",
-    "--disable-gpu",
-    "--disable-background-networking",
-    "--disable-component-update",
-    "--disable-sync",
-    "--no-first-run",
-    "--disable-quic",
-]
-ARTIFACTS = Path(__file__).resolve().parents[1] / "artifacts"
 REPO = Path(__file__).resolve().parents[1]
 KILLED = "stone-bridge.room-101"  # the room in its own process
 
 pytestmark = [
     pytest.mark.slow,
-    pytest.mark.skipif(
-        not CHROMIUM.exists(), reason="Debian's chromium is not installed at /usr/bin/chromium"
-    ),
+    needs_chromium,
 ]
 
 VISIBLE_ROWS = """() => [...document.querySelectorAll('tr[data-id]')]
     .filter((row) => row.offsetParent !== null).map((row) => row.dataset.id)"""
-
-
-async def until(page: Any, script: str, *, within: float, what: str) -> float:
-    """Poll ``script`` in the page until it is truthy; seconds it took."""
-    started = time.monotonic()
-    while not await page.evaluate(script):
-        if time.monotonic() - started > within:
-            pytest.fail(f"the page did not show {what} within {within} s")
-        await asyncio.sleep(0.02)
-    return time.monotonic() - started
 
 
 @contextlib.asynccontextmanager
@@ -87,8 +65,6 @@ async def room_process(broker: BrokerUnderTest) -> AsyncIterator[asyncio.subproc
 
 
 async def test_the_page_shows_the_fleet_live(mosquitto: BrokerUnderTest) -> None:
-    from playwright.async_api import async_playwright
-
     specs, groups = fleet_layout(20, per_school=5)
     fleet = SimFleet(
         mosquitto.broker_config(None), specs, groups, interval_s=1.0, offline=0.1, silent=0.05
@@ -104,14 +80,8 @@ async def test_the_page_shows_the_fleet_live(mosquitto: BrokerUnderTest) -> None
         async with asyncio.timeout(20):
             await server.wait_ready()
             await fleet.wait_ready()
-        async with room_process(mosquitto) as child, async_playwright() as playwright:
-            browser = await playwright.chromium.launch(
-                executable_path=str(CHROMIUM), args=CHROMIUM_ARGS, headless=True
-            )
-            try:
-                await check_the_page(browser, server, fleet, child)
-            finally:
-                await browser.close()
+        async with room_process(mosquitto) as child, chromium() as browser:
+            await check_the_page(browser, server, fleet, child)
     finally:
         for task in tasks:
             task.cancel()
