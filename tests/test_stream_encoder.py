@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import fractions
+import itertools
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -35,6 +36,8 @@ from agent.stream import (
     SharedH264Encoder,
     route_keyframe_requests,
 )
+from agent.stream.controls import MediaControls
+from agent.stream.encoder import low_layer_size
 from agent.stream.ice import gather, new_peer_connection
 from agent.stream.peer import h264_preferences
 from agent.stream.sinks import ProbeSink
@@ -43,6 +46,11 @@ from tests.brokers import eventually
 SMALL = CaptureConfig(
     video=VideoConfig(width=320, height=240, fps=15), audio=AudioConfig(frame_ms=20)
 )
+# Twice the stamp's smallest block: the low layer (half size) still carries a readable one.
+MEDIUM = CaptureConfig(
+    video=VideoConfig(width=640, height=480, fps=15), audio=AudioConfig(frame_ms=20)
+)
+TWO_LAYERS = EncoderSettings(bitrate_kbps=800, low_bitrate_kbps=200, low_height=240)
 
 
 @contextlib.asynccontextmanager
@@ -70,8 +78,17 @@ def decode(packets: list[Any]) -> list[Any]:
     return frames
 
 
-def video_hub() -> FrameHub:
-    return FrameHub(open_video_source(SMALL.video), SMALL)
+def video_hub(config: CaptureConfig = SMALL) -> FrameHub:
+    return FrameHub(open_video_source(config.video), config)
+
+
+def pictures(packets: list[Any]) -> list[tuple[int, int, int | None]]:
+    """(width, height, stamped frame number or None) of each decoded picture."""
+    out = []
+    for frame in decode(packets):
+        stamp = read_stamp(frame.to_ndarray(format="gray"))
+        out.append((frame.width, frame.height, None if stamp is None else stamp.frame))
+    return out
 
 
 @pytest.mark.slow
@@ -258,11 +275,11 @@ class FlakyEncoder(SharedH264Encoder):
 
     calls = 0
 
-    def _encode(self, frame: Any, force_keyframe: bool) -> list[Any]:
+    def _encode(self, frame: Any, plan: Any) -> Any:
         self.calls += 1
         if self.calls == 5:
             raise av.error.InvalidDataError(1094995529, "bad frame")
-        return super()._encode(frame, force_keyframe)
+        return super()._encode(frame, plan)
 
 
 @pytest.mark.slow
@@ -283,8 +300,191 @@ async def test_one_failed_encode_reopens_the_encoder_and_the_stream_goes_on(
 
 
 def test_odd_frame_sizes_are_cropped_to_what_420_allows() -> None:
-    encoder = SharedH264Encoder(video_hub())
+    encoder = SharedH264Encoder(video_hub(), EncoderSettings(low_height=120))
     image = np.zeros((241, 321, 3), np.uint8)
-    packets = encoder._encode(Frame(image, 0, 0, 0), False)
-    frames = decode(packets)
+    packets = encoder._encode(Frame(image, 0, 0, 0), {"high": False, "low": False})
+    frames = decode(packets["high"])
     assert (frames[0].width, frames[0].height) == (320, 240)
+    # The low layer keeps the aspect with even sizes: 240 -> 120 lines, 320 -> 160 columns.
+    low = decode(packets["low"])
+    assert (low[0].width, low[0].height) == (160, 120)
+
+
+def test_low_layer_size_keeps_aspect_even_and_never_upscales() -> None:
+    assert low_layer_size(1280, 720, 360) == (640, 360)
+    assert low_layer_size(1920, 1080, 360) == (640, 360)
+    assert low_layer_size(640, 480, 240) == (320, 240)
+    assert low_layer_size(320, 240, 360) == (320, 240)  # already small: bitrate only
+    assert low_layer_size(1280, 720, 241) == (426, 240)
+
+
+# -- the low layer ---------------------------------------------------------------------
+
+
+@pytest.mark.slow
+async def test_low_layer_is_encoded_only_while_a_track_is_on_it() -> None:
+    hub = video_hub(MEDIUM)
+    encoder = SharedH264Encoder(hub, TWO_LAYERS)
+    async with tasks(hub.run(), encoder.run()):
+        high = encoder.track("high")
+        await take(high, 10)
+        assert encoder.wanted_layers() == {"high"}
+        assert encoder._codecs["low"].frames == 0  # nobody on it: no CPU spent
+        low = encoder.track("low", layer="low")
+        drain = asyncio.create_task(take(high, 1000, within=60))
+        try:
+            low_packets = await take(low, 20)
+        finally:
+            drain.cancel()
+            await asyncio.gather(drain, return_exceptions=True)
+        assert encoder.wanted_layers() == {"high", "low"}
+        low.stop()
+        stopped_at = encoder._codecs["low"].frames
+        more = await take(high, 15)
+        stats = encoder.stats()
+        high.stop()
+    # At most the frame being encoded when the track left went to the low layer.
+    assert encoder._codecs["low"].frames <= stopped_at + 1
+    layers = {layer.name: layer for layer in stats.layers}
+    assert (layers["high"].width, layers["high"].height) == (640, 480)
+    assert (layers["low"].width, layers["low"].height) == (320, 240)
+    assert not layers["low"].active
+    assert low_packets[0].is_keyframe
+    seen = pictures(low_packets)
+    assert len(seen) == len(low_packets)
+    assert {(w, h) for w, h, _ in seen} == {(320, 240)}
+    # The stamp survives the halving: the receiving room can still measure latency.
+    numbers = [n for _, _, n in seen if n is not None]
+    assert len(numbers) >= 15
+    assert numbers == sorted(numbers)
+    assert len(more) == 15  # the high track never noticed
+
+
+@pytest.mark.slow
+async def test_a_track_switches_layer_at_a_keyframe_in_one_decodable_stream() -> None:
+    hub = video_hub(MEDIUM)
+    # No scheduled keyframe in the test's time: each switch must request its own.
+    settings = EncoderSettings(
+        bitrate_kbps=800, low_bitrate_kbps=200, low_height=240, keyframe_interval_s=60
+    )
+    encoder = SharedH264Encoder(hub, settings)
+    async with tasks(hub.run(), encoder.run()):
+        track = encoder.track("peer")
+        packets = await take(track, 10)
+        track.switch("low")
+        assert track.target == "low"
+        packets += await take(track, 15)
+        assert track.layer == "low"
+        assert encoder.wanted_layers() == {"low"}  # the high layer is idle again
+        track.switch("high")
+        packets += await take(track, 15)
+        track.stop()
+    assert track.switches == 2
+    # One decoder for the whole track, as the receiver has: every packet decodes.
+    seen = pictures(packets)
+    assert len(seen) == len(packets)
+    sizes = [(w, h) for w, h, _ in seen]
+    assert sizes[0] == (640, 480)
+    assert (320, 240) in sizes
+    assert sizes[-1] == (640, 480)
+    # The size changes exactly twice (at the two IDRs), and the pictures go on in order.
+    assert sum(a != b for a, b in itertools.pairwise(sizes)) == 2
+    changes = [i for i in range(1, len(sizes)) if sizes[i] != sizes[i - 1]]
+    assert all(packets[i].is_keyframe for i in changes)
+    numbers = [n for _, _, n in seen if n is not None]
+    assert len(numbers) == len(seen)
+    assert numbers == sorted(numbers)
+    assert len(set(numbers)) == len(numbers)  # never two pictures of one frame
+    pts = [p.pts for p in packets]
+    assert pts == sorted(pts)
+    assert len(set(pts)) == len(pts)
+
+
+@pytest.mark.slow
+async def test_paused_track_gets_nothing_and_resumes_at_a_keyframe() -> None:
+    hub = video_hub(MEDIUM)
+    encoder = SharedH264Encoder(hub, TWO_LAYERS)
+    async with tasks(hub.run(), encoder.run()):
+        track = encoder.track("peer")
+        await take(track, 5)
+        track.pause()
+        assert track.state == "paused"
+        assert encoder.wanted_layers() == frozenset()
+        encoded = encoder.frames_encoded
+        read = hub.stats().frames_read
+        await eventually(lambda: hub.stats().frames_read >= read + 10, what="10 camera frames")
+        assert encoder.frames_encoded <= encoded + 1  # nothing encoded for nobody
+        assert track.stats().queued == 0
+        track.resume("low")
+        packets = await take(track, 10)
+        track.stop()
+    assert packets[0].is_keyframe
+    assert {(w, h) for w, h, _ in pictures(packets)} == {(320, 240)}
+
+
+# -- mute ------------------------------------------------------------------------------
+
+
+@pytest.mark.slow
+async def test_muted_camera_sends_a_slate_at_a_low_rate_and_never_a_camera_frame() -> None:
+    hub = video_hub()
+    controls = MediaControls(camera_muted=True)
+    encoder = SharedH264Encoder(
+        hub, EncoderSettings(bitrate_kbps=400, keyframe_interval_s=60), controls=controls
+    )
+    async with tasks(hub.run(), encoder.run()):
+        track = encoder.track("peer")
+        muted = await take(track, 3)
+        read = hub.stats().frames_read
+        await eventually(lambda: hub.stats().frames_read >= read + 30, what="2 s of camera")
+        assert encoder.slate_frames <= 3 + 2 * 3  # 2 fps, not the camera's 15
+        assert encoder.frames_encoded == encoder.slate_frames
+        while track.stats().queued:
+            muted.append(await track.recv())
+        controls.set(camera_muted=False)
+        unmuted = await take(track, 12)
+        controls.set(camera_muted=True)
+        remuted = await take(track, 2)
+        track.stop()
+    slate = decode(muted)
+    assert len(slate) == len(muted)
+    for frame in slate:
+        gray = frame.to_ndarray(format="gray")
+        assert (frame.width, frame.height) == (320, 240)
+        assert read_stamp(gray) is None
+        assert gray.mean() < 60  # dark, with a little light text
+        assert gray.max() > 150
+    # One decoder over the whole track: the camera starts at a keyframe after the unmute
+    # (a slate encode under way at that moment may come first), and the slate starts at
+    # one after muting again, with no camera picture in between.
+    packets = muted + unmuted + remuted
+    stamped = [n is not None for _, _, n in pictures(packets)]
+    assert len(stamped) == len(packets)
+    first_camera = stamped.index(True)
+    assert first_camera >= len(muted)
+    assert packets[first_camera].is_keyframe
+    last_camera = len(stamped) - 1 - stamped[::-1].index(True)
+    assert all(stamped[first_camera : last_camera + 1])
+    assert last_camera < len(packets) - 1
+    assert packets[last_camera + 1].is_keyframe
+    assert encoder.forced_keyframes >= 2
+
+
+async def test_muted_microphone_sends_silence_with_continuous_pts() -> None:
+    hub = AudioHub(open_audio_source(SMALL.audio), SMALL)
+    controls = MediaControls()
+    async with tasks(hub.run()):
+        track = HubAudioTrack(hub, "peer", controls)
+        async with asyncio.timeout(10):
+            before = [await track.recv() for _ in range(5)]
+            controls.set(microphone_muted=True)
+            during = [await track.recv() for _ in range(5)]
+            controls.set(microphone_muted=False)
+            after = [await track.recv() for _ in range(5)]
+        track.stop()
+    frames = before + during + after
+    assert all(np.any(f.to_ndarray()) for f in before + after)  # the synthetic tone
+    assert all(not np.any(f.to_ndarray()) for f in during)
+    assert all(f.samples == 960 for f in during)
+    assert [f.pts for f in frames] == [frames[0].pts + 960 * i for i in range(15)]
+    assert track.silenced == 5

@@ -9,13 +9,24 @@ format and what is rejected.
 """
 
 from agent.stream.audio import HubAudioTrack
+from agent.stream.controls import MediaControls
 from agent.stream.encoder import (
     EncodedVideoTrack,
     EncoderSettings,
     EncoderStats,
+    LayerState,
+    LayerStats,
     SharedH264Encoder,
     TrackStats,
+    VideoLayer,
+    low_layer_size,
     route_keyframe_requests,
+)
+from agent.stream.layers import (
+    LayerControl,
+    LayerPolicy,
+    LayerPolicySettings,
+    route_bitrate_estimates,
 )
 from agent.stream.lesson import (
     Announcement,
@@ -46,8 +57,14 @@ __all__ = [
     "HubAudioTrack",
     "IceSettings",
     "JoinState",
+    "LayerControl",
+    "LayerPolicy",
+    "LayerPolicySettings",
+    "LayerState",
+    "LayerStats",
     "LessonHost",
     "LessonJoiner",
+    "MediaControls",
     "MediaSink",
     "NullSink",
     "PeerSession",
@@ -60,6 +77,9 @@ __all__ = [
     "Signalling",
     "StreamService",
     "TrackStats",
+    "VideoLayer",
+    "low_layer_size",
     "parse_signal",
+    "route_bitrate_estimates",
     "route_keyframe_requests",
 ]

@@ -3,6 +3,10 @@
 Opus at 48 kHz is cheap (well under 1 % of a core per peer), so audio takes aiortc's
 normal path. Each track is its own AudioHub consumer: audio is never sampled or shared
 with the video path, and nothing the video fan-out drops touches it.
+
+Microphone mute (:class:`~agent.stream.controls.MediaControls`) replaces the samples with
+silence rather than stopping the track: the peer's Opus stream, its timing and the
+receiving room's "media is arriving" watch all carry on, and no sound leaves the room.
 """
 
 from __future__ import annotations
@@ -11,9 +15,11 @@ import fractions
 import logging
 
 import av
+import numpy as np
 from aiortc.mediastreams import MediaStreamError, MediaStreamTrack
 
 from agent.capture import AudioChunk, AudioHub, AudioSubscription
+from agent.stream.controls import MediaControls
 
 log = logging.getLogger(__name__)
 
@@ -28,20 +34,23 @@ class HubAudioTrack(MediaStreamTrack):
     connected), so the first frame is fresh. If the sender falls more than
     ``MAX_BACKLOG_CHUNKS`` behind (a stalled loop), the oldest chunks are skipped: late
     audio is worse than a click. ``pts`` advances by the chunks' sample counts and jumps
-    over chunks the hub or this track dropped, so the receiver sees the gap.
+    over chunks the hub or this track dropped, so the receiver sees the gap. While
+    ``controls.microphone_muted`` every frame is silence (zeros), with the same ``pts``.
     """
 
     kind = "audio"
 
-    def __init__(self, hub: AudioHub, name: str) -> None:
+    def __init__(self, hub: AudioHub, name: str, controls: MediaControls | None = None) -> None:
         super().__init__()
         self.name = name
+        self.controls = controls
         self._hub = hub
         self._sub: AudioSubscription | None = None
         self._first_index: int | None = None
         self._samples_per_chunk = 0
         self.delivered = 0
         self.skipped = 0
+        self.silenced = 0  # frames replaced by silence while the microphone was muted
 
     async def recv(self) -> av.AudioFrame:
         if self.readyState != "live":
@@ -68,6 +77,9 @@ class HubAudioTrack(MediaStreamTrack):
             self._first_index = chunk.index
             self._samples_per_chunk = count
         layout = "mono" if chunk.channels == 1 else "stereo"
+        if self.controls is not None and self.controls.microphone_muted:
+            samples = np.zeros_like(samples)
+            self.silenced += 1
         frame = av.AudioFrame.from_ndarray(samples.reshape(1, -1), format="s16", layout=layout)
         frame.sample_rate = chunk.sample_rate
         frame.time_base = fractions.Fraction(1, chunk.sample_rate)

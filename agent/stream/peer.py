@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
 import time
 from collections.abc import Coroutine, Sequence
@@ -22,10 +23,24 @@ from aiortc.mediastreams import MediaStreamError, MediaStreamTrack
 from agent.capture import AudioHub
 from agent.config.models import IceServerConfig
 from agent.stream.audio import HubAudioTrack
+from agent.stream.controls import MediaControls
 from agent.stream.encoder import SharedH264Encoder, route_keyframe_requests
 from agent.stream.ice import check_host_addresses, gather, new_peer_connection
+from agent.stream.layers import (
+    LayerControl,
+    LayerPolicy,
+    LayerPolicySettings,
+    route_bitrate_estimates,
+)
 from agent.stream.sinks import MediaSink
-from agent.stream.stats import Direction, Figures, StatsSnapshot, figures, snapshot
+from agent.stream.stats import (
+    Direction,
+    Figures,
+    StatsSnapshot,
+    figures,
+    remote_loss_percent,
+    snapshot,
+)
 
 log = logging.getLogger(__name__)
 
@@ -90,13 +105,23 @@ class PeerSession:
     ``ended`` is set (once, with ``end_reason``) when the connection fails or closes or
     when the lesson code calls :meth:`end`; ``connected`` when ICE and DTLS are up.
     While connected, a poller reads ``getStats()`` every :attr:`stats_interval_s` and
-    keeps the latest RTP figures for :meth:`describe`.
+    keeps the latest RTP figures for :meth:`describe` and feeds the video layer policy
+    (:attr:`layers`, see ``agent/stream/layers.py``), which also hears the peer's
+    bandwidth estimates. ``controls``: the room's mute switches, for the audio track
+    (the shared encoder has its own reference for the camera).
     """
 
     stats_interval_s: float = 2.0
 
     def __init__(
-        self, remote: str, lesson_id: str, ice: IceSettings, sink: MediaSink | None
+        self,
+        remote: str,
+        lesson_id: str,
+        ice: IceSettings,
+        sink: MediaSink | None,
+        *,
+        controls: MediaControls | None = None,
+        layer_policy: LayerPolicySettings | None = None,
     ) -> None:
         self.remote = remote
         self.lesson_id = lesson_id
@@ -114,6 +139,10 @@ class PeerSession:
         # main room (its rate: the video it sends).
         self.bitrate_of: Direction = "received"
         self._last_snapshot: StatsSnapshot | None = None
+        self.controls = controls
+        self.layer_policy = layer_policy  # None: the encoder's layers, default thresholds
+        self.layers: LayerControl | None = None  # set by add_video
+        self._sends_audio = False
         self._sink = sink
         self._tracks: list[MediaStreamTrack] = []
         self._tasks: set[asyncio.Task[None]] = set()
@@ -166,6 +195,12 @@ class PeerSession:
         current = snapshot(report, time.monotonic(), self.video_frames)
         self.figures = figures(self._last_snapshot, current, self.bitrate_of)
         self._last_snapshot = current
+        if self.layers is not None:
+            # Only how the peer receives *our* video decides its layer.
+            self.layers.on_link(
+                loss_percent=remote_loss_percent(current),
+                rtt_ms=None if current.rtt_s is None else current.rtt_s * 1000,
+            )
         return self.figures
 
     async def _poll_stats(self) -> None:
@@ -186,7 +221,11 @@ class PeerSession:
     # -- outgoing media ----------------------------------------------------------------
 
     def add_video(self, encoder: SharedH264Encoder, transceiver: Any | None = None) -> None:
-        """Send the shared encoder's stream; the peer's PLI/FIR reach that encoder."""
+        """Send the shared encoder's stream under a layer policy; the peer's PLI/FIR reach
+        that encoder (for the layer this peer is on), its REMB the policy.
+
+        Add audio first where there is any: a session without audio never pauses its
+        video (see ``agent/stream/layers.py``)."""
         track = encoder.track(f"{self.remote}/{self.lesson_id}")
         self._tracks.append(track)
         if transceiver is None:
@@ -194,10 +233,21 @@ class PeerSession:
         else:
             transceiver.sender.replaceTrack(track)
             sender = transceiver.sender
-        route_keyframe_requests(sender, encoder.request_keyframe)
+        route_keyframe_requests(sender, track.request_keyframe)
+        settings = self.layer_policy or LayerPolicySettings.for_encoder(encoder.settings)
+        if not self._sends_audio:
+            settings = dataclasses.replace(settings, allow_pause=False)
+        policy = LayerPolicy(settings, now=time.monotonic())
+        self.layers = LayerControl(track, policy, encoder.layer_kbps)
+        route_bitrate_estimates(sender, self.layers.on_estimate)
 
     def add_audio(self, hub: AudioHub, transceiver: Any | None = None) -> None:
-        track = HubAudioTrack(hub, f"{self.remote}/{self.lesson_id}")
+        track = HubAudioTrack(hub, f"{self.remote}/{self.lesson_id}", self.controls)
+        self._sends_audio = True
+        if self.layers is not None and not self.layers.policy.settings.allow_pause:
+            self.layers.policy.settings = dataclasses.replace(
+                self.layers.policy.settings, allow_pause=True
+            )
         self._tracks.append(track)
         if transceiver is None:
             self.pc.addTrack(track)
@@ -270,6 +320,12 @@ class PeerSession:
         if tasks:
             await asyncio.gather(*tasks, return_exceptions=True)
 
+    def _describe_layers(self) -> dict[str, Any]:
+        if self.layers is None:
+            return {"layer": None, "layer_switches": None}
+        described = self.layers.describe()
+        return {"layer": described["layer"], "layer_switches": described["layer_switches"]}
+
     def describe(self) -> dict[str, Any]:
         """This peer in the health topic's ``stream.peers`` shape (contracts v1); the
         RTP figures are the poller's latest (null until known, see agent.stream.stats)."""
@@ -277,7 +333,7 @@ class PeerSession:
         return {
             "state": self.state,
             **self.figures.as_dict(),
-            "layer": None,
+            **self._describe_layers(),
             "lesson": self.lesson_id,
             "connected_for_s": None
             if self.connected_at is None

@@ -15,6 +15,7 @@ from typing import Any
 
 from agent.capture import AudioHub, FrameHub
 from agent.config.models import LessonRole, StreamConfig
+from agent.stream.controls import MediaControls
 from agent.stream.encoder import EncoderSettings, SharedH264Encoder
 from agent.stream.lesson import LessonHost, LessonJoiner
 from agent.stream.peer import IceSettings
@@ -54,9 +55,12 @@ class StreamService:
         if config.encoder != "libx264":
             log.warning("stream.encoder %s is not supported yet: using libx264", config.encoder)
         self.link = link
+        self.controls = MediaControls()  # the panel's camera/microphone mute
         self.signalling = Signalling(link)
-        settings = encoder_settings or EncoderSettings(bitrate_kbps=config.video_bitrate_kbps)
-        self.encoder = None if video is None else SharedH264Encoder(video, settings)
+        settings = encoder_settings or EncoderSettings.from_config(config)
+        self.encoder = (
+            None if video is None else SharedH264Encoder(video, settings, controls=self.controls)
+        )
         ice = IceSettings.of(config.ice_servers, host_addresses)
         identity = link.identity
         self.hosts: dict[str, LessonHost] = {
@@ -98,6 +102,21 @@ class StreamService:
                 tasks.create_task(host.run(), name=f"stream-host-{host.group}")
             if self.joiner is not None:
                 tasks.create_task(self.joiner.run(), name="stream-joiner")
+
+    def host_for(self, group: str | None = None) -> LessonHost:
+        """The lesson host of ``group`` (None: this room's only hosted group); the
+        ``LookupError`` text says what to pass instead."""
+        known = ", ".join(self.hosts) or "none"
+        if group is None:
+            if len(self.hosts) == 1:
+                return next(iter(self.hosts.values()))
+            if not self.hosts:
+                raise LookupError("this room is not the main room of any lesson group")
+            raise LookupError(f"group: this room hosts several groups ({known}); name one")
+        host = self.hosts.get(group)
+        if host is None:
+            raise LookupError(f"group: this room is not the main room of {group!r} ({known})")
+        return host
 
     def stats(self) -> dict[str, Any] | None:
         """The health topic's ``stream`` section: the live lesson, if any (contracts v1)."""
