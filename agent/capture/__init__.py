@@ -6,6 +6,7 @@ get every chunk. Hubs are supervisor services that watch their device (lost, deg
 and reopen it with backoff. ``capture`` knows nothing of streaming or sensing.
 """
 
+from agent.capture._native import quiet_audio_libraries
 from agent.capture.audio import AudioSource, open_audio_source
 from agent.capture.devices import CameraInfo, DeviceInventory, MicrophoneInfo, list_devices
 from agent.capture.errors import CaptureError
@@ -51,5 +52,6 @@ __all__ = [
     "list_devices",
     "open_audio_source",
     "open_video_source",
+    "quiet_audio_libraries",
     "read_stamp",
 ]

@@ -36,6 +36,15 @@ from agent.stream.lesson import (
     LessonJoiner,
 )
 from agent.stream.peer import IceSettings, PeerSession
+from agent.stream.playback import (
+    AudioOutput,
+    AudioPlayback,
+    PlaybackStats,
+    PyAudioOutput,
+    WavFileOutput,
+    open_playback,
+)
+from agent.stream.recorder import LessonRecorder, RecorderSettings, RecordingSummary
 from agent.stream.service import StreamService
 from agent.stream.signalling import (
     MAX_MESSAGE_BYTES,
@@ -45,18 +54,31 @@ from agent.stream.signalling import (
     SignalType,
     parse_signal,
 )
-from agent.stream.sinks import MediaSink, NullSink, ProbeSink, ProbeStats
+from agent.stream.sinks import (
+    FanOutSink,
+    FrameObserver,
+    LatestFrames,
+    MediaSink,
+    NullSink,
+    ProbeSink,
+    ProbeStats,
+)
 
 __all__ = [
     "MAX_MESSAGE_BYTES",
     "Announcement",
     "AnnouncementInvalid",
+    "AudioOutput",
+    "AudioPlayback",
     "EncodedVideoTrack",
     "EncoderSettings",
     "EncoderStats",
+    "FanOutSink",
+    "FrameObserver",
     "HubAudioTrack",
     "IceSettings",
     "JoinState",
+    "LatestFrames",
     "LayerControl",
     "LayerPolicy",
     "LayerPolicySettings",
@@ -64,12 +86,17 @@ __all__ = [
     "LayerStats",
     "LessonHost",
     "LessonJoiner",
+    "LessonRecorder",
     "MediaControls",
     "MediaSink",
     "NullSink",
     "PeerSession",
+    "PlaybackStats",
     "ProbeSink",
     "ProbeStats",
+    "PyAudioOutput",
+    "RecorderSettings",
+    "RecordingSummary",
     "SharedH264Encoder",
     "Signal",
     "SignalRejected",
@@ -78,7 +105,9 @@ __all__ = [
     "StreamService",
     "TrackStats",
     "VideoLayer",
+    "WavFileOutput",
     "low_layer_size",
+    "open_playback",
     "parse_signal",
     "route_bitrate_estimates",
     "route_keyframe_requests",

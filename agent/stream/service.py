@@ -3,7 +3,9 @@
 The runtime adds one :class:`StreamService` next to the hubs and the link. It runs the
 signalling endpoint, the shared encoder (idle until a peer needs video), one
 :class:`LessonHost` per group where this room is ``main`` and one :class:`LessonJoiner`
-for the groups where it is ``receiving``; if any of them fails, all restart together.
+for the groups where it is ``receiving``, the loudspeakers (a receiving room hears only
+its main room) and, with ``stream.record_dir``, this room's recording of each lesson;
+if any of them fails, all restart together.
 """
 
 from __future__ import annotations
@@ -19,11 +21,15 @@ from agent.stream.controls import MediaControls
 from agent.stream.encoder import EncoderSettings, SharedH264Encoder
 from agent.stream.lesson import LessonHost, LessonJoiner
 from agent.stream.peer import IceSettings
+from agent.stream.playback import AudioPlayback
+from agent.stream.recorder import LessonRecorder
 from agent.stream.signalling import Signalling
-from agent.stream.sinks import MediaSink
+from agent.stream.sinks import FanOutSink, MediaSink
 from agent.sync import MqttLink
 
 log = logging.getLogger(__name__)
+
+LESSON_POLL_S = 0.5  # how soon a recording starts after the lesson does
 
 
 class StreamService:
@@ -47,6 +53,7 @@ class StreamService:
         sink: MediaSink | None = None,
         encoder_settings: EncoderSettings | None = None,
         media_timeout_s: float = 6.0,
+        playback: AudioPlayback | None = None,
     ) -> None:
         if config.video_codec != "h264":
             log.warning(
@@ -93,15 +100,69 @@ class StreamService:
             else None
         )
 
+        self.playback = playback
+        self.recorder: LessonRecorder | None = None
+        if config.record_dir is not None:
+            if self.hosts:  # its own lesson: the shared encoder's packets, copied
+                self.recorder = LessonRecorder(
+                    config.record_dir,
+                    identity.device_id,
+                    encoder=self.encoder,
+                    microphone=audio,
+                    controls=self.controls,
+                )
+            elif isinstance(sink, FanOutSink):  # what it received from the main room
+                self.recorder = LessonRecorder(config.record_dir, identity.device_id)
+                sink.add(self.recorder)
+            else:
+                log.warning("stream.record_dir is set but received media has no recorder")
+
     async def run(self) -> None:
         async with asyncio.TaskGroup() as tasks:
             tasks.create_task(self.signalling.run(), name="stream-signalling")
+            if self.playback is not None:
+                tasks.create_task(self.playback.run(), name="stream-playback")
+            if self.playback is not None or self.recorder is not None:
+                tasks.create_task(self._follow_lessons(), name="stream-follow-lessons")
             if self.encoder is not None:
                 tasks.create_task(self.encoder.run(), name="stream-encoder")
             for host in self.hosts.values():
                 tasks.create_task(host.run(), name=f"stream-host-{host.group}")
             if self.joiner is not None:
                 tasks.create_task(self.joiner.run(), name="stream-joiner")
+
+    def _live_lesson(self) -> tuple[str, str] | None:
+        """(lesson id, main room) of the lesson this room is in, if any."""
+        for host in self.hosts.values():
+            if host.lesson is not None:
+                return host.lesson.lesson_id, host.lesson.main
+        joiner = self.joiner
+        if joiner is not None and joiner.lesson is not None:
+            return joiner.lesson.lesson_id, joiner.lesson.main
+        return None
+
+    async def _follow_lessons(self) -> None:
+        """Start and stop the recording with the lesson; a receiving room's loudspeakers
+        play only its main room (its own microphone is never played back)."""
+        current: tuple[str, str] | None = None
+        try:
+            while True:
+                lesson = self._live_lesson()
+                if lesson != current:
+                    if current is not None and self.recorder is not None:
+                        summary = await self.recorder.stop()
+                        if summary is not None:
+                            log.info("recorded lesson %s: %s", current[0], summary.to_dict())
+                    current = lesson
+                    if self.playback is not None and not self.hosts:
+                        self.playback.only(None if lesson is None else lesson[1])
+                    if lesson is not None and self.recorder is not None:
+                        source = None if self.hosts else lesson[1]
+                        await self.recorder.start(lesson[0], source=source)
+                await asyncio.sleep(LESSON_POLL_S)
+        finally:
+            if self.recorder is not None:
+                await self.recorder.stop()
 
     def host_for(self, group: str | None = None) -> LessonHost:
         """The lesson host of ``group`` (None: this room's only hosted group); the
@@ -120,9 +181,17 @@ class StreamService:
 
     def stats(self) -> dict[str, Any] | None:
         """The health topic's ``stream`` section: the live lesson, if any (contracts v1)."""
+        section: dict[str, Any] | None = None
         for host in self.hosts.values():
             if host.lesson is not None:
-                return host.stats()
-        if self.joiner is not None and self.joiner.lesson is not None:
-            return self.joiner.stats()
-        return None
+                section = host.stats()
+                break
+        else:
+            if self.joiner is not None and self.joiner.lesson is not None:
+                section = self.joiner.stats()
+        if section is not None:
+            if self.playback is not None:
+                section["playback"] = self.playback.stats().to_dict()
+            if self.recorder is not None:
+                section["recording"] = self.recorder.stats()
+        return section
