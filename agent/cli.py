@@ -28,6 +28,7 @@ from agent.config import (
 from agent.config.loader import read_yaml_file
 from agent.config.profiles import check_profile_file, detect_profile
 from agent.dashboard import add_dashboard_parser
+from agent.panel.cli import add_lesson_parser
 from agent.sync.credentials import add_broker_parser
 
 DEFAULT_SITE_FILE = Path("/etc/classroom-agent/agent.yaml")
@@ -215,6 +216,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_broker_parser(sub)
     add_dashboard_parser(sub)
+    add_lesson_parser(sub)
 
     demo = sub.add_parser("demo", help="run a demo fleet on an embedded broker")
     demo.add_argument("--rooms", type=int, default=3, help="rooms to start (1-8)")

@@ -3,8 +3,11 @@
 Starts Mosquitto on a loopback port, writes a site file per room (one main classroom
 and its receiving classrooms, all on the ``virtual`` hardware profile), runs each
 agent as its own ``classroom-agent run`` process, and renders what the fleet publishes:
-retained state (birth/Last Will) and health telemetry. On Ctrl-C (or after
-``--duration``) it stops every agent with SIGTERM and reports how long each took.
+retained state (birth/Last Will) and health telemetry. Once every room is online it
+presses the main room's one button (the panel's own HTTP API, as the touch screen
+does) and reports when each receiving room went live, read from the panel's status.
+On Ctrl-C (or after ``--duration``) it ends the lesson, stops every agent with SIGTERM
+and reports how long each took.
 """
 
 from __future__ import annotations
@@ -26,6 +29,7 @@ import yaml
 from agent.config.models import BrokerConfig, IdentityConfig
 from agent.dashboard import DashboardConfig
 from agent.dashboard.server import DashboardServer
+from agent.panel import PanelClient, PanelUnavailable
 from agent.sync import Message, MosquittoBroker, MqttLink
 
 GROUP = "g5-english"
@@ -40,6 +44,7 @@ ROOMS = [
     ("village-g", "room-1", "Village G teaching point", "receiving"),
 ]
 MAX_ROOMS = len(ROOMS)
+PANEL_PORT = 8470  # the main room's panel; receiving rooms' kiosks follow
 
 
 @dataclass
@@ -49,7 +54,8 @@ class RoomView:
     state: dict[str, Any] = field(default_factory=dict)
     health: dict[str, Any] = field(default_factory=dict)
     health_at: float = 0.0
-    live_at: float | None = None  # first health report of the lesson being live here
+    live_at: float | None = None  # when the main room's panel first showed this room live
+    panel_port: int = 0
     g2g_ms: float | None = None  # last glass-to-glass median reported while live
     process: asyncio.subprocess.Process | None = None
     exit_code: int | None = None
@@ -57,7 +63,11 @@ class RoomView:
 
 
 def site_file(
-    workdir: Path, room: tuple[str, str, str, str], broker_url: str, receivers: list[str]
+    workdir: Path,
+    room: tuple[str, str, str, str],
+    broker_url: str,
+    receivers: list[str],
+    panel_port: int,
 ) -> Path:
     site, name, display, role = room
     membership: dict[str, Any] = {"group": GROUP, "role": role}
@@ -75,7 +85,11 @@ def site_file(
         "capture": {"video": {"width": 640, "height": 360, "fps": 25}},
         "health": {"interval_s": 1},
         # Everything stays on this machine: loopback ICE candidates, no STUN server.
-        "stream": {"ice_host_addresses": ["127.0.0.1"], "video_bitrate_kbps": 800},
+        "stream": {
+            "ice_host_addresses": ["127.0.0.1"],
+            "video_bitrate_kbps": 800,
+            "panel_port": panel_port,
+        },
         "supervisor": {"state_dir": str(workdir / "state" / f"{site}.{name}")},
     }
     path = workdir / f"{site}.{name}.yaml"
@@ -156,6 +170,23 @@ class Demo:
         self.dashboard_port = dashboard_port
         self.dashboard_url = ""
         self.main = next(f"{s}.{r}" for s, r, _, role in self.rooms if role == "main")
+        self._tasks: set[asyncio.Task[None]] = set()
+        self.panels_text = ""
+
+    def _print_panels(self) -> None:
+        lines = []
+        for view in self.views.values():
+            what = "teacher panel" if view.role == "main" else "kiosk"
+            lines.append(f"{what} of {view.device}: http://127.0.0.1:{view.panel_port}/")
+        token_file = self.workdir / "state" / self.main / "panel-token"
+        with contextlib.suppress(OSError):
+            token = token_file.read_text(encoding="utf-8").strip()
+            lines.append(
+                f"watch page of {self.main}: "
+                f"http://127.0.0.1:{self.views[self.main].panel_port}/watch#token={token}"
+            )
+        self.panels_text = "\n".join(lines)
+        self.out.write(self.panels_text + "\n")
 
     async def run(self) -> int:
         loop = asyncio.get_running_loop()
@@ -194,7 +225,7 @@ class Demo:
                         if view.process is not None
                     )
                     self.out.write(f"agents: {pids} (kill -9 one to see it go offline)\n")
-                    ok = await self._show(broker.url, monitor)
+                    ok = await self._show(broker.url)
                 finally:
                     await self._stop_agents()
                     watch_task.cancel()
@@ -207,10 +238,13 @@ class Demo:
     async def _start_agents(self, broker_url: str) -> None:
         logs = self.workdir / "logs"
         logs.mkdir(parents=True, exist_ok=True)
-        for room in self.rooms:
+        taken: set[int] = set()
+        for index, room in enumerate(self.rooms):
             receivers = [f"{site}.{name}" for site, name, _, role in self.rooms if role != "main"]
-            path = site_file(self.workdir, room, broker_url, receivers)
             view = self.views[f"{room[0]}.{room[1]}"]
+            view.panel_port = free_port(PANEL_PORT + index, taken)
+            taken.add(view.panel_port)
+            path = site_file(self.workdir, room, broker_url, receivers, view.panel_port)
             log_file = (logs / f"{view.device}.log").open("wb")
             view.process = await asyncio.create_subprocess_exec(
                 sys.executable,
@@ -250,18 +284,42 @@ class Demo:
         else:
             view.health = data
             view.health_at = time.monotonic()
-            joined = view.role == "receiving" and lesson_state(view) == "live"
-            if self.button_at is not None and view.live_at is None and joined:
-                view.live_at = view.health_at
             view.g2g_ms = glass_to_glass_ms(view) or view.g2g_ms
 
-    async def _press(self, monitor: MqttLink, command: str) -> None:
-        """What the teacher's one button does: a command to the main room."""
-        site, room = self.main.split(".")
-        request = {"id": f"demo-{command}", "args": {"subject": "English"}}
-        if command == "lesson-end":
-            request["args"] = {}
-        await monitor.publish(f"edu/{site}/{room}/cmd/{command}", request, qos=1)
+    def panel(self, device: str) -> PanelClient:
+        return PanelClient(f"http://127.0.0.1:{self.views[device].panel_port}/")
+
+    async def _press(self, action: str) -> bool:
+        """The teacher's one button: the main room's panel API, as its touch screen uses."""
+        client = self.panel(self.main)
+        try:
+            if action == "start":
+                result = await asyncio.to_thread(client.start, None, "English")
+            else:
+                result = await asyncio.to_thread(client.end)
+        except PanelUnavailable as exc:
+            self.out.write(f"{exc}\n")
+            return False
+        if not result.get("ok"):
+            self.out.write(f"the panel refused {action}: {result.get('error')}\n")
+            return False
+        return True
+
+    async def _follow_join(self) -> None:
+        """Poll the main room's panel until every receiving room is live (or 30 s)."""
+        client = self.panel(self.main)
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            with contextlib.suppress(PanelUnavailable):
+                status = await asyncio.to_thread(client.status)
+                for host in status.get("hosting", []):
+                    for device, info in (host.get("rooms") or {}).items():
+                        view = self.views.get(device)
+                        if view is not None and view.live_at is None and info["state"] == "live":
+                            view.live_at = time.monotonic()
+            if all(v.live_at is not None for v in self.views.values() if v.role == "receiving"):
+                return
+            await asyncio.sleep(0.05)
 
     def _everyone_online(self) -> bool:
         return all(
@@ -269,12 +327,13 @@ class Demo:
             for view in self.views.values()
         )
 
-    async def _end_lesson(self, monitor: MqttLink) -> bool:
+    async def _end_lesson(self) -> bool:
         """Press End; the receiving rooms must go back to waiting."""
         receiving = [v for v in self.views.values() if v.role == "receiving"]
         if self.button_at is None or not receiving:
             return True
-        await self._press(monitor, "lesson-end")
+        if not await self._press("end"):
+            return False
         deadline = time.monotonic() + 10
         while time.monotonic() < deadline:
             if all(lesson_state(view) == "waiting" for view in receiving):
@@ -282,7 +341,7 @@ class Demo:
             await asyncio.sleep(0.2)
         return False
 
-    async def _show(self, broker_url: str, monitor: MqttLink) -> bool:
+    async def _show(self, broker_url: str) -> bool:
         started = time.monotonic()
         interactive = self.out.isatty()
         deadline = started + self.duration_s if self.duration_s > 0 else None
@@ -294,15 +353,20 @@ class Demo:
             for view in self.views.values():
                 if view.process is not None and view.process.returncode is not None:
                     view.exit_code = view.process.returncode
-            if self.button_at is None and monitor.is_connected and self._everyone_online():
-                await self._press(monitor, "lesson-start")
+            if self.button_at is None and self._everyone_online():
                 self.button_at = time.monotonic()
+                if await self._press("start"):
+                    follow = asyncio.create_task(self._follow_join(), name="demo-follow-join")
+                    self._tasks.add(follow)
+                    follow.add_done_callback(self._tasks.discard)
+                    self._print_panels()
             if interactive:
                 self.out.write(
                     "\x1b[H\x1b[2J" + render(list(self.views.values()), broker_url, started)
                 )
                 self.out.write(
-                    f"\n\nMaintenance dashboard: {self.dashboard_url}\nCtrl-C stops the demo.\n"
+                    f"\n\nMaintenance dashboard: {self.dashboard_url}\n{self.panels_text}\n"
+                    "Ctrl-C stops the demo.\n"
                 )
                 self.out.flush()
             elif now - last_print >= 5:
@@ -312,11 +376,14 @@ class Demo:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._stop.wait(), timeout=1.0)
         self.out.write(render(list(self.views.values()), broker_url, started) + "\n\n")
+        for task in list(self._tasks):
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
         everyone_joined = all(
             view.live_at is not None for view in self.views.values() if view.role == "receiving"
         )
         healthy = self._everyone_online()
-        ended = await self._end_lesson(monitor)
+        ended = await self._end_lesson()
         self.out.write(
             "lesson ended: receiving rooms back to 'waiting'\n"
             if ended
@@ -352,14 +419,19 @@ class Demo:
             took = view.live_at - self.button_at
             g2g = view.g2g_ms
             latency = f", glass-to-glass median {g2g:.0f} ms" if g2g is not None else ""
-            self.out.write(
-                f"{view.device}: live {took:.1f} s after the button "
-                f"(health every 1 s, so within that){latency}\n"
-            )
+            self.out.write(f"{view.device}: live {took:.2f} s after the button{latency}\n")
         for view in self.views.values():
             stop = f"stopped in {view.stop_s:.2f} s" if view.stop_s is not None else "had exited"
             self.out.write(f"{view.device}: {stop}, exit code {view.exit_code}\n")
         self.out.write(f"logs: {self.workdir / 'logs'}\n")
+
+
+def free_port(preferred: int, taken: set[int]) -> int:
+    """``preferred`` if free, else the next free port above it (panels need known ports)."""
+    for port in range(preferred, preferred + 200):
+        if port not in taken and _free_or_any(port) == port:
+            return port
+    raise RuntimeError(f"no free port in {preferred}-{preferred + 199} for the demo's panels")
 
 
 def _free_or_any(port: int) -> int:

@@ -30,9 +30,13 @@ from agent.capture import (
 )
 from agent.config import AgentConfig, ConfigError, LoadedConfig, load_config
 from agent.metrics import MetricsServer
+from agent.panel import PanelServer, load_or_create_token
+from agent.panel.server import token_path
 from agent.sdnotify import Notifier, WatchdogService
 from agent.selftest import SelftestThresholds, selftest_handler
-from agent.stream import EncoderSettings, LessonHost, ProbeSink, StreamService
+from agent.stream import LessonHost, ProbeSink, StreamService
+from agent.stream.playback import open_playback
+from agent.stream.sinks import FanOutSink, FrameObserver, LatestFrames
 from agent.supervisor import Service, ServiceFailed, Supervisor, cancel_and_wait
 from agent.sync import (
     AlertEngine,
@@ -53,6 +57,7 @@ from agent.sync.commands import CommandError, callable_handler, ping_handler
 log = logging.getLogger(__name__)
 
 EXIT_OK, EXIT_FAILURE, EXIT_CONFIG = 0, 1, 2
+RELOAD_RECHECK_S = 1.0  # how soon a reload held back by a lesson follows its end
 
 
 def preflight_media_files(config: AgentConfig) -> None:
@@ -152,22 +157,23 @@ class Agent:
             alerts=self.alerts,
             publisher=self.publisher,
         )
+        # Received media: stamps read (glass-to-glass in health), the newest frame of
+        # each room kept for the panel's tiles and the kiosk, sound to the speakers.
         self.received = ProbeSink()
+        self.board = LatestFrames()
+        self.playback = open_playback(config.stream.playback)
+        observers: list[FrameObserver] = [self.received, self.board]
+        if self.playback is not None:
+            observers.append(self.playback)
         self.stream = StreamService(
             self.link,
             self.video,
             self.audio,
             config.stream,
             host_addresses=config.stream.ice_host_addresses,
-            # Until the display sink lands, received video is decoded and its stamps read:
-            # synthetic cameras then report glass-to-glass latency in the health topic.
-            sink=self.received,
-            encoder_settings=EncoderSettings(
-                bitrate_kbps=config.stream.video_bitrate_kbps,
-                keyframe_interval_s=config.stream.keyframe_interval_s,
-                preset=config.stream.x264_preset,
-            ),
+            sink=FanOutSink(observers),
             media_timeout_s=config.stream.media_timeout_s,
+            playback=self.playback,
         )
         self.commands = CommandService(self.link)
         self.commands.register(
@@ -200,6 +206,17 @@ class Agent:
             )
             self.commands.register("lesson-end", self.end_lesson, args={"group": str}, timeout_s=15)
         self.optional: list[Service] = []
+        self.panel: PanelServer | None = None
+        if config.stream.panel_enabled:
+            self.panel = PanelServer(
+                self.stream,
+                config.stream,
+                config.identity,
+                token=load_or_create_token(token_path(config)),
+                board=self.board,
+                audio=self.audio,
+            )
+            self.optional.append(self.panel)
         if config.health.home_assistant_discovery:
             self.optional.append(
                 HomeAssistantDiscovery(
@@ -244,12 +261,10 @@ class Agent:
         return section
 
     def _host(self, args: dict[str, Any]) -> LessonHost:
-        group = args.get("group") or next(iter(self.stream.hosts))
-        host = self.stream.hosts.get(group)
-        if host is None:
-            known = ", ".join(self.stream.hosts)
-            raise CommandError(f"this room is not the main room of group {group!r} ({known})")
-        return host
+        try:
+            return self.stream.host_for(args.get("group") or None)
+        except LookupError as exc:
+            raise CommandError(str(exc)) from None
 
     async def start_lesson(self, args: dict[str, Any]) -> dict[str, Any]:
         announcement = await self._host(args).start_lesson(args.get("subject", ""))
@@ -364,15 +379,18 @@ class Daemon:
         return self._supervisor is None or self._supervisor.healthy()
 
     async def _wait(self, running: asyncio.Task[None], agent: Agent) -> str:
+        pending: LoadedConfig | None = None  # a valid reload held back by a live lesson
         while True:
             stop = asyncio.create_task(self._stop.wait(), name="wait-stop")
             reload = asyncio.create_task(self._reload.wait(), name="wait-reload")
-            done, pending = await asyncio.wait(
-                {running, stop, reload}, return_when=asyncio.FIRST_COMPLETED, timeout=30
+            done, waiting = await asyncio.wait(
+                {running, stop, reload},
+                return_when=asyncio.FIRST_COMPLETED,
+                timeout=RELOAD_RECHECK_S if pending is not None else 30,
             )
-            for task in pending - {running}:
+            for task in waiting - {running}:
                 task.cancel()
-            await asyncio.gather(*(pending - {running}), return_exceptions=True)
+            await asyncio.gather(*(waiting - {running}), return_exceptions=True)
             if running in done:
                 return "failed"
             if stop in done:
@@ -392,7 +410,14 @@ class Daemon:
                     )
                     self.notifier.ready()
                     continue
-                self.loaded = candidate
+                pending = candidate
+                if agent.in_lesson():
+                    # Rebuilding the services would cut every room out of the lesson.
+                    log.warning("configuration is valid; applying it when the live lesson ends")
+                    self.notifier.ready()
+                    self.notifier.status("new configuration waits for the lesson to end")
+            if pending is not None and not agent.in_lesson():
+                self.loaded = pending
                 return "reload"
             self.notifier.status(agent.summary())
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import re
 import signal
 import socket
 import sys
@@ -18,6 +19,7 @@ import jsonschema
 import pytest
 import yaml
 
+from agent.panel import PanelClient
 from tests.brokers import ADMIN, DEVICE_1, BrokerUnderTest, observing
 
 REPO = Path(__file__).resolve().parents[1]
@@ -128,6 +130,7 @@ def site_config(mqtt: BrokerUnderTest, tmp_path: Path, **sections: Any) -> dict[
         },
         "capture": {"video": {"width": 320, "height": 240, "fps": 15}},
         "health": {"interval_s": 1},
+        "stream": {"panel_port": 0},  # any free port: tests run side by side
         "supervisor": {"state_dir": str(tmp_path / "state")},
     }
     for name, value in sections.items():
@@ -205,6 +208,40 @@ async def test_daemon_lifecycle_ready_health_reload_and_clean_stop(
             f"{base}/state", lambda m: m.json()["status"] == "offline"
         )
         assert offline.json()["reason"] == "shutdown"
+    assert "Traceback" not in daemon.log()
+
+
+async def test_a_reload_waits_for_the_live_lesson_to_end(
+    mosquitto: BrokerUnderTest, tmp_path: Path, daemon_factory: Any
+) -> None:
+    """Rebuilding the services would cut every room out of the lesson: a valid new file
+    is applied when the lesson ends, not in the middle of it."""
+    main_room = {"groups": [{"group": "music", "role": "main", "receivers": ["school1.room2"]}]}
+    daemon = daemon_factory(site_config(mosquitto, tmp_path, identity=main_room))
+    await daemon.start()
+    await daemon.wait_notified("READY=1")
+    await daemon.wait_log("teacher panel at ")
+    found = re.search(r"teacher panel at (http://[0-9.:]+/)", daemon.log())
+    assert found is not None, daemon.log()
+    panel = PanelClient(found.group(1))
+    started = await asyncio.to_thread(panel.start, None, "Reload test")
+    assert started["ok"], started
+
+    daemon.write_config(
+        site_config(mosquitto, tmp_path, identity=main_room, health={"interval_s": 2})
+    )
+    assert daemon.process is not None
+    daemon.process.send_signal(signal.SIGHUP)
+    await daemon.wait_log("applying it when the live lesson ends")
+    status = await asyncio.to_thread(panel.status)
+    assert status["hosting"][0]["lesson"]["lesson_id"] == started["lesson_id"]
+    assert "reloaded configuration" not in daemon.log()
+
+    ended = await asyncio.to_thread(panel.end)
+    assert ended["ok"], ended
+    await daemon.wait_log("reloaded configuration")
+    daemon.process.send_signal(signal.SIGTERM)
+    assert await daemon.wait_exit() == 0
     assert "Traceback" not in daemon.log()
 
 

@@ -52,7 +52,15 @@ def test_demo_brings_rooms_online_and_stops_them_cleanly(tmp_path: Path) -> None
     assert rows[0][9:11] == ["live", "1/1"], rows[0]  # LESSON: main room, rooms live
     assert rows[1][9] == "live", rows[1]
     assert float(rows[1][10]) < 1000  # glass-to-glass median, ms
-    assert re.search(r"village-a\.room-1: live \d+\.\d s after the button", result.stdout)
+    assert re.search(r"village-a\.room-1: live \d+\.\d+ s after the button", result.stdout)
+    # The panels: the teacher's, the receiving room's kiosk, the watch page with its token.
+    assert re.search(
+        r"teacher panel of central-school\.room-101: http://127\.0\.0\.1:\d+/", result.stdout
+    )
+    assert re.search(r"kiosk of village-a\.room-1: http://127\.0\.0\.1:\d+/", result.stdout)
+    assert re.search(
+        r"watch page of central-school\.room-101: \S+/watch#token=\S{16,}", result.stdout
+    )
     assert "lesson ended: receiving rooms back to 'waiting'" in result.stdout
     assert result.stdout.count("exit code 0") == 2
     assert re.search(r"maintenance dashboard: http://127\.0\.0\.1:\d+/", result.stdout)

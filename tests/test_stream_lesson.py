@@ -9,136 +9,36 @@ frame number and capture time stamped into every synthetic frame.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
 import logging
+import random
 import time
-from collections.abc import AsyncIterator
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 import jsonschema
 import pytest
 
-from agent.capture import AudioHub, FrameHub, open_audio_source, open_video_source
-from agent.config.models import (
-    AudioConfig,
-    CaptureConfig,
-    GroupMembership,
-    IdentityConfig,
-    LessonRole,
-    StreamConfig,
-    VideoConfig,
+from agent.stream import (
+    IceSettings,
+    JoinState,
+    PeerSession,
 )
-from agent.stream import EncoderSettings, JoinState, ProbeSink, StreamService
-from agent.sync import MqttLink
-from tests.brokers import BrokerUnderTest, eventually, observing, running
+from agent.stream.lesson import MAIN_OFFLINE
+from tests.brokers import BrokerUnderTest, eventually, observing
+from tests.rooms import (
+    GROUP,
+    MAIN,
+    OUTSIDER,
+    ROOM2,
+    ROOM3,
+    frames_advance,
+    room,
+    until_live,
+)
 
 pytestmark = pytest.mark.slow
 
 ROOT = Path(__file__).resolve().parents[1]
-GROUP = "music"
-MAIN = "school1.room1"
-ROOM2 = "school1.room2"
-ROOM3 = "school2.room3"
-OUTSIDER = "school9.room9"
-SMALL = CaptureConfig(
-    video=VideoConfig(width=320, height=240, fps=15), audio=AudioConfig(frame_ms=20)
-)
-
-
-@dataclass
-class Room:
-    device: str
-    link: MqttLink
-    video: FrameHub
-    audio: AudioHub
-    service: StreamService
-    probe: ProbeSink
-    tasks: list[asyncio.Task[None]] = field(default_factory=list)
-
-    @property
-    def host(self) -> Any:
-        return self.service.hosts[GROUP]
-
-    @property
-    def joiner(self) -> Any:
-        assert self.service.joiner is not None
-        return self.service.joiner
-
-
-def identity(device: str, role: LessonRole) -> IdentityConfig:
-    site, room = device.split(".")
-    receivers = [ROOM2, ROOM3] if role is LessonRole.MAIN else []
-    membership = GroupMembership(group=GROUP, role=role, receivers=receivers)
-    return IdentityConfig(site=site, room=room, groups=[membership])
-
-
-@contextlib.asynccontextmanager
-async def room(
-    broker: BrokerUnderTest,
-    device: str,
-    *,
-    main: bool = False,
-    keyframe_interval_s: float = 2.0,
-    hubs: tuple[FrameHub, AudioHub] | None = None,
-) -> AsyncIterator[Room]:
-    """One classroom's agent (link + hubs + stream service), stopped on exit."""
-    role = LessonRole.MAIN if main else LessonRole.RECEIVING
-    link = MqttLink(
-        broker.broker_config(None),
-        identity(device, role),
-        software_version="0.0.0-test",
-        profile_name="virtual",
-    )
-    own_hubs = hubs is None
-    video, audio = hubs or (
-        FrameHub(open_video_source(SMALL.video), SMALL),
-        AudioHub(open_audio_source(SMALL.audio), SMALL),
-    )
-    probe = ProbeSink()
-    service = StreamService(
-        link,
-        video,
-        audio,
-        StreamConfig(video_bitrate_kbps=400),
-        host_addresses=["127.0.0.1"],
-        sink=probe,
-        encoder_settings=EncoderSettings(bitrate_kbps=400, keyframe_interval_s=keyframe_interval_s),
-    )
-    r = Room(device, link, video, audio, service, probe)
-    async with running(link):
-        if own_hubs:
-            r.tasks += [asyncio.create_task(video.run()), asyncio.create_task(audio.run())]
-        r.tasks.append(asyncio.create_task(service.run(), name=f"test-stream-{device}"))
-        try:
-            yield r
-        finally:
-            service_task = r.tasks.pop()
-            service_task.cancel()
-            await asyncio.gather(service_task, return_exceptions=True)
-            for task in r.tasks:
-                task.cancel()
-            await asyncio.gather(*r.tasks, return_exceptions=True)
-
-
-async def until_live(*rooms: Room, within: float = 30.0) -> None:
-    await eventually(
-        lambda: all(r.joiner.state is JoinState.LIVE for r in rooms),
-        within=within,
-        what=f"{', '.join(r.device for r in rooms)} live",
-    )
-
-
-async def frames_advance(sink: ProbeSink, source: str, by: int = 10, within: float = 30.0) -> None:
-    stats = sink.stats(source)
-    start = stats.last_stamp or 0
-    await eventually(
-        lambda: stats.last_stamp is not None and stats.last_stamp - start >= by,
-        within=within,
-        what=f"{by} more stamped frames from {source}",
-    )
 
 
 async def test_lesson_two_rooms_both_ways_encode_once_then_end(
@@ -391,3 +291,293 @@ async def test_room_whose_media_stops_reconnects(mosquitto: BrokerUnderTest) -> 
         await until_live(room2)
         await frames_advance(room2.probe, MAIN, by=10)
         await main.host.end_lesson()
+
+
+# -- robustness: attempts, hands, room states, a crashed main room --------------------------
+
+LOOPBACK = IceSettings(host_addresses=("127.0.0.1",))
+log = logging.getLogger(__name__)
+
+
+def announcement(lesson_id: str, expected: tuple[str, ...] = (ROOM2,)) -> str:
+    return json.dumps(
+        {
+            "v": 1,
+            "lesson_id": lesson_id,
+            "group": GROUP,
+            "subject": "",
+            "main": MAIN,
+            "expected": list(expected),
+            "joined": [],
+            "started_at": time.time(),
+            "state": "live",
+        }
+    )
+
+
+def device_state(status: str, seq: int, boot: str = "2026-11-02T08:00:00Z") -> str:
+    site, name = MAIN.split(".")
+    payload = {"status": status, "device": MAIN, "site": site, "room": name, "seq": seq}
+    return json.dumps({**payload, "boot_time": boot, "version": "0", "profile": "virtual"})
+
+
+async def test_a_stale_answer_or_bye_of_an_earlier_attempt_is_ignored(
+    mosquitto: BrokerUnderTest,
+) -> None:
+    """The test plays the main room by hand, with a real aiortc answerer: an answer for
+    another attempt would cost an ICE failure if the room took it."""
+    prefix = mosquitto.prefix
+    lesson_topic = f"{prefix}/lesson/{GROUP}"
+    offers = f"{prefix}/rtc/{ROOM2}/{MAIN}"
+    to_room = f"{prefix}/rtc/{MAIN}/{ROOM2}"
+    state = f"{prefix}/school1/room1/state"
+    answerers: list[PeerSession] = []
+    async with observing(mosquitto, offers) as main:
+        await main.publish(state, device_state("online", 1), retain=True)
+        await main.publish(lesson_topic, announcement("attempts1"), retain=True)
+        try:
+            async with room(mosquitto, ROOM2) as room2:
+                message = await main.wait_for(offers, lambda m: m.json()["type"] == "offer")
+                offer = message.json()
+                attempt = offer["attempt"]
+                assert offer["lesson_id"] == "attempts1"
+                assert room2.joiner.state is JoinState.JOINING
+                for _ in range(2):
+                    answerers.append(PeerSession(ROOM2, "attempts1", LOOPBACK, None))
+                stale, good = [await a.make_answer(offer["sdp"], None, None) for a in answerers]
+
+                def signal(kind: str, attempt: str, sdp: str | None = None) -> str:
+                    body = {"v": 1, "lesson_id": "attempts1", "type": kind, "attempt": attempt}
+                    return json.dumps(body if sdp is None else {**body, "sdp": sdp})
+
+                await main.publish(to_room, signal("answer", "earlier1", stale))
+                await eventually(lambda: room2.joiner.stale_signals == 1, what="stale ignored")
+                await main.publish(to_room, signal("answer", attempt, good))
+                await until_live(room2, within=20)
+                assert answerers[1].connected.is_set()
+                assert not answerers[0].connected.is_set()
+                assert room2.joiner.sessions_started == 1
+
+                await main.publish(to_room, signal("bye", "earlier1"))
+                await eventually(lambda: room2.joiner.stale_signals == 2, what="stale bye")
+                assert room2.joiner.state is JoinState.LIVE
+                await main.publish(to_room, signal("bye", attempt))
+                await eventually(
+                    lambda: room2.joiner.state is not JoinState.LIVE, what="the bye obeyed"
+                )
+                await main.publish(lesson_topic, b"", retain=True)
+                await eventually(lambda: room2.joiner.state is JoinState.WAITING, what="waiting")
+        finally:
+            for answerer in answerers:
+                await answerer.close()
+            await main.publish(state, b"", retain=True)
+
+
+class LongestDelay(random.Random):
+    """Backoff at its cap, so a dropped room stays away for a known time."""
+
+    def uniform(self, a: float, b: float) -> float:
+        return b
+
+
+async def test_room_states_hands_and_a_late_bye_for_the_teachers_panel(
+    mosquitto: BrokerUnderTest,
+) -> None:
+    async with (
+        room(mosquitto, MAIN, main=True) as main,
+        room(mosquitto, ROOM2) as room2,
+        observing(mosquitto) as forger,
+    ):
+        host = main.host
+        assert host.room_states() == {}
+        lesson = await host.start_lesson("Hands")
+        first = host.room_states()
+        assert set(first) == {ROOM2, ROOM3}
+        assert first[ROOM3].state in ("joining", "gone")  # room 3's agent never ran
+        assert first[ROOM2].state == "joining"
+        assert first[ROOM2].hand_up is False
+        await until_live(room2)
+        await eventually(lambda: host.room_states()[ROOM2].state == "live", what="live")
+        status = host.room_states()[ROOM2]
+        assert status.figures is not None
+        assert status.figures["lesson"] == lesson.lesson_id
+        assert status.since <= time.time()
+
+        async with room(mosquitto, ROOM3) as room3:
+            await until_live(room3)
+            await eventually(lambda: host.room_states()[ROOM3].state == "live", what="room3")
+            # Hands: raised by the room, seen by the teacher, lowered by the teacher.
+            await room2.joiner.set_hand(True)
+            assert room2.joiner.hand_up
+            await eventually(lambda: host.room_states()[ROOM2].hand_up, what="hand up")
+            assert not host.room_states()[ROOM3].hand_up
+            host.lower_hand(ROOM2)
+            assert not host.room_states()[ROOM2].hand_up
+            await eventually(lambda: not room2.joiner.hand_up, what="the room told")
+            await room2.joiner.set_hand(True)
+            await room3.joiner.set_hand(True)
+            await eventually(
+                lambda: all(s.hand_up for s in host.room_states().values()), what="two hands"
+            )
+
+            # A late bye of an earlier attempt ends nothing.
+            bye = {"v": 1, "lesson_id": lesson.lesson_id, "type": "bye", "attempt": "earlier1"}
+            session = host.sessions()[ROOM2]
+            await forger.publish(f"{mosquitto.prefix}/rtc/{ROOM2}/{MAIN}", json.dumps(bye))
+            await eventually(lambda: host.stale_byes == 1, what="the late bye ignored")
+            assert host.sessions()[ROOM2] is session
+
+        # Room 3's agent stops: its state goes offline, the host shows it gone at once.
+        await eventually(lambda: host.room_states()[ROOM3].state == "gone", what="room3 gone")
+        assert not host.room_states()[ROOM3].hand_up
+
+        # Room 2 drops and stays away for 2 s: reconnecting, then gone after gone_after_s
+        # (hand lowered), then back.
+        host.gone_after_s = 0.5
+        room2.joiner.retry_min_s = room2.joiner.retry_max_s = 2.0
+        room2.joiner._rng = LongestDelay()
+        own = room2.joiner.session
+        assert own is not None
+        await own.pc.close()
+        await eventually(
+            lambda: host.room_states()[ROOM2].state == "reconnecting", what="reconnecting"
+        )
+        assert host.room_states()[ROOM2].hand_up  # a short drop keeps the hand
+        await eventually(lambda: host.room_states()[ROOM2].state == "gone", what="gone")
+        gone = host.room_states()[ROOM2]
+        assert not gone.hand_up
+        await eventually(lambda: host.room_states()[ROOM2].state == "live", within=30, what="back")
+        assert host.room_states()[ROOM2].since >= gone.since
+        # The room still has its hand up and says so again when it is back.
+        assert room2.joiner.hand_up
+        await eventually(lambda: host.room_states()[ROOM2].hand_up, what="hand again")
+
+        await host.end_lesson()
+        assert host.room_states() == {}
+        await eventually(lambda: not room2.joiner.hand_up, what="hand lowered at the end")
+
+
+async def test_crashed_main_room_stops_the_rooms_and_they_rejoin_the_next_lesson(
+    mosquitto: BrokerUnderTest,
+) -> None:
+    states: list[tuple[JoinState, str]] = []
+    async with room(mosquitto, ROOM2) as room2:
+        room2.joiner.add_state_listener(lambda s, _: states.append((s, room2.joiner.reason)))
+        async with room(mosquitto, MAIN, main=True) as main:
+            await main.host.start_lesson()
+            await until_live(room2)
+            await frames_advance(room2.probe, MAIN, by=5)
+            # The main room's agent dies: no DISCONNECT (the broker publishes its Last
+            # Will), no cleared announcement, no bye.
+            conn = main.link._conn
+            assert conn is not None
+            assert main.link_task is not None
+            crashed = time.monotonic()
+            conn.abort()
+            main.link_task.cancel()
+            for task in main.tasks:
+                task.cancel()
+            await eventually(
+                lambda: room2.joiner.reason == MAIN_OFFLINE, within=10, what="main offline"
+            )
+            noticed_s = time.monotonic() - crashed
+        assert room2.joiner.state is JoinState.WAITING
+        assert room2.joiner.lesson is not None  # still announced (retained)...
+        assert room2.joiner.session is None  # ...but nobody is called
+        started = room2.joiner.sessions_started
+        log.info("a crashed main room was noticed after %.3f s", noticed_s)
+        assert noticed_s < 5
+
+        # A new main room agent comes up: it clears the stale lesson, starts a new one.
+        async with room(mosquitto, MAIN, main=True) as again:
+            await eventually(
+                lambda: (
+                    room2.joiner.lesson is None
+                    and room2.joiner.state is JoinState.WAITING
+                    and room2.joiner.reason == ""
+                ),
+                what="the stale lesson cleared",
+            )
+            assert room2.joiner.sessions_started <= started + 1
+            began = time.monotonic()
+            await again.host.start_lesson()
+            await until_live(room2)
+            log.info("rejoined the new main room's lesson in %.2f s", time.monotonic() - began)
+            await frames_advance(room2.probe, MAIN, by=5)
+            await again.host.end_lesson()
+    assert (JoinState.WAITING, MAIN_OFFLINE) in states
+
+
+async def test_main_room_link_blip_rooms_wait_then_resume_the_same_lesson(
+    mosquitto: BrokerUnderTest,
+) -> None:
+    async with (
+        room(mosquitto, MAIN, main=True) as main,
+        room(mosquitto, ROOM2) as room2,
+    ):
+        reasons: list[str] = []
+        room2.joiner.add_state_listener(lambda s, _: reasons.append(room2.joiner.reason))
+        lesson = await main.host.start_lesson()
+        await until_live(room2)
+        conn = main.link._conn
+        assert conn is not None
+        conn.abort()  # the Last Will fires; the link reconnects by itself at once
+        await eventually(lambda: MAIN_OFFLINE in reasons, what="main offline seen")
+        await until_live(room2)
+        assert room2.joiner.lesson is not None
+        assert room2.joiner.lesson.lesson_id == lesson.lesson_id
+        assert room2.joiner.sessions_started == 2
+        await frames_advance(room2.probe, MAIN, by=5)
+        await main.host.end_lesson()
+
+
+async def test_a_retained_lesson_of_an_offline_main_room_is_not_called(
+    mosquitto: BrokerUnderTest, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.WARNING, logger="agent.stream.lesson")
+    prefix = mosquitto.prefix
+    lesson_topic = f"{prefix}/lesson/{GROUP}"
+    state = f"{prefix}/school1/room1/state"
+    offers = f"{prefix}/rtc/{ROOM2}/{MAIN}"
+    async with observing(mosquitto, offers) as other:
+        # What a main room that died mid-lesson leaves behind.
+        await other.publish(state, device_state("online", 3), retain=True)
+        await other.publish(lesson_topic, announcement("crashed1"), retain=True)
+        await other.publish(state, device_state("offline", 3), retain=True)
+        try:
+            async with room(mosquitto, ROOM2) as room2:
+                await eventually(
+                    lambda: room2.joiner.lesson is not None and room2.joiner.reason == MAIN_OFFLINE,
+                    what="main offline shown",
+                )
+                assert room2.joiner.state is JoinState.WAITING
+                # A flood of broken announcements: one warning, the rest counted.
+                for _ in range(20):
+                    await other.publish(lesson_topic, b"{broken")
+                await eventually(
+                    lambda: room2.joiner.invalid_announcements.suppressed >= 19, what="flood"
+                )
+                assert caplog.text.count("invalid lesson announcement") == 1
+                # The broken ones changed nothing (the retained lesson is still known)...
+                assert room2.joiner.reason == MAIN_OFFLINE
+                # ...and all that while nobody was called.
+                assert room2.joiner.sessions_started == 0
+                assert not other.received(offers)
+                # A stale Will (an older boot) after a newer birth changes nothing either.
+                await other.publish(state, device_state("online", 1, "2026-11-02T09:00:00Z"))
+                await eventually(lambda: room2.joiner.sessions_started == 1, what="an offer")
+                await other.wait_for(offers, lambda m: m.json()["type"] == "offer")
+                presence = room2.joiner._main
+                assert presence is not None
+                seen = presence.messages
+                await other.publish(state, device_state("offline", 7))
+                await eventually(lambda: presence.messages > seen, what="the stale Will read")
+                assert room2.joiner.main_online is True
+                await other.publish(lesson_topic, b"", retain=True)
+                await eventually(
+                    lambda: room2.joiner.state is JoinState.WAITING and room2.joiner.reason == "",
+                    what="waiting for a lesson",
+                )
+        finally:
+            await other.publish(state, b"", retain=True)
+            await other.publish(lesson_topic, b"", retain=True)

@@ -91,7 +91,7 @@ def run_dashboard(config: DashboardConfig, *, simulate_rooms: int = 0) -> int:
 
 async def _main(config: DashboardConfig, simulate_rooms: int) -> int:
     # aiohttp is imported here, not at the top: every other command starts faster.
-    from agent.dashboard.server import DashboardError  # noqa: PLC0415
+    from agent.dashboard.server import DashboardError
 
     task = asyncio.create_task(_serve(config, simulate_rooms), name="dashboard-main")
     loop = asyncio.get_running_loop()
@@ -125,7 +125,7 @@ def _leaves(exc: BaseException) -> list[BaseException]:
 
 
 async def _serve(config: DashboardConfig, simulate_rooms: int) -> None:
-    from agent.dashboard.server import DashboardServer  # noqa: PLC0415 (see _main)
+    from agent.dashboard.server import DashboardServer
 
     if simulate_rooms <= 0:
         server = DashboardServer(config)

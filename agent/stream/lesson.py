@@ -10,8 +10,13 @@ A receiving room's :class:`LessonJoiner` needs nobody: it watches its groups'
 announcements, offers to the main room as soon as a lesson naming it is live, and keeps
 trying (capped, jittered backoff) while the lesson stays announced: a failed
 connection, a ``bye`` or media that stops for ``media_timeout_s`` starts a fresh
-session. Its :attr:`LessonJoiner.state` is what the room's screen shows: ``waiting``
-for a lesson, ``joining``, ``live``, ``reconnecting``.
+session. Its :attr:`LessonJoiner.state` (and :attr:`LessonJoiner.reason`) is what the
+room's screen shows: ``waiting`` for a lesson (or for a main room that is offline: its
+Last Will is watched, a crashed main room's announcement outlives it), ``joining``,
+``live``, ``reconnecting``. Every offer carries a fresh attempt id, so a late answer or
+bye of an earlier attempt is ignored on both sides. The host's
+:meth:`LessonHost.room_states` (joining / live / reconnecting / gone, raised hands) is
+what the teacher's panel shows.
 
 Both are supervisor services; cancelling ``run()`` closes every peer connection (the
 host also ends its lesson). Neither trusts the network: announcements and signalling
@@ -27,25 +32,29 @@ import logging
 import random
 import time
 import uuid
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field, replace
 from enum import StrEnum
-from typing import Any
+from functools import partial
+from typing import Any, Literal
 
 from agent.backoff import backoff_delay
 from agent.capture import AudioHub
+from agent.stream.controls import MediaControls
 from agent.stream.encoder import SharedH264Encoder
 from agent.stream.peer import IceSettings, PeerSession, wait_first
 from agent.stream.signalling import (
     LessonInbox,
+    RejectionLog,
     Signal,
     Signalling,
     SignalType,
     is_device_id,
     is_lesson_id,
+    new_attempt_id,
 )
 from agent.stream.sinks import MediaSink
-from agent.sync import LinkError, MqttLink
+from agent.sync import LinkError, MqttLink, Topics
 
 log = logging.getLogger(__name__)
 
@@ -53,6 +62,8 @@ MAX_ANNOUNCEMENT_BYTES = 16 * 1024
 BYE_TIMEOUT_S = 2.0
 CLEAR_TIMEOUT_S = 5.0
 START_WAIT_S = 5.0
+GONE_AFTER_S = 20.0  # a room dropped this long ago is "gone", not "reconnecting"
+MAIN_STATE_WAIT_S = 1.0  # how long a joiner waits for the main room's retained state
 
 
 class AnnouncementInvalid(ValueError):
@@ -145,7 +156,145 @@ def new_lesson_id() -> str:
     return uuid.uuid4().hex[:16]
 
 
+# -- presence: the retained birth / Last Will of another room ------------------------------
+
+
+def state_topic(prefix: str, device: str) -> str | None:
+    """``{prefix}/{site}/{room}/state`` of a device id (None if it cannot be a topic)."""
+    site, _, room = device.partition(".")
+    try:
+        return Topics(prefix, site, room).state
+    except ValueError:
+        return None
+
+
+class Presence:
+    """Another room's online/offline state, read from its retained state topic.
+
+    ``online`` is None until a message arrives (the ACL may not let us read it: then we
+    never hold back). A Last Will that arrives late, after a newer birth, is stale and
+    ignored: messages are ordered by (``boot_time``, ``seq``), because ``seq`` restarts
+    with the process.
+    """
+
+    def __init__(self, device: str) -> None:
+        self.device = device
+        self.online: bool | None = None
+        self.since = time.time()
+        self.reason = ""
+        self.known = asyncio.Event()
+        self.changed = asyncio.Event()
+        self.messages = 0
+        self._latest_online: tuple[str, int] | None = None
+
+    @property
+    def offline(self) -> bool:
+        """Known to be offline (unknown counts as online: never hold back on a guess)."""
+        return self.online is False
+
+    def update(self, payload: bytes) -> bool:
+        """Apply one state message; True if ``online`` changed."""
+        self.messages += 1
+        try:
+            data = json.loads(payload.decode("utf-8")) if payload else {}
+        except (UnicodeDecodeError, ValueError):
+            return False
+        if not isinstance(data, dict):
+            return False
+        status = data.get("status")
+        seq = data.get("seq", 0)
+        boot = data.get("boot_time", "")
+        key = (
+            boot if isinstance(boot, str) else "",
+            seq if isinstance(seq, int) and not isinstance(seq, bool) else 0,
+        )
+        self.known.set()
+        if status == "online":
+            if self._latest_online is None or key >= self._latest_online:
+                self._latest_online = key
+            online: bool | None = True
+        elif status == "offline":
+            if self._latest_online is not None and key < self._latest_online:
+                log.debug(
+                    "stale Last Will of %s ignored (%s < %s)", self.device, key, self._latest_online
+                )
+                return False
+            online = False
+            reason = data.get("reason")
+            self.reason = reason[:80] if isinstance(reason, str) else ""
+        else:
+            online = None
+        if online is self.online:
+            return False
+        self.online = online
+        self.since = time.time()
+        self.changed.set()
+        return True
+
+
+async def _watch_presence(
+    link: MqttLink, presence: Presence, on_change: Callable[[], None]
+) -> None:
+    topic = state_topic(link.topics.prefix, presence.device)
+    if topic is None:
+        presence.known.set()
+        return
+    async with link.subscribe(topic, qos=1) as messages:
+        async for message in messages:
+            if presence.update(message.payload):
+                log.info(
+                    "%s is %s",
+                    presence.device,
+                    {True: "online", False: "offline", None: "unknown"}[presence.online],
+                )
+                on_change()
+
+
+async def _first(*waitables: Awaitable[Any], timeout: float | None = None) -> None:  # noqa: ASYNC109
+    """Until the first of ``waitables`` finishes (or ``timeout``), leaving no task behind."""
+    futures = [asyncio.ensure_future(w) for w in waitables]
+    try:
+        await asyncio.wait(futures, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        for future in futures:
+            future.cancel()
+        await asyncio.gather(*futures, return_exceptions=True)
+
+
 # -- the main room ------------------------------------------------------------------------
+
+RoomState = Literal["joining", "live", "reconnecting", "gone"]
+
+
+@dataclass(frozen=True, slots=True)
+class RoomStatus:
+    """One expected room of the live lesson, as the teacher's panel shows it.
+
+    ``state``: ``joining`` (expected, never connected in this lesson), ``live``,
+    ``reconnecting`` (was live and dropped less than ``gone_after_s`` ago, or offered
+    again), ``gone`` (dropped longer ago, or its device went offline). ``since``: wall
+    time of the last change. ``figures``: its peer's ``PeerSession.describe()``.
+    """
+
+    state: RoomState
+    since: float
+    hand_up: bool
+    figures: dict[str, Any] | None
+
+
+@dataclass(slots=True)
+class _Room:
+    state: RoomState
+    since: float
+    ever_live: bool = False
+    dropped_at: float | None = None  # monotonic, while reconnecting
+    hand_up: bool = False
+    attempt: str | None = None  # of the current session
+
+    def move(self, state: RoomState, since: float | None = None) -> None:
+        if state != self.state:
+            self.state = state
+            self.since = time.time() if since is None else since
 
 
 class LessonHost:
@@ -154,7 +303,9 @@ class LessonHost:
     :meth:`start_lesson` / :meth:`end_lesson` are the one button; they need ``run()``
     to be running. Offers are accepted only from ``expected`` (the group's receiving
     rooms) and only for the current lesson; a room that offers again (it reconnected)
-    replaces its previous connection.
+    replaces its previous connection, and a ``bye`` naming an earlier attempt ends
+    nothing. :meth:`room_states` is what the panel's tiles show; the host watches each
+    expected room's retained state so a room whose agent died shows ``gone`` at once.
     """
 
     def __init__(
@@ -169,6 +320,8 @@ class LessonHost:
         ice: IceSettings | None = None,
         sink: MediaSink | None = None,
         connect_timeout_s: float = 15.0,
+        gone_after_s: float = GONE_AFTER_S,
+        controls: MediaControls | None = None,
     ) -> None:
         self.name = f"stream.lesson.{group}"
         self.link = link
@@ -185,6 +338,8 @@ class LessonHost:
         self.ice = ice or IceSettings()
         self.sink = sink
         self.connect_timeout_s = connect_timeout_s
+        self.gone_after_s = gone_after_s
+        self.controls = controls
         self._lesson: Announcement | None = None
         self._serving: asyncio.Task[None] | None = None
         self._running = asyncio.Event()
@@ -193,7 +348,10 @@ class LessonHost:
         self._finished: set[str] = set()
         self._sessions: dict[str, PeerSession] = {}
         self._peer_tasks: dict[str, asyncio.Task[None]] = {}
+        self._side_tasks: set[asyncio.Task[None]] = set()
         self._joined: list[str] = []
+        self._rooms: dict[str, _Room] = {}
+        self.stale_byes = 0
 
     @property
     def lesson(self) -> Announcement | None:
@@ -205,6 +363,59 @@ class LessonHost:
 
     def sessions(self) -> dict[str, PeerSession]:
         return dict(self._sessions)
+
+    # -- what the teacher's panel shows ---------------------------------------------------
+
+    def room_states(self) -> dict[str, RoomStatus]:
+        """Every expected room of the live lesson (empty without one)."""
+        if self._lesson is None:
+            return {}
+        now = time.monotonic()
+        states: dict[str, RoomStatus] = {}
+        for device in self.expected:
+            room = self._rooms.get(device)
+            if room is None:
+                continue
+            if (
+                room.state == "reconnecting"
+                and room.dropped_at is not None
+                and now - room.dropped_at >= self.gone_after_s
+            ):
+                self._gone(device, room, time.time() - (now - room.dropped_at - self.gone_after_s))
+            session = self._sessions.get(device)
+            states[device] = RoomStatus(
+                state=room.state,
+                since=room.since,
+                hand_up=room.hand_up,
+                figures=None if session is None else session.describe(),
+            )
+        return states
+
+    def lower_hand(self, room: str) -> None:
+        """The teacher lowers a room's hand; the room hears it (best effort)."""
+        lesson, track = self._lesson, self._rooms.get(room)
+        if lesson is None or track is None or not track.hand_up:
+            return
+        track.hand_up = False
+        log.info("hand of %s lowered by the teacher", room)
+
+        async def tell() -> None:
+            with contextlib.suppress(LinkError, TimeoutError):
+                async with asyncio.timeout(BYE_TIMEOUT_S):
+                    await self.signalling.send(room, lesson.lesson_id, SignalType.HAND, up=False)
+
+        task = asyncio.create_task(tell(), name=f"stream-hand-{room}")
+        self._side_tasks.add(task)
+        task.add_done_callback(self._side_tasks.discard)
+
+    def _gone(self, device: str, room: _Room, since: float | None = None) -> None:
+        room.move("gone", since)
+        room.dropped_at = None
+        if room.hand_up:
+            room.hand_up = False
+            log.info("hand of %s lowered: the room left", device)
+
+    # -- the service ----------------------------------------------------------------------
 
     async def run(self) -> None:
         self._running.set()
@@ -271,6 +482,8 @@ class LessonHost:
             raise
         self._lesson = lesson
         self._joined = []
+        now = time.time()
+        self._rooms = {device: _Room("joining", now) for device in self.expected}
         log.info(
             "lesson %s of group %s started, expecting %s",
             lesson.lesson_id,
@@ -295,23 +508,23 @@ class LessonHost:
                 await serving
 
     async def _serve(self, lesson: Announcement, inbox: LessonInbox) -> None:
+        watchers = [
+            asyncio.create_task(
+                _watch_presence(self.link, presence, partial(self._on_presence, presence)),
+                name=f"stream-presence-{presence.device}",
+            )
+            for presence in (Presence(device) for device in self.expected)
+        ]
         try:
             while True:
-                signal = await inbox.get()
-                if signal.type is SignalType.OFFER:
-                    await self._replace_peer(signal.sender)
-                    self._peer_tasks[signal.sender] = asyncio.create_task(
-                        self._host_peer(lesson, signal), name=f"stream-peer-{signal.sender}"
-                    )
-                elif signal.type is SignalType.BYE:
-                    log.info("%s left lesson %s", signal.sender, lesson.lesson_id)
-                    await self._replace_peer(signal.sender)
-                else:
-                    log.warning("unexpected %s from %s ignored", signal.type, signal.sender)
+                self._on_signal(lesson, await inbox.get())
         finally:
             inbox.close()
+            for watcher in watchers:
+                watcher.cancel()
+            await asyncio.gather(*watchers, return_exceptions=True)
             await self._finish(lesson)
-            tasks = list(self._peer_tasks.values())
+            tasks = [*self._peer_tasks.values(), *self._side_tasks]
             for task in tasks:
                 task.cancel()
             await asyncio.gather(*tasks, return_exceptions=True)
@@ -319,13 +532,61 @@ class LessonHost:
             self._lesson = None
             self._serving = None
             self._joined = []
+            self._rooms = {}
             log.info("lesson %s of group %s ended", lesson.lesson_id, self.group)
 
-    async def _replace_peer(self, room: str) -> None:
+    def _on_signal(self, lesson: Announcement, signal: Signal) -> None:
+        room = self._rooms.get(signal.sender)
+        if room is None:  # the inbox admits expected rooms only
+            return
+        if signal.type is SignalType.OFFER:
+            if signal.attempt is not None and signal.attempt == room.attempt:
+                log.debug("duplicate offer %s from %s ignored", signal.attempt, signal.sender)
+                return
+            self._replace_peer(signal.sender)
+            if room.state in ("reconnecting", "gone", "live"):
+                room.move("reconnecting" if room.ever_live else "joining")
+                room.dropped_at = None
+            room.attempt = signal.attempt
+            self._peer_tasks[signal.sender] = asyncio.create_task(
+                self._host_peer(lesson, signal), name=f"stream-peer-{signal.sender}"
+            )
+        elif signal.type is SignalType.BYE:
+            if signal.attempt is not None and signal.attempt != room.attempt:
+                self.stale_byes += 1
+                log.info(
+                    "bye of an earlier attempt (%s) from %s ignored", signal.attempt, signal.sender
+                )
+                return
+            log.info("%s left lesson %s", signal.sender, lesson.lesson_id)
+            self._replace_peer(signal.sender)
+        elif signal.type is SignalType.HAND:
+            up = bool(signal.up)
+            if up != room.hand_up:
+                room.hand_up = up
+                log.info("%s %s its hand", signal.sender, "raised" if up else "lowered")
+        else:
+            log.warning("unexpected %s from %s ignored", signal.type, signal.sender)
+
+    def _on_presence(self, presence: Presence) -> None:
+        room = self._rooms.get(presence.device)
+        if room is None or presence.online is not False:
+            return
+        if room.state != "gone":
+            log.info("%s went offline (%s): gone", presence.device, presence.reason or "no reason")
+        self._gone(presence.device, room)
+        session = self._sessions.get(presence.device)
+        if session is not None:
+            session.end("the room went offline")
+
+    def _replace_peer(self, room: str) -> None:
+        """End the room's current session; its task winds down in the background (it
+        stays owned: the lesson's end cancels and awaits whatever is left)."""
         task = self._peer_tasks.pop(room, None)
         if task is not None:
             task.cancel()
-            await asyncio.gather(task, return_exceptions=True)
+            self._side_tasks.add(task)
+            task.add_done_callback(self._side_tasks.discard)
 
     async def _finish(self, lesson: Announcement) -> None:
         """Clear the announcement, then say bye: rooms see 'ended', not 'failed'."""
@@ -342,14 +603,20 @@ class LessonHost:
                 lesson.lesson_id,
                 exc,
             )
-        rooms = list(self._sessions)
+        rooms = {
+            device: self._rooms[device].attempt
+            for device in self._sessions
+            if device in self._rooms
+        }
 
-        async def bye(room: str) -> None:
+        async def bye(room: str, attempt: str | None) -> None:
             with contextlib.suppress(LinkError, TimeoutError):
                 async with asyncio.timeout(BYE_TIMEOUT_S):
-                    await self.signalling.send(room, lesson.lesson_id, SignalType.BYE)
+                    await self.signalling.send(
+                        room, lesson.lesson_id, SignalType.BYE, attempt=attempt
+                    )
 
-        await asyncio.gather(*(bye(room) for room in rooms))
+        await asyncio.gather(*(bye(room, attempt) for room, attempt in rooms.items()))
 
     async def _announce(self, lesson: Announcement) -> None:
         if self._lesson is not lesson or lesson.lesson_id in self._finished:
@@ -360,11 +627,14 @@ class LessonHost:
 
     async def _host_peer(self, lesson: Announcement, offer: Signal) -> None:
         room = offer.sender
-        session = PeerSession(room, lesson.lesson_id, self.ice, self.sink)
+        track = self._rooms[room]
+        session = PeerSession(room, lesson.lesson_id, self.ice, self.sink, controls=self.controls)
         self._sessions[room] = session
         try:
             answer = await session.make_answer(offer.sdp or "", self.encoder, self.audio)
-            await self.signalling.send(room, lesson.lesson_id, SignalType.ANSWER, answer)
+            await self.signalling.send(
+                room, lesson.lesson_id, SignalType.ANSWER, answer, attempt=offer.attempt
+            )
             if not await session.wait_connected(self.connect_timeout_s):
                 log.warning(
                     "%s did not connect to lesson %s: %s",
@@ -374,7 +644,11 @@ class LessonHost:
                 )
                 return
             log.info("%s joined lesson %s", room, lesson.lesson_id)
-            self._joined.append(room)
+            track.move("live")
+            track.ever_live = True
+            track.dropped_at = None
+            if room not in self._joined:
+                self._joined.append(room)
             await self._announce(lesson)
             await session.ended.wait()
             log.info("%s dropped out of lesson %s: %s", room, lesson.lesson_id, session.end_reason)
@@ -386,9 +660,13 @@ class LessonHost:
             )
         finally:
             # Book-keeping first: it must hold even if this task is cancelled again.
-            if self._sessions.get(room) is session:
+            current = self._sessions.get(room) is session
+            if current:
                 del self._sessions[room]
-            left = room in self._joined
+                if track.state == "live":
+                    track.move("reconnecting")
+                    track.dropped_at = time.monotonic()
+            left = current and room in self._joined
             if left:
                 self._joined.remove(room)
             await session.close()
@@ -402,6 +680,10 @@ class LessonHost:
             "role": "main",
             "group": self.group,
             "peers": {room: s.describe() for room, s in self._sessions.items()},
+            "rooms": {
+                room: {"state": s.state, "hand_up": s.hand_up}
+                for room, s in self.room_states().items()
+            },
         }
 
 
@@ -409,17 +691,24 @@ class LessonHost:
 
 
 class JoinState(StrEnum):
-    WAITING = "waiting"  # no lesson for this room is announced
+    WAITING = "waiting"  # no lesson for this room is announced, or its main room is offline
     JOINING = "joining"  # first attempt at the announced lesson
     LIVE = "live"
     RECONNECTING = "reconnecting"  # lost it while it is still announced; retrying
 
 
+MAIN_OFFLINE = "main room offline"
 StateListener = Callable[[JoinState, Announcement | None], None]
 
 
 class LessonJoiner:
-    """A receiving room: joins its groups' lessons by itself (a supervisor service)."""
+    """A receiving room: joins its groups' lessons by itself (a supervisor service).
+
+    :attr:`state` and :attr:`reason` are what the room's screen shows. While the chosen
+    lesson's main room is offline (its Last Will on its state topic), the room stays
+    ``waiting`` with reason ``"main room offline"`` and offers nothing; it joins again
+    as soon as that room is back online and still announces the lesson.
+    """
 
     name = "stream.lesson.join"
 
@@ -438,7 +727,9 @@ class LessonJoiner:
         media_timeout_s: float = 6.0,
         retry_min_s: float = 0.5,
         retry_max_s: float = 10.0,
+        main_state_wait_s: float = MAIN_STATE_WAIT_S,
         rng: random.Random | None = None,
+        controls: MediaControls | None = None,
     ) -> None:
         self.link = link
         self.signalling = signalling
@@ -453,14 +744,23 @@ class LessonJoiner:
         self.media_timeout_s = media_timeout_s
         self.retry_min_s = retry_min_s
         self.retry_max_s = retry_max_s
+        self.main_state_wait_s = main_state_wait_s
+        self.controls = controls
         self._rng = rng or random.Random()
         self._announced: dict[str, Announcement] = {}
         self._chosen: Announcement | None = None
         self._choice_changed = asyncio.Event()
         self._state = JoinState.WAITING
+        self.reason = ""
         self._session: PeerSession | None = None
+        self._attempt: str | None = None
+        self._answer_wait: asyncio.Future[str] | None = None
+        self._main: Presence | None = None
         self._listeners: list[StateListener] = []
+        self.hand_up = False
         self.sessions_started = 0
+        self.stale_signals = 0  # answers and byes of earlier attempts, ignored
+        self.invalid_announcements = RejectionLog(log, "invalid lesson announcement")
         self.since = time.time()
 
     # -- what the room's screen shows ---------------------------------------------------
@@ -477,26 +777,52 @@ class LessonJoiner:
     def session(self) -> PeerSession | None:
         return self._session
 
+    @property
+    def main_online(self) -> bool | None:
+        """The chosen lesson's main room: online, offline, or None (not known)."""
+        return None if self._main is None else self._main.online
+
     def add_state_listener(self, listener: StateListener) -> None:
         self._listeners.append(listener)
 
-    def _set_state(self, state: JoinState) -> None:
-        if state is self._state:
+    def _set_state(self, state: JoinState, reason: str = "") -> None:
+        if state is self._state and reason == self.reason:
             return
         self._state = state
+        self.reason = reason
         self.since = time.time()
         lesson = self._chosen
         log.info(
-            "lesson: %s%s",
+            "lesson: %s%s%s",
             state,
+            f" ({reason})" if reason else "",
             "" if lesson is None else f" (lesson {lesson.lesson_id} from {lesson.main})",
-            extra={"fields": {"state": str(state), "lesson": lesson and lesson.lesson_id}},
+            extra={
+                "fields": {
+                    "state": str(state),
+                    "reason": reason,
+                    "lesson": lesson and lesson.lesson_id,
+                }
+            },
         )
         for listener in list(self._listeners):
             try:
                 listener(state, lesson)
             except Exception:
                 log.exception("lesson state listener failed")
+
+    # -- hands ----------------------------------------------------------------------------
+
+    async def set_hand(self, up: bool) -> None:
+        """Raise or lower this room's hand in the live lesson (raises RuntimeError
+        without one, and the link's errors when it cannot be sent)."""
+        lesson = self._chosen
+        if lesson is None:
+            raise RuntimeError("no lesson is live for this room")
+        await self.signalling.send(lesson.main, lesson.lesson_id, SignalType.HAND, up=up)
+        if self._still(lesson):
+            self.hand_up = up
+            log.info("hand %s", "raised" if up else "lowered")
 
     # -- announcements ------------------------------------------------------------------
 
@@ -506,7 +832,7 @@ class LessonJoiner:
                 try:
                     lesson = Announcement.parse(group, message.payload)
                 except AnnouncementInvalid as exc:
-                    log.warning("ignored an invalid announcement for group %s: %s", group, exc)
+                    self.invalid_announcements.note(f"group {group}", "invalid", str(exc))
                     continue
                 if lesson is not None and self.me not in lesson.expected:
                     log.info(
@@ -530,6 +856,9 @@ class LessonJoiner:
         )
         if not same and (previous is not None or chosen is not None):
             self._choice_changed.set()
+            if self.hand_up:
+                self.hand_up = False
+                log.info("hand lowered: the lesson ended")
             session = self._session
             if session is not None:
                 session.end("lesson ended" if chosen is None else "another lesson started")
@@ -549,8 +878,14 @@ class LessonJoiner:
                 for group in self.groups:
                     tasks.create_task(self._watch(group), name=f"stream-watch-{group}")
                 tasks.create_task(self._attend_forever(), name="stream-attend")
+                tasks.create_task(self._summarise(), name="stream-watch-summaries")
         finally:
             self._set_state(JoinState.WAITING)
+
+    async def _summarise(self) -> None:
+        while True:
+            await asyncio.sleep(max(1.0, self.invalid_announcements.window_s / 6))
+            self.invalid_announcements.flush()
 
     async def _attend_forever(self) -> None:
         while True:
@@ -563,51 +898,154 @@ class LessonJoiner:
             await self._attend(lesson)
 
     async def _attend(self, lesson: Announcement) -> None:
+        """Join ``lesson`` and stay in it while it is announced: one inbox for the whole
+        lesson (answers of every attempt, byes, the teacher lowering a hand) and a watch
+        on the main room's state."""
+        presence = Presence(lesson.main)
+        self._main = presence
+        with self.signalling.open(lesson.lesson_id, {lesson.main}) as inbox:
+            helpers = [
+                asyncio.create_task(self._dispatch(inbox), name="stream-join-inbox"),
+                asyncio.create_task(
+                    _watch_presence(self.link, presence, partial(self._on_main, presence)),
+                    name=f"stream-presence-{lesson.main}",
+                ),
+            ]
+            try:
+                await self._attend_loop(lesson, presence)
+            finally:
+                for helper in helpers:
+                    helper.cancel()
+                await asyncio.gather(*helpers, return_exceptions=True)
+                if self._main is presence:
+                    self._main = None
+
+    def _on_main(self, presence: Presence) -> None:
+        if presence.online is False:
+            session = self._session
+            if session is not None:
+                session.end(MAIN_OFFLINE)
+
+    async def _attend_loop(self, lesson: Announcement, presence: Presence) -> None:
+        # A crashed main room's announcement outlives it: its retained state (the Last
+        # Will) says so, and it usually arrives within milliseconds. Wait that long
+        # rather than offer to a room that is not there.
+        if self.main_state_wait_s > 0:
+            await _first(
+                presence.known.wait(), self._choice_changed.wait(), timeout=self.main_state_wait_s
+            )
         attempt = 0
+        ever_tried = False
+        reason = ""
         while self._still(lesson):
             lesson = self._chosen or lesson
-            self._set_state(JoinState.JOINING if attempt == 0 else JoinState.RECONNECTING)
+            # Both are stale news here: the lesson is still ours (no await since the
+            # check), and the main room's state is read just below.
+            self._choice_changed.clear()
+            presence.changed.clear()
+            if presence.offline:
+                self._set_state(JoinState.WAITING, MAIN_OFFLINE)
+                await _first(self._choice_changed.wait(), presence.changed.wait())
+                attempt = 0
+                reason = ""
+                continue
+            if not self.link.is_connected:
+                self._set_state(
+                    JoinState.RECONNECTING if ever_tried else JoinState.JOINING,
+                    "no connection to the broker",
+                )
+                await _first(self.link.wait_connected(), self._choice_changed.wait())
+                attempt = 0
+                continue
+            self._set_state(JoinState.RECONNECTING if ever_tried else JoinState.JOINING, reason)
+            ever_tried = True
             reason, was_live = await self._one_session(lesson)
             if not self._still(lesson):
                 return
+            if presence.offline:
+                continue
             if was_live:
                 attempt = 0
             delay = backoff_delay(attempt, self.retry_min_s, self.retry_max_s, self._rng)
             attempt += 1
             log.warning("lesson %s: %s; reconnecting in %.1f s", lesson.lesson_id, reason, delay)
-            self._set_state(JoinState.RECONNECTING)
-            self._choice_changed.clear()
-            await wait_first(self._choice_changed, timeout=delay)
+            self._set_state(JoinState.RECONNECTING, reason)
+            if not self.link.is_connected:
+                continue  # the top of the loop waits for the link, not for the delay
+            # A main room that comes back (or a link that returns) ends the wait early.
+            await _first(self._choice_changed.wait(), presence.changed.wait(), timeout=delay)
+
+    async def _dispatch(self, inbox: LessonInbox) -> None:
+        """Routes the lesson's signals to the current attempt; earlier ones are ignored."""
+        while True:
+            signal = await inbox.get()
+            current = signal.attempt is None or signal.attempt == self._attempt
+            if signal.type is SignalType.ANSWER:
+                waiter = self._answer_wait
+                if current and waiter is not None and not waiter.done():
+                    waiter.set_result(signal.sdp or "")
+                else:
+                    self.stale_signals += 1
+                    log.info(
+                        "ignored an answer for attempt %s (this attempt: %s)",
+                        signal.attempt,
+                        self._attempt,
+                    )
+            elif signal.type is SignalType.BYE:
+                session = self._session
+                if current and session is not None:
+                    session.end("bye from the main room")
+                elif not current:
+                    self.stale_signals += 1
+                    log.info("ignored a bye for attempt %s", signal.attempt)
+            elif signal.type is SignalType.HAND:
+                if signal.up is False and self.hand_up:
+                    self.hand_up = False
+                    log.info("the teacher lowered this room's hand")
+            else:
+                log.debug("ignored %s from %s", signal.type, signal.sender)
 
     async def _one_session(self, lesson: Announcement) -> tuple[str, bool]:
         """One offer/answer/connection with the main room; returns (why it ended, was it
         live)."""
         main = lesson.main
-        session = PeerSession(main, lesson.lesson_id, self.ice, self.sink)
+        attempt = new_attempt_id()
+        answer: asyncio.Future[str] = asyncio.get_running_loop().create_future()
+        session = PeerSession(main, lesson.lesson_id, self.ice, self.sink, controls=self.controls)
         self._session = session
+        self._attempt = attempt
+        self._answer_wait = answer
         self.sessions_started += 1
         was_live = False
         say_bye = True
-        inbox = self.signalling.open(lesson.lesson_id, {main})
-        reader: asyncio.Task[None] | None = None
         try:
             async with asyncio.timeout(self.answer_timeout_s):
                 await self.signalling.wait_ready()
             offer = await session.make_offer(self.encoder, self.audio)
-            await self.signalling.send(main, lesson.lesson_id, SignalType.OFFER, offer)
-            answer = await self._answer(inbox, session)
-            if answer is None:
-                say_bye = session.end_reason != "bye from the main room"
+            await self.signalling.send(
+                main, lesson.lesson_id, SignalType.OFFER, offer, attempt=attempt
+            )
+            async with asyncio.timeout(self.answer_timeout_s):
+                await _first(asyncio.shield(answer), session.ended.wait())
+            if not answer.done() or answer.cancelled():
+                say_bye = session.end_reason not in ("bye from the main room", MAIN_OFFLINE)
                 return session.end_reason or "no answer", False
-            await session.accept_answer(answer)
-            reader = asyncio.create_task(self._read(inbox, session), name="stream-join-inbox")
+            await session.accept_answer(answer.result())
             if not await session.wait_connected(self.connect_timeout_s):
                 session.end(session.end_reason or "connection timed out")
                 return session.end_reason, False
             was_live = True
             self._set_state(JoinState.LIVE)
+            if self.hand_up:  # a main room that restarted, or missed it: say it again
+                with contextlib.suppress(LinkError, TimeoutError):
+                    async with asyncio.timeout(BYE_TIMEOUT_S):
+                        await self.signalling.send(main, lesson.lesson_id, SignalType.HAND, up=True)
             await self._watch_media(session)
-            say_bye = session.end_reason not in ("bye from the main room", "lesson ended")
+            say_bye = session.end_reason not in (
+                "bye from the main room",
+                "lesson ended",
+                MAIN_OFFLINE,
+            )
             return session.end_reason, True
         except TimeoutError:
             return f"no answer from {main} within {self.answer_timeout_s:g} s", was_live
@@ -618,46 +1056,16 @@ class LessonJoiner:
         except Exception as exc:  # aiortc refusing the answer, and the like
             return f"session failed: {_describe(exc)}", was_live
         finally:
-            if reader is not None:
-                reader.cancel()
-                await asyncio.gather(reader, return_exceptions=True)
-            inbox.close()
-            if say_bye and self._still(lesson):
+            self._answer_wait = None
+            answer.cancel()
+            if say_bye and self._still(lesson) and self.link.is_connected:
                 with contextlib.suppress(LinkError, TimeoutError):
                     async with asyncio.timeout(BYE_TIMEOUT_S):
-                        await self.signalling.send(main, lesson.lesson_id, SignalType.BYE)
+                        await self.signalling.send(
+                            main, lesson.lesson_id, SignalType.BYE, attempt=attempt
+                        )
             self._session = None
             await session.close()
-
-    async def _answer(self, inbox: LessonInbox, session: PeerSession) -> str | None:
-        async with asyncio.timeout(self.answer_timeout_s):
-            while True:
-                getter = asyncio.ensure_future(inbox.get())
-                ended = asyncio.ensure_future(session.ended.wait())
-                try:
-                    await asyncio.wait({getter, ended}, return_when=asyncio.FIRST_COMPLETED)
-                finally:
-                    for future in (getter, ended):
-                        future.cancel()
-                    await asyncio.gather(getter, ended, return_exceptions=True)
-                if session.ended.is_set():
-                    return None
-                if getter.cancelled() or getter.exception() is not None:
-                    continue
-                signal = getter.result()
-                if signal.type is SignalType.ANSWER:
-                    return signal.sdp
-                if signal.type is SignalType.BYE:
-                    session.end("bye from the main room")
-                    return None
-
-    async def _read(self, inbox: LessonInbox, session: PeerSession) -> None:
-        while True:
-            signal = await inbox.get()
-            if signal.type is SignalType.BYE:
-                session.end("bye from the main room")
-                return
-            log.debug("ignored %s from %s while connected", signal.type, signal.sender)
 
     async def _watch_media(self, session: PeerSession) -> None:
         """Until the session ends; ends it when no media has arrived for a while (a main
@@ -676,5 +1084,9 @@ class LessonJoiner:
             "lesson": None if lesson is None else lesson.lesson_id,
             "role": "receiving",
             "state": str(self._state),
+            "reason": self.reason,
+            "main_online": self.main_online,
+            "hand_up": self.hand_up,
+            "sessions_started": self.sessions_started,
             "peers": {} if session is None else {session.remote: session.describe()},
         }

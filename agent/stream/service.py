@@ -80,6 +80,7 @@ class StreamService:
                 audio=audio,
                 ice=ice,
                 sink=sink,
+                controls=self.controls,
             )
             for m in identity.groups
             if m.role is LessonRole.MAIN
@@ -95,6 +96,7 @@ class StreamService:
                 ice=ice,
                 sink=sink,
                 media_timeout_s=media_timeout_s,
+                controls=self.controls,
             )
             if receiving
             else None

@@ -1,19 +1,28 @@
-"""WebRTC signalling over the MQTT link: SDP offer/answer/bye between device ids.
+"""WebRTC signalling over the MQTT link: SDP offer/answer/bye and hands between rooms.
 
 Topic ``{prefix}/rtc/{from}/{to}`` (QoS 1, never retained); payload, compact JSON::
 
-    {"v": 1, "lesson_id": "…", "type": "offer" | "answer" | "bye", "sdp": "v=0…"}
+    {"v": 1, "lesson_id": "…", "type": "offer" | "answer" | "bye" | "hand",
+     "attempt": "k3X9_a2Q", "sdp": "v=0…", "up": true}
 
 ``sdp`` is the complete description after candidate gathering (aiortc does not
-trickle), required for offers and answers and absent or null for ``bye``.
+trickle), required for offers and answers and absent or null otherwise. ``attempt``
+(optional, ``[A-Za-z0-9_-]{1,32}``) names one joining attempt: the receiving room puts
+a fresh one in every offer, the main room echoes it in its answer and in a ``bye``
+that ends that session, so neither side acts on a late answer or bye of an earlier
+attempt. A message without it means "whatever session is current" (older agents).
+``up`` (a boolean, ``hand`` only) raises or lowers a receiving room's hand; the main
+room sends ``up: false`` when the teacher lowers it.
 
-Every message is checked before anything acts on it, and a bad one is logged, counted
-and dropped without touching the running lesson: at most ``MAX_MESSAGE_BYTES``, UTF-8
-JSON, known fields of the right types, a well-formed topic addressed to this device,
-not retained, and a ``lesson_id`` this device has opened with the sender among that
-lesson's expected peers. The broker ACL lets a device publish only as
-``rtc/{itself}/+``, so the ``from`` level is the sender's identity; the expected-peer
-check is what keeps a room outside the group (or a stale session) out.
+Every message is checked before anything acts on it, and a bad one is logged (the
+first per sender and reason at WARNING, repeats summarised once a minute, see
+:class:`RejectionLog`), counted and dropped without touching the running lesson: at
+most ``MAX_MESSAGE_BYTES``, UTF-8 JSON, known fields of the right types, a well-formed
+topic addressed to this device, not retained, and a ``lesson_id`` this device has
+opened with the sender among that lesson's expected peers. The broker ACL lets a
+device publish only as ``rtc/{itself}/+``, so the ``from`` level is the sender's
+identity; the expected-peer check is what keeps a room outside the group (or a stale
+session) out.
 
 One :class:`Signalling` per agent subscribes to the device's inbox and routes messages
 to the :class:`LessonInbox` that :meth:`Signalling.open` returned for their lesson.
@@ -25,8 +34,10 @@ import asyncio
 import json
 import logging
 import re
+import secrets
+import time
 from collections import Counter
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from enum import StrEnum
 from typing import Any
@@ -40,13 +51,17 @@ MAX_MESSAGE_BYTES = 64 * 1024
 INBOX_SIZE = 32
 _LESSON_ID = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
 _DEVICE_ID = re.compile(r"^[a-z0-9][a-z0-9_-]{0,62}\.[a-z0-9][a-z0-9_-]{0,62}$")
-_FIELDS = frozenset({"v", "lesson_id", "type", "sdp"})
+_ATTEMPT = re.compile(r"^[A-Za-z0-9_-]{1,32}$")
+_FIELDS = frozenset({"v", "lesson_id", "type", "sdp", "attempt", "up"})
+REJECTION_WINDOW_S = 60.0
+REJECTION_KEYS = 256  # (sender, code) windows kept; a flood of new senders evicts the oldest
 
 
 class SignalType(StrEnum):
     OFFER = "offer"
     ANSWER = "answer"
     BYE = "bye"
+    HAND = "hand"  # a receiving room raises/lowers its hand (the main room only lowers)
 
 
 class SignalRejected(ValueError):
@@ -64,6 +79,8 @@ class Signal:
     lesson_id: str
     type: SignalType
     sdp: str | None
+    attempt: str | None = None  # the joining attempt (None: an older agent, "current")
+    up: bool | None = None  # hand raised (HAND only)
 
 
 def is_device_id(value: str) -> bool:
@@ -74,14 +91,42 @@ def is_lesson_id(value: str) -> bool:
     return bool(_LESSON_ID.match(value))
 
 
-def encode_signal(lesson_id: str, kind: SignalType, sdp: str | None = None) -> dict[str, Any]:
+def is_attempt_id(value: str) -> bool:
+    return bool(_ATTEMPT.match(value))
+
+
+def new_attempt_id() -> str:
+    """A short random id for one joining attempt (8 URL-safe characters)."""
+    return secrets.token_urlsafe(6)
+
+
+def _needs_sdp(kind: SignalType) -> bool:
+    return kind in (SignalType.OFFER, SignalType.ANSWER)
+
+
+def encode_signal(
+    lesson_id: str,
+    kind: SignalType,
+    sdp: str | None = None,
+    *,
+    attempt: str | None = None,
+    up: bool | None = None,
+) -> dict[str, Any]:
     if not is_lesson_id(lesson_id):
         raise ValueError(f"lesson id {lesson_id!r} is not valid")
-    if (sdp is None) != (kind is SignalType.BYE):
-        raise ValueError(f"{kind} {'needs' if sdp is None else 'takes no'} sdp")
+    if (sdp is not None) != _needs_sdp(kind):
+        raise ValueError(f"{kind} {'takes no' if sdp is not None else 'needs'} sdp")
+    if (up is not None) != (kind is SignalType.HAND):
+        raise ValueError(f"{kind} {'takes no' if up is not None else 'needs'} 'up'")
+    if attempt is not None and not is_attempt_id(attempt):
+        raise ValueError(f"attempt {attempt!r} is not valid")
     payload: dict[str, Any] = {"v": PROTOCOL_VERSION, "lesson_id": lesson_id, "type": str(kind)}
+    if attempt is not None:
+        payload["attempt"] = attempt
     if sdp is not None:
         payload["sdp"] = sdp
+    if up is not None:
+        payload["up"] = up
     return payload
 
 
@@ -123,15 +168,105 @@ def parse_signal(
         kind = SignalType(str(data.get("type")))
     except ValueError:
         raise SignalRejected(
-            "fields", f"type {str(data.get('type'))[:20]!r} is not offer/answer/bye"
+            "fields", f"type {str(data.get('type'))[:20]!r} is not offer/answer/bye/hand"
         ) from None
+    attempt = data.get("attempt")
+    if attempt is not None and (not isinstance(attempt, str) or not is_attempt_id(attempt)):
+        raise SignalRejected("fields", "attempt malformed (1-32 of A-Z a-z 0-9 _ -)")
     sdp = data.get("sdp")
-    if kind is SignalType.BYE:
+    if not _needs_sdp(kind):
         if sdp is not None:
-            raise SignalRejected("fields", "bye carries no sdp")
+            raise SignalRejected("fields", f"{kind} carries no sdp")
     elif not isinstance(sdp, str) or not sdp.startswith("v=0"):
         raise SignalRejected("fields", f"{kind} without an SDP (a string starting 'v=0')")
-    return Signal(sender, recipient, lesson_id, kind, sdp)
+    up = data.get("up")
+    if kind is SignalType.HAND:
+        if not isinstance(up, bool):
+            raise SignalRejected("fields", "hand without a boolean 'up'")
+    elif up is not None:
+        raise SignalRejected("fields", f"{kind} carries no 'up'")
+    return Signal(sender, recipient, lesson_id, kind, sdp, attempt, up)
+
+
+@dataclass(slots=True)
+class _Window:
+    opened: float
+    suppressed: int = 0
+
+
+class RejectionLog:
+    """Logs rejections so that a misbehaving sender cannot flood the journal.
+
+    The first rejection per (sender, code) logs at WARNING and opens a ``window_s``
+    window; repeats inside it are only counted. The count is summarised ("... and 37
+    more from X in the last 60 s") by :meth:`flush` once the window has passed, or
+    with the next rejection after it. At most ``max_keys`` windows are kept (the
+    oldest is summarised and dropped first), so many senders cannot grow it either.
+    """
+
+    def __init__(
+        self,
+        logger: logging.Logger,
+        what: str,
+        *,
+        window_s: float = REJECTION_WINDOW_S,
+        max_keys: int = REJECTION_KEYS,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self._log = logger
+        self.what = what
+        self.window_s = window_s
+        self.max_keys = max_keys
+        self.clock = clock
+        self._windows: dict[tuple[str, str], _Window] = {}
+        self.logged = 0
+        self.suppressed = 0
+
+    def note(
+        self, sender: str, code: str, text: str, *, fields: dict[str, Any] | None = None
+    ) -> bool:
+        """Record one rejection; True if it was logged, False if only counted."""
+        key = (sender, code)
+        now = self.clock()
+        window = self._windows.get(key)
+        if window is not None and now - window.opened < self.window_s:
+            window.suppressed += 1
+            self.suppressed += 1
+            return False
+        if window is not None:
+            self._summarise(key, window)
+            del self._windows[key]
+        elif len(self._windows) >= self.max_keys:
+            self.flush()
+            if len(self._windows) >= self.max_keys:
+                oldest = next(iter(self._windows))
+                self._summarise(oldest, self._windows.pop(oldest))
+        self._windows[key] = _Window(now)
+        self.logged += 1
+        extra = {"fields": {"sender": sender, "code": code, "reason": text, **(fields or {})}}
+        self._log.warning("%s from %s: %s", self.what, sender, text, extra=extra)
+        return True
+
+    def flush(self) -> None:
+        """Summarise and forget the windows that have passed."""
+        now = self.clock()
+        for key, window in list(self._windows.items()):
+            if now - window.opened >= self.window_s:
+                self._summarise(key, window)
+                del self._windows[key]
+
+    def _summarise(self, key: tuple[str, str], window: _Window) -> None:
+        if window.suppressed:
+            sender, code = key
+            self._log.warning(
+                "... and %d more %ss (%s) from %s in the last %.0f s",
+                window.suppressed,
+                self.what,
+                code,
+                sender,
+                self.window_s,
+                extra={"fields": {"sender": sender, "code": code, "count": window.suppressed}},
+            )
 
 
 class LessonInbox:
@@ -148,7 +283,11 @@ class LessonInbox:
         if self._queue.full():
             self._queue.get_nowait()
             self.dropped += 1
-            log.warning("signalling inbox of lesson %s is full: dropped the oldest", self.lesson_id)
+            self._owner.rejections.note(
+                signal.sender,
+                "inbox-full",
+                f"inbox of lesson {self.lesson_id} full: dropped the oldest",
+            )
         self._queue.put_nowait(signal)
 
     async def get(self) -> Signal:
@@ -179,7 +318,9 @@ class Signalling:
         self._inboxes: dict[str, LessonInbox] = {}
         self._subscribed = asyncio.Event()
         self.accepted = 0
-        self.rejected: Counter[str] = Counter()
+        self.rejected: Counter[str] = Counter()  # by code
+        self.rejected_from: Counter[str] = Counter()  # by sender (bounded, see _count)
+        self.rejections = RejectionLog(log, "rejected signalling message")
 
     def open(self, lesson_id: str, peers: Iterable[str]) -> LessonInbox:
         """Accept signals for ``lesson_id`` from ``peers`` until the inbox is closed."""
@@ -200,19 +341,44 @@ class Signalling:
         """Until the inbox subscription is in place (replies can no longer be missed)."""
         await self._subscribed.wait()
 
-    async def send(self, to: str, lesson_id: str, kind: SignalType, sdp: str | None = None) -> None:
+    async def send(
+        self,
+        to: str,
+        lesson_id: str,
+        kind: SignalType,
+        sdp: str | None = None,
+        *,
+        attempt: str | None = None,
+        up: bool | None = None,
+    ) -> None:
         """Publish one signal (QoS 1); raises the link's errors (LinkDown, PublishRejected)."""
         topic = self.link.topics.rtc(self.me, to)
-        await self.link.publish(topic, encode_signal(lesson_id, kind, sdp), qos=1)
+        payload = encode_signal(lesson_id, kind, sdp, attempt=attempt, up=up)
+        await self.link.publish(topic, payload, qos=1)
 
     async def run(self) -> None:
         try:
-            async with self.link.subscribe(self.link.topics.rtc_inbox, qos=1) as messages:
-                self._subscribed.set()
-                async for message in messages:
-                    self.deliver(message)
+            async with asyncio.TaskGroup() as tasks:
+                tasks.create_task(self._summarise(), name="stream-signalling-summaries")
+                async with self.link.subscribe(self.link.topics.rtc_inbox, qos=1) as messages:
+                    self._subscribed.set()
+                    async for message in messages:
+                        self.deliver(message)
         finally:
             self._subscribed.clear()
+
+    async def _summarise(self) -> None:
+        """Write the rejection summaries of a flood that has stopped."""
+        while True:
+            await asyncio.sleep(max(1.0, self.rejections.window_s / 6))
+            self.rejections.flush()
+
+    def _count(self, sender: str, code: str) -> None:
+        self.rejected[code] += 1
+        if sender in self.rejected_from or len(self.rejected_from) < REJECTION_KEYS:
+            self.rejected_from[sender] += 1
+        else:
+            self.rejected_from["(others)"] += 1
 
     def deliver(self, message: Message) -> Signal | None:
         """Validate and route one received message; returns it if it was accepted."""
@@ -225,9 +391,9 @@ class Signalling:
                 retained=message.retain,
             )
             inbox = self._inboxes.get(signal.lesson_id)
-            if inbox is None and signal.type is SignalType.BYE:
+            if inbox is None and signal.type in (SignalType.BYE, SignalType.HAND):
                 # The usual end of a lesson: the room left on the cleared announcement
-                # before the main room's bye arrived. Nothing to do, nothing to warn about.
+                # before the main room's bye (or a hand) arrived. Nothing to warn about.
                 self.rejected["stale"] += 1
                 log.debug(
                     "bye from %s for lesson %s, already closed", signal.sender, signal.lesson_id
@@ -241,13 +407,13 @@ class Signalling:
                     f"{signal.sender} is not an expected peer of lesson {signal.lesson_id}",
                 )
         except SignalRejected as exc:
-            reason = str(exc)
-            self.rejected[exc.code] += 1
-            log.warning(
-                "rejected signalling message on %s: %s",
-                message.topic[:200],
-                reason,
-                extra={"fields": {"topic": message.topic[:200], "reason": reason}},
+            sender = _sender_of(message.topic)
+            self._count(sender, exc.code)
+            self.rejections.note(
+                sender,
+                exc.code,
+                f"{exc} (on {message.topic[:200]})",
+                fields={"topic": message.topic[:200]},
             )
             return None
         self.accepted += 1
@@ -259,5 +425,15 @@ class Signalling:
         return {
             "accepted": self.accepted,
             "rejected": dict(self.rejected),
+            "rejected_from": dict(self.rejected_from.most_common(20)),
+            "rejections_logged": self.rejections.logged,
+            "rejections_suppressed": self.rejections.suppressed,
             "open_lessons": len(self._inboxes),
         }
+
+
+def _sender_of(topic: str) -> str:
+    """The sender level of a signalling topic, printable and short, for logs and counters."""
+    levels = topic.split("/")
+    sender = levels[2] if len(levels) >= 3 else "?"
+    return sender if is_device_id(sender) else repr(sender[:40])

@@ -117,6 +117,10 @@ def device_acl_lines(
     for membership in identity.groups:
         access = "readwrite" if membership.role is LessonRole.MAIN else "read"
         lines.append(f"topic {access} {prefix}/lesson/{membership.group}")
+    if identity.groups:
+        # Lesson peers watch each other's online state (a main room's Last Will ends
+        # the rooms' attempts); state carries no media and no personal data.
+        lines.append(f"topic read {prefix}/+/+/state")
     if discovery_prefix is not None:
         node = ha_node_id(identity.device_id)
         for component in HA_COMPONENTS:

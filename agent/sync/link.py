@@ -75,6 +75,8 @@ Payload = bytes | bytearray | str | Mapping[str, Any]
 CONNECT_TIMEOUT_S = 10.0  # TCP connect + TLS handshake, in the connect thread
 GOODBYE_TIMEOUT_S = 0.5  # wait this long for the PUBACK of the "shutdown" state
 STABLE_AFTER_S = 10.0  # a connection this old resets the backoff to its first step
+FAST_RETRY_S = 60.0  # after losing a stable connection, retry often for this long...
+FAST_RETRY_MAX_S = 3.0  # ...at most this far apart (lessons resume within seconds)
 TLS_CLOSE_LIMIT = 2  # bare TLS closes before CONNACK (before any success) meaning "rejected"
 DEFAULT_QUEUE_SIZE = 256
 _SOCKET_ERROR_PREFIX = "failed to receive on socket: "  # paho's log text for send/recv errors
@@ -758,14 +760,20 @@ class MqttLink:
         try:
             self._credentials = await asyncio.to_thread(self._load_credentials, None)
             attempt = 0
+            outage_since: float | None = None
             while True:
                 outcome = await self._connect_and_serve()
                 self._after_attempt(outcome)
                 if outcome.kind == "lost" and outcome.uptime_s >= STABLE_AFTER_S:
                     attempt = 0
-                delay = backoff_delay(
-                    attempt, self.broker.reconnect_min_s, self.broker.reconnect_max_s, self._rng
-                )
+                    outage_since = time.monotonic()
+                # A room that just lost a good connection (a network blip, a broker
+                # restart) retries often for a minute, so a lesson resumes within seconds
+                # of the network coming back; a long outage backs off to reconnect_max_s.
+                cap = self.broker.reconnect_max_s
+                if outage_since is not None and time.monotonic() - outage_since < FAST_RETRY_S:
+                    cap = min(cap, max(FAST_RETRY_MAX_S, self.broker.reconnect_min_s))
+                delay = backoff_delay(attempt, self.broker.reconnect_min_s, cap, self._rng)
                 attempt += 1
                 logger.debug("reconnecting to %s in %.2f s (attempt %d)", self.url, delay, attempt)
                 await asyncio.sleep(delay)
