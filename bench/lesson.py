@@ -1,23 +1,48 @@
-"""Lesson benchmark: encode-once against aiortc's per-peer encoding, and time to picture.
+"""Lesson benchmark: encode-once against aiortc's per-peer encoding, time to picture,
+glass-to-glass latency, and a rural link.
 
-Run from a checkout: ``.venv/bin/python bench/lesson.py [--size 640x360] [--fps 30]
-[--receivers 1,3] [--seconds 8]``.
+Run from a checkout: ``.venv/bin/python bench/lesson.py`` (all default sections, about
+2-4 minutes on 2 cores), ``--quick`` for a short run, ``--sections cpu,join,rural,flow``
+to choose (``--skip-flow``: only ``cpu``, as before). A summary table with the targets
+ends the run.
 
-Part 1, sender CPU. The sender (this process) runs the synthetic camera and either
-``naive`` (one aiortc ``VideoStreamTrack`` per peer, so aiortc encodes per peer with its
-own libx264 settings) or ``once`` (one `SharedH264Encoder`, packets fanned out). The
-receivers run in a child process, so their decoding is not billed to the sender; they
-decode every frame and read the stamp for fps and glass-to-glass latency (one machine,
-one clock). CPU is the sender's process CPU time over wall time (% of one core) while
-every receiver is receiving; "capture only" is the camera alone, for reference. Both
-modes target 1 Mbps (aiortc's default). aiortc's encoder uses libx264's default preset
+``cpu``, sender CPU (``--receivers 1,3,6 --seconds --warmup --modes``). The sender (this
+process) runs the synthetic camera and either ``naive`` (one aiortc
+``VideoStreamTrack`` per peer, so aiortc encodes per peer with its own libx264
+settings) or ``once`` (one `SharedH264Encoder`, packets fanned out). The receivers run
+in a child process, so their decoding is not billed to the sender; they decode every
+frame and read the stamp for fps and glass-to-glass latency (one machine, one clock).
+CPU is the sender's process CPU time over wall time (% of one core) while every
+receiver is receiving; "capture only" is the camera alone, for reference. Both modes
+target 1 Mbps (aiortc's default). aiortc's encoder uses libx264's default preset
 (medium) and ours ``ultrafast``, so compare the growth from 1 to N receivers within a
 mode as well as the absolute numbers.
 
-Part 2, time to picture through the real lesson flow: an embedded Mosquitto, a main
-room's `StreamService` and N receiving rooms' (each with its own 320x240 camera sent
-back), in this process: from ``start_lesson()`` to each room ``live`` and to its first
-decoded, stamped frame.
+``join``, the real lesson flow (``--rooms 1,3,6 --starts 5 --hold 5 --rx-procs 2``): an
+embedded Mosquitto and the main room's `StreamService` (1280x720@30 camera, the
+daemon's default stream settings) in this process; the receiving rooms, each a full
+`StreamService` with its own 320x240 camera and microphone sent back, in
+``--rx-procs`` child processes. Each start is ``LessonHost.start_lesson()`` to every
+room's first decoded frame of that lesson (monotonic time: one clock for all processes
+on a machine), then ``end_lesson()`` and wait for every room to be back in
+``waiting``. The last start of each count is held ``--hold`` s: glass-to-glass from the
+stamps (capture wall time in the picture against wall time after decode), video fps
+and audio gaps per room. "main cpu %" is this process (main room + broker client).
+
+``rural`` (``--rural-rooms 2 --rural-seconds 15 --rural-settle 5``): each receiving room in
+a process of its own behind `agent.stream.impair.impaired` with 60 ms RTT (the main
+room is not impaired: half the delay each way in the room's process), 2 % loss each
+way and a 2 Mbit/s bottleneck with a 200 ms drop-tail queue; MQTT is not impaired.
+Over the window: delivered video fps, glass-to-glass, audio gaps, and the video layer
+the main room sends each room (``PeerSession.describe()["layer"]``, sampled every
+0.5 s). Audio gaps come from the received frames' ``pts`` (the RTP timestamp; aiortc
+conceals nothing): a jump of more than 1.5 frame durations is one gap, the jump minus
+one frame is missing audio; "stalls" are arrival gaps of more than 1.5 frame durations
+(late audio, not lost audio).
+
+``flow`` (the earlier part 2, not run by default): the same lesson flow with every
+room in this process, once, from ``start_lesson()`` to ``live`` and to the first
+stamped frame.
 """
 
 from __future__ import annotations
@@ -28,10 +53,11 @@ import contextlib
 import fractions
 import multiprocessing
 import multiprocessing.connection
+import os
 import statistics
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -42,6 +68,7 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))  # a script in a checkout: the package may not be installed
 
 from aiortc import RTCSessionDescription, VideoStreamTrack  # noqa: E402
+from aiortc.mediastreams import MediaStreamError  # noqa: E402
 
 from agent.capture import (  # noqa: E402
     AudioHub,
@@ -49,6 +76,7 @@ from agent.capture import (  # noqa: E402
     FrameSubscription,
     open_audio_source,
     open_video_source,
+    read_stamp,
 )
 from agent.config.models import (  # noqa: E402
     AudioConfig,
@@ -63,13 +91,16 @@ from agent.config.models import (  # noqa: E402
 from agent.stream import (  # noqa: E402
     EncoderSettings,
     JoinState,
+    LessonHost,
     ProbeSink,
     SharedH264Encoder,
     StreamService,
     route_keyframe_requests,
 )
 from agent.stream.ice import gather, new_peer_connection  # noqa: E402
+from agent.stream.impair import LinkImpairment, impaired  # noqa: E402
 from agent.stream.peer import h264_preferences  # noqa: E402
+from agent.stream.sinks import luma  # noqa: E402
 from agent.sync import MosquittoBroker, MqttLink  # noqa: E402
 
 LOOPBACK = ["127.0.0.1"]
@@ -306,6 +337,452 @@ def _broker_config(url: str) -> BrokerConfig:
     return BrokerConfig(url=url, topic_prefix="bench", reconnect_min_s=0.05, reconnect_max_s=0.5)
 
 
+# -- part 3: receiving rooms in their own processes (join, glass-to-glass, rural link) -------
+
+MAIN_ROOM = "central.room1"
+RTP_WRAP = 1 << 32
+
+
+@dataclass
+class Window:
+    """What one receiving room saw of the main room's media since the last "mark"."""
+
+    started: float = field(default_factory=time.monotonic)
+    video_frames: int = 0
+    latencies_ms: list[float] = field(default_factory=list)
+    audio_frames: int = 0
+    audio_gaps: int = 0
+    audio_missing_ms: float = 0.0
+    audio_stalls: int = 0  # arrival gaps longer than 1.5 frames (jitter, not loss)
+    longest_stall_ms: float = 0.0
+
+    def summary(self) -> dict[str, Any]:
+        elapsed = max(1e-6, time.monotonic() - self.started)
+        return {
+            "seconds": elapsed,
+            "fps": self.video_frames / elapsed,
+            "latencies_ms": self.latencies_ms,
+            "audio_frames": self.audio_frames,
+            "audio_gaps": self.audio_gaps,
+            "audio_missing_ms": self.audio_missing_ms,
+            "audio_stalls": self.audio_stalls,
+            "longest_stall_ms": self.longest_stall_ms,
+        }
+
+
+class RoomSink:
+    """A receiving room's screen and loudspeaker, as the benchmark reads them.
+
+    Video: the first decoded frame of each lesson (reported at once, in monotonic time,
+    which is one clock for every process on the machine), frames per second and the
+    stamp's glass-to-glass latency. Audio: aiortc hands decoded Opus frames over with
+    the RTP timestamp as ``pts`` (48 kHz) and conceals nothing, so a lost packet is a
+    jump of the pts by more than one frame: a jump above 1.5 frame durations counts as
+    one gap and ``jump - one frame`` as missing audio. Arrival gaps above 1.5 frame
+    durations ("stalls") are counted apart: late audio, not lost audio.
+    """
+
+    def __init__(self, room: str, lesson_of: Any, emit: Any) -> None:
+        self.room = room
+        self._lesson_of = lesson_of
+        self._emit = emit
+        self._seen: set[str] = set()
+        self.window = Window()
+
+    async def consume(self, source: str, track: Any) -> None:
+        kind = str(track.kind)
+        last_pts: int | None = None
+        last_arrival: float | None = None
+        try:
+            while True:
+                frame = await track.recv()
+                now = time.monotonic()
+                window = self.window
+                if kind == "audio":
+                    window.audio_frames += 1
+                    rate = frame.sample_rate or 48_000
+                    duration_ms = 1000 * frame.samples / rate
+                    if last_pts is not None and frame.pts is not None:
+                        jump = (frame.pts - last_pts) % RTP_WRAP
+                        if frame.samples * 1.5 < jump < RTP_WRAP // 2:
+                            window.audio_gaps += 1
+                            window.audio_missing_ms += 1000 * (jump - frame.samples) / rate
+                    if last_arrival is not None:
+                        gap_ms = 1000 * (now - last_arrival)
+                        if gap_ms > 1.5 * duration_ms:
+                            window.audio_stalls += 1
+                            window.longest_stall_ms = max(window.longest_stall_ms, gap_ms)
+                    last_pts, last_arrival = frame.pts, now
+                    continue
+                lesson = self._lesson_of()
+                if lesson is not None and lesson not in self._seen:
+                    self._seen.add(lesson)
+                    self._emit(("first", self.room, lesson, now))
+                window.video_frames += 1
+                stamp = read_stamp(luma(frame))
+                if stamp is not None:
+                    window.latencies_ms.append((time.time_ns() - stamp.time_ns) / 1e6)
+        except MediaStreamError:
+            return
+
+
+@dataclass(frozen=True)
+class RoomsSpec:
+    """What one child process runs: receiving rooms of group g1 on this broker."""
+
+    rooms: tuple[str, ...]
+    broker_url: str
+    impairment: LinkImpairment | None = None
+    send_back: bool = True  # each room's own 320x240 camera and microphone, sent back
+
+
+def rooms_process(
+    commands: multiprocessing.connection.Connection,
+    events: multiprocessing.connection.Connection,
+    spec: RoomsSpec,
+) -> None:
+    asyncio.run(_rooms_main(commands, events, spec))
+
+
+async def _rooms_main(
+    commands: multiprocessing.connection.Connection,
+    events: multiprocessing.connection.Connection,
+    spec: RoomsSpec,
+) -> None:
+    with contextlib.ExitStack() as stack:
+        link_stats = None
+        if spec.impairment is not None:
+            link_stats = stack.enter_context(impaired(spec.impairment))
+        inbox = _reader(commands)
+        small = CaptureConfig(video=VideoConfig(width=320, height=240, fps=15), audio=AudioConfig())
+        tasks: list[asyncio.Task[None]] = []
+        sinks: dict[str, RoomSink] = {}
+        links: list[MqttLink] = []
+        try:
+            for device in spec.rooms:
+                site, room = device.split(".")
+                link = MqttLink(
+                    _broker_config(spec.broker_url),
+                    IdentityConfig(
+                        site=site,
+                        room=room,
+                        groups=[GroupMembership(group="g1", role=LessonRole.RECEIVING)],
+                    ),
+                    software_version="bench",
+                    profile_name="virtual",
+                )
+                links.append(link)
+                video = FrameHub(open_video_source(small.video), small) if spec.send_back else None
+                audio = AudioHub(open_audio_source(small.audio), small) if spec.send_back else None
+                holder: list[StreamService] = []
+
+                def lesson_of(holder: list[StreamService] = holder) -> str | None:
+                    joiner = holder[0].joiner if holder else None
+                    lesson = None if joiner is None else joiner.lesson
+                    return None if lesson is None else lesson.lesson_id
+
+                sink = RoomSink(device, lesson_of, events.send)
+                service = StreamService(
+                    link,
+                    video,
+                    audio,
+                    StreamConfig(),
+                    host_addresses=LOOPBACK,
+                    sink=sink,
+                )
+                holder.append(service)
+                sinks[device] = sink
+                joiner = service.joiner
+                assert joiner is not None
+
+                def on_state(state: JoinState, _lesson: Any, device: str = device) -> None:
+                    events.send(("state", device, str(state)))
+
+                joiner.add_state_listener(on_state)
+                tasks.append(asyncio.create_task(link.run()))
+                for hub in (video, audio):
+                    if hub is not None:
+                        tasks.append(asyncio.create_task(hub.run()))
+                tasks.append(asyncio.create_task(service.run()))
+            async with asyncio.timeout(20):
+                for link in links:
+                    await link.wait_connected()
+            events.send(("ready", spec.rooms))
+            while True:
+                command = await inbox.get()
+                if command == "mark":
+                    for sink in sinks.values():
+                        sink.window = Window()
+                elif command == "report":
+                    summary = {d: s.window.summary() for d, s in sinks.items()}
+                    events.send(
+                        ("report", summary, None if link_stats is None else link_stats.describe())
+                    )
+                else:  # "stop", or the parent went away
+                    break
+        finally:
+            for task in reversed(tasks):
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+            asyncio.get_running_loop().remove_reader(commands.fileno())
+
+
+def _reader(conn: multiprocessing.connection.Connection) -> asyncio.Queue[Any]:
+    """The messages arriving on ``conn`` as a queue, read on the event loop (no thread):
+    ``None`` when the other end is gone."""
+    queue: asyncio.Queue[Any] = asyncio.Queue()
+    loop = asyncio.get_running_loop()
+
+    def readable() -> None:
+        try:
+            while conn.poll():
+                queue.put_nowait(conn.recv())
+        except (EOFError, OSError):
+            loop.remove_reader(conn.fileno())
+            queue.put_nowait(None)
+
+    loop.add_reader(conn.fileno(), readable)
+    return queue
+
+
+class LessonBench:
+    """An embedded Mosquitto, the main room (1280x720 camera, encode-once, in this
+    process) and N receiving rooms in child processes (``rooms_per_process`` each): the
+    real lesson flow from the teacher's button to pictures on the rooms' screens."""
+
+    def __init__(
+        self,
+        count: int,
+        capture: CaptureConfig,
+        *,
+        processes: int,
+        impairment: LinkImpairment | None = None,
+    ) -> None:
+        self.rooms = [f"rural{i}.room1" for i in range(1, count + 1)]
+        self.capture = capture
+        self.processes = max(1, min(processes, count))
+        self.impairment = impairment
+        self.firsts: dict[tuple[str, str], float] = {}
+        self.states: dict[str, str] = {}
+        self.reports: list[tuple[dict[str, Any], Any]] = []
+        self._ready = 0
+        self._children: list[tuple[Any, Any, Any]] = []  # process, commands, events
+        self._tasks: list[asyncio.Task[None]] = []
+        self.broker = MosquittoBroker()
+        self.host: LessonHost | None = None
+
+    async def __aenter__(self) -> LessonBench:
+        try:
+            await self._start()
+        except BaseException:
+            await self.close()
+            raise
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+    async def _start(self) -> None:
+        await self.broker.start()
+        site, room = MAIN_ROOM.split(".")
+        link = MqttLink(
+            _broker_config(self.broker.url),
+            IdentityConfig(
+                site=site,
+                room=room,
+                groups=[GroupMembership(group="g1", role=LessonRole.MAIN, receivers=self.rooms)],
+            ),
+            software_version="bench",
+            profile_name="virtual",
+        )
+        video = FrameHub(open_video_source(self.capture.video), self.capture)
+        audio = AudioHub(open_audio_source(self.capture.audio), self.capture)
+        service = StreamService(link, video, audio, StreamConfig(), host_addresses=LOOPBACK)
+        self.host = service.hosts["g1"]
+        for coro in (link.run(), video.run(), audio.run(), service.run()):
+            self._tasks.append(asyncio.create_task(coro))
+        ctx = multiprocessing.get_context("spawn")
+        groups = [self.rooms[i :: self.processes] for i in range(self.processes)]
+        for rooms in groups:
+            commands_r, commands_w = ctx.Pipe(duplex=False)
+            events_r, events_w = ctx.Pipe(duplex=False)
+            spec = RoomsSpec(tuple(rooms), self.broker.url, self.impairment)
+            process = ctx.Process(
+                target=rooms_process, args=(commands_r, events_w, spec), daemon=True
+            )
+            process.start()
+            commands_r.close()
+            events_w.close()
+            self._children.append((process, commands_w, events_r))
+            self._tasks.append(asyncio.create_task(self._pump(events_r)))
+        await link.wait_connected(timeout=20)
+        if not await self._until(lambda: self._ready == len(self._children), 60, "rooms"):
+            raise RuntimeError("the receiving rooms did not start")
+
+    async def _pump(self, conn: Any) -> None:
+        queue = _reader(conn)
+        while (event := await queue.get()) is not None:
+            if event[0] == "first":
+                self.firsts.setdefault((event[1], event[2]), event[3])
+            elif event[0] == "state":
+                self.states[event[1]] = event[2]
+            elif event[0] == "ready":
+                self._ready += 1
+            elif event[0] == "report":
+                self.reports.append((event[1], event[2]))
+
+    async def _until(self, condition: Any, within: float, what: str) -> bool:
+        deadline = time.monotonic() + within
+        while not condition():
+            if time.monotonic() > deadline:
+                print(f"  (timed out after {within:g} s waiting for {what})", flush=True)
+                return False
+            await asyncio.sleep(0.01)
+        return True
+
+    def _send(self, command: str) -> None:
+        for _, commands, _ in self._children:
+            commands.send(command)
+
+    async def start(self, within: float = 30.0) -> tuple[str, dict[str, float | None]]:
+        """Press the button; seconds from it to each room's first decoded frame."""
+        assert self.host is not None
+        pressed = time.monotonic()
+        lesson = (await self.host.start_lesson("bench")).lesson_id
+        await self._until(
+            lambda: all((r, lesson) in self.firsts for r in self.rooms), within, "first frames"
+        )
+        return lesson, {
+            r: (self.firsts[(r, lesson)] - pressed) if (r, lesson) in self.firsts else None
+            for r in self.rooms
+        }
+
+    async def end(self) -> None:
+        assert self.host is not None
+        await self.host.end_lesson()
+        await self._until(
+            lambda: all(self.states.get(r) == "waiting" for r in self.rooms), 20, "rooms waiting"
+        )
+
+    async def window(self, seconds: float) -> tuple[dict[str, dict[str, Any]], Any, Any]:
+        """Every room's media over ``seconds``; the layer each room's video is on at the
+        end (and the share of time on each, sampled every 0.5 s); the shim's counters."""
+        assert self.host is not None
+        self.reports.clear()
+        self._send("mark")
+        layers: dict[str, dict[str, int]] = {r: {} for r in self.rooms}
+        ended = time.monotonic() + seconds
+        while time.monotonic() < ended:
+            await asyncio.sleep(0.5)
+            for room, session in self.host.sessions().items():
+                layer = str(session.describe().get("layer"))
+                layers[room][layer] = layers[room].get(layer, 0) + 1
+        final = {r: s.describe() for r, s in self.host.sessions().items()}
+        self._send("report")
+        await self._until(lambda: len(self.reports) == len(self._children), 20, "reports")
+        merged: dict[str, dict[str, Any]] = {}
+        shims = []
+        for summary, shim in self.reports:
+            merged.update(summary)
+            shims.append(shim)
+        return merged, {"final": final, "samples": layers}, shims
+
+    async def close(self) -> None:
+        for _process, commands, _events in self._children:
+            with contextlib.suppress(OSError):
+                commands.send("stop")
+        for process, commands, _events in self._children:
+            await asyncio.to_thread(process.join, 20)
+            if process.is_alive():
+                process.kill()
+                await asyncio.to_thread(process.join, 5)
+            commands.close()
+        for task in reversed(self._tasks):
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        for _, _, events in self._children:
+            with contextlib.suppress(ValueError, OSError):
+                asyncio.get_running_loop().remove_reader(events.fileno())
+            events.close()
+        self._children.clear()
+        await self.broker.stop()
+
+
+def _quantile(data: list[float], q: float) -> float | None:
+    if not data:
+        return None
+    if len(data) == 1:
+        return data[0]
+    return statistics.quantiles(sorted(data), n=100, method="inclusive")[
+        min(98, max(0, round(q * 100) - 1))
+    ]
+
+
+@dataclass
+class JoinRow:
+    rooms: int
+    processes: int
+    joins_s: list[float]
+    failed: int
+    g2g_ms: list[float]
+    fps: list[float]
+    cpu_percent: float
+    audio_gaps: int = 0
+    audio_missing_ms: float = 0.0
+
+
+async def measure_joins(
+    count: int, capture: CaptureConfig, starts: int, hold_s: float, processes: int
+) -> JoinRow:
+    """``starts`` lessons with ``count`` rooms: button to each room's first frame; the
+    last one is held ``hold_s`` for glass-to-glass and fps."""
+    joins: list[float] = []
+    failed = 0
+    g2g: list[float] = []
+    fps: list[float] = []
+    gaps, missing = 0, 0.0
+    async with LessonBench(count, capture, processes=processes) as bench:
+        cpu0, wall0 = time.process_time(), time.monotonic()
+        for index in range(starts):
+            _, times = await bench.start()
+            joins += [t for t in times.values() if t is not None]
+            failed += sum(1 for t in times.values() if t is None)
+            if index == starts - 1 and hold_s > 0:
+                await asyncio.sleep(1.0)  # past the first keyframe's burst
+                summary, _, _ = await bench.window(hold_s)
+                for room in summary.values():
+                    g2g += room["latencies_ms"]
+                    fps.append(room["fps"])
+                    gaps += room["audio_gaps"]
+                    missing += room["audio_missing_ms"]
+            await bench.end()
+            await asyncio.sleep(0.3)
+        cpu = 100 * (time.process_time() - cpu0) / (time.monotonic() - wall0)
+    return JoinRow(count, bench.processes, joins, failed, g2g, fps, cpu, gaps, missing)
+
+
+@dataclass
+class RuralRow:
+    rooms: int
+    impairment: LinkImpairment
+    joins_s: list[float | None]
+    rooms_summary: dict[str, dict[str, Any]]
+    layers: dict[str, Any]
+    shims: list[Any]
+
+
+async def measure_rural(
+    count: int, capture: CaptureConfig, impairment: LinkImpairment, settle_s: float, seconds: float
+) -> RuralRow:
+    """``count`` rooms, each in its own process behind its own impaired link."""
+    async with LessonBench(count, capture, processes=count, impairment=impairment) as bench:
+        _, times = await bench.start(within=60)
+        await asyncio.sleep(settle_s)
+        summary, layers, shims = await bench.window(seconds)
+        await bench.end()
+    return RuralRow(count, impairment, list(times.values()), summary, layers, shims)
+
+
 # -- main -----------------------------------------------------------------------------------
 
 
@@ -313,49 +790,211 @@ def _fmt(value: float | None, spec: str) -> str:
     return "-" if value is None else format(value, spec)
 
 
-async def main() -> None:
+RURAL = LinkImpairment(delay_ms=60, loss=0.02, rate_kbps=2000, queue_ms=200, seed=7)
+
+
+def _parse() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--size", default="640x360", help="WIDTHxHEIGHT of the main camera")
+    parser.add_argument("--size", default="1280x720", help="WIDTHxHEIGHT of the main camera")
     parser.add_argument("--fps", type=float, default=30.0)
-    parser.add_argument("--receivers", default="1,3", help="receiver counts, e.g. 1,3")
-    parser.add_argument("--seconds", type=float, default=8.0, help="measured window per case")
-    parser.add_argument("--warmup", type=float, default=4.0, help="seconds before measuring")
-    parser.add_argument("--modes", default="naive,once")
+    parser.add_argument(
+        "--sections",
+        default="cpu,join,rural",
+        help="any of cpu (sender CPU, naive vs once), join (button to picture, "
+        "glass-to-glass), rural (impaired link), flow (the old in-process time to picture)",
+    )
+    parser.add_argument("--receivers", default="1,3,6", help="cpu: receiver counts, e.g. 1,3")
+    parser.add_argument("--seconds", type=float, default=6.0, help="cpu: measured window")
+    parser.add_argument("--warmup", type=float, default=3.0, help="cpu: seconds before measuring")
+    parser.add_argument("--modes", default="naive,once", help="cpu: modes")
     parser.add_argument("--skip-flow", action="store_true", help="only the CPU comparison")
+    parser.add_argument("--rooms", default="1,3,6", help="join: receiving room counts")
+    parser.add_argument("--starts", type=int, default=5, help="join: lessons started per count")
+    parser.add_argument("--hold", type=float, default=5.0, help="join: glass-to-glass window")
+    parser.add_argument("--rx-procs", type=int, default=2, help="join: receiver processes")
+    parser.add_argument("--rural-rooms", type=int, default=2, help="rural: rooms (1 process each)")
+    parser.add_argument("--rural-seconds", type=float, default=15.0, help="rural: window")
+    parser.add_argument("--rural-settle", type=float, default=5.0, help="rural: before window")
+    parser.add_argument(
+        "--quick", action="store_true", help="a short run: 1,3 rooms, 2 starts, short windows"
+    )
     args = parser.parse_args()
+    if args.skip_flow:
+        args.sections = "cpu"
+    if args.quick:
+        args.receivers, args.rooms, args.starts = "1,3", "1,3", 2
+        args.seconds, args.warmup, args.hold = 3.0, 2.0, 3.0
+        args.rural_rooms, args.rural_seconds, args.rural_settle = 1, 6.0, 2.0
+    return args
+
+
+async def main() -> None:
+    args = _parse()
     width, height = (int(v) for v in args.size.lower().split("x"))
     capture = CaptureConfig(video=VideoConfig(width=width, height=height, fps=args.fps))
-    counts = [int(c) for c in args.receivers.split(",")]
-    modes = args.modes.split(",")
+    sections = set(args.sections.split(","))
+    began = time.monotonic()
+    size = f"{width}x{height}@{args.fps:g}"
+    summary: list[tuple[str, str, str]] = []  # figure, value, target
 
-    print(f"sender CPU, {width}x{height}@{args.fps:g}, {BITRATE_KBPS} kbps, {args.seconds:g} s")
-    rows = [await measure_sender("once", 0, capture, args.seconds, 1.0)]
-    rows[0].mode = "capture only"
-    for mode in modes:
+    cpu_rows: list[CpuRow] = []
+    if "cpu" in sections:
+        counts = [int(c) for c in args.receivers.split(",")]
+        modes = args.modes.split(",")
+        print(f"== sender CPU, {size}, {BITRATE_KBPS} kbps, {args.seconds:g} s", flush=True)
+        cpu_rows = [await measure_sender("once", 0, capture, args.seconds, 1.0)]
+        cpu_rows[0].mode = "capture only"
+        for mode in modes:
+            for count in counts:
+                cpu_rows.append(
+                    await measure_sender(mode, count, capture, args.seconds, args.warmup)
+                )
+        base = {r.mode: r.cpu_percent for r in cpu_rows if r.receivers == counts[0]}
+        print(
+            f"{'mode':<13}{'rx':>3}{'cpu %':>8}{'x first':>9}{'enc/s':>7}{'min fps':>9}"
+            f"{'1st frame s':>12}{'g2g p50 ms':>11}{'p95 ms':>8}"
+        )
+        for r in cpu_rows:
+            growth = r.cpu_percent / base[r.mode] if r.mode in base and r.receivers else None
+            print(
+                f"{r.mode:<13}{r.receivers:>3}{r.cpu_percent:>8.1f}{_fmt(growth, '.2f'):>9}"
+                f"{_fmt(r.encodes_per_s, '.1f'):>7}{_fmt(r.min_fps, '.1f'):>9}"
+                f"{_fmt(r.max_first_frame_s, '.2f'):>12}{_fmt(r.p50_ms, '.0f'):>11}"
+                f"{_fmt(r.p95_ms, '.0f'):>8}"
+            )
+        top = max(counts)
+        for mode in modes:
+            first = next((r for r in cpu_rows if r.mode == mode and r.receivers == counts[0]), None)
+            last = next((r for r in cpu_rows if r.mode == mode and r.receivers == top), None)
+            if first is not None and last is not None and top != counts[0]:
+                target = "<= 1.5x" if mode == "once" else "(reference)"
+                summary.append(
+                    (
+                        f"sender CPU {top} rooms / {counts[0]} room, {mode}",
+                        f"{last.cpu_percent / first.cpu_percent:.2f}x "
+                        f"({first.cpu_percent:.0f}% -> {last.cpu_percent:.0f}%, "
+                        f"min fps {_fmt(last.min_fps, '.0f')})",
+                        target,
+                    )
+                )
+
+    if "join" in sections:
+        counts = [int(c) for c in args.rooms.split(",")]
+        print(
+            f"\n== button to first decoded frame, {size}, lesson defaults "
+            f"({StreamConfig().video_bitrate_kbps} kbps), {args.starts} starts per count, "
+            f"receiving rooms in up to {args.rx_procs} processes (each sends its 320x240 "
+            "camera and microphone back)",
+            flush=True,
+        )
+        print(
+            f"{'rooms':>5}{'procs':>6}{'joins':>6}{'fail':>5}{'median s':>10}{'p95 s':>7}"
+            f"{'max s':>7}{'g2g p50':>9}{'p95 ms':>8}{'min fps':>9}{'main cpu %':>11}"
+            "  audio gaps / missing ms (all rooms, hold window)"
+        )
         for count in counts:
-            rows.append(await measure_sender(mode, count, capture, args.seconds, args.warmup))
-    base = {r.mode: r.cpu_percent for r in rows if r.receivers == counts[0]}
-    print(
-        f"{'mode':<13}{'rx':>3}{'cpu %':>8}{'x first':>9}{'enc/s':>7}{'min fps':>9}"
-        f"{'1st frame s':>12}{'g2g p50 ms':>11}{'p95 ms':>8}"
-    )
-    for r in rows:
-        growth = r.cpu_percent / base[r.mode] if r.mode in base and r.receivers else None
+            row = await measure_joins(count, capture, args.starts, args.hold, args.rx_procs)
+            print(
+                f"{row.rooms:>5}{row.processes:>6}{len(row.joins_s):>6}{row.failed:>5}"
+                f"{_fmt(_quantile(row.joins_s, 0.5), '.2f'):>10}"
+                f"{_fmt(_quantile(row.joins_s, 0.95), '.2f'):>7}"
+                f"{_fmt(max(row.joins_s, default=None), '.2f'):>7}"
+                f"{_fmt(_quantile(row.g2g_ms, 0.5), '.0f'):>9}"
+                f"{_fmt(_quantile(row.g2g_ms, 0.95), '.0f'):>8}"
+                f"{_fmt(min(row.fps, default=None), '.1f'):>9}{row.cpu_percent:>11.0f}"
+                f"  {row.audio_gaps} / {row.audio_missing_ms:.0f}",
+                flush=True,
+            )
+            summary.append(
+                (
+                    f"join, {count} room(s): median / p95",
+                    f"{_fmt(_quantile(row.joins_s, 0.5), '.2f')} / "
+                    f"{_fmt(_quantile(row.joins_s, 0.95), '.2f')} s"
+                    + (f" ({row.failed} failed)" if row.failed else ""),
+                    "p95 <= 2 s" if count >= 6 else "",
+                )
+            )
+            summary.append(
+                (
+                    f"glass-to-glass {size}, {count} room(s): median / p95",
+                    f"{_fmt(_quantile(row.g2g_ms, 0.5), '.0f')} / "
+                    f"{_fmt(_quantile(row.g2g_ms, 0.95), '.0f')} ms",
+                    "median <= 120 ms",
+                )
+            )
+
+    if "rural" in sections:
+        imp = RURAL
         print(
-            f"{r.mode:<13}{r.receivers:>3}{r.cpu_percent:>8.1f}{_fmt(growth, '.2f'):>9}"
-            f"{_fmt(r.encodes_per_s, '.1f'):>7}{_fmt(r.min_fps, '.1f'):>9}"
-            f"{_fmt(r.max_first_frame_s, '.2f'):>12}{_fmt(r.p50_ms, '.0f'):>11}"
-            f"{_fmt(r.p95_ms, '.0f'):>8}"
+            f"\n== rural link: {args.rural_rooms} room(s), each in its own process behind "
+            f"{imp.delay_ms:g} ms RTT, {imp.loss:.0%} loss each way, {imp.rate_kbps:g} kbit/s "
+            f"(queue {imp.queue_ms:g} ms); {args.rural_seconds:g} s window after "
+            f"{args.rural_settle:g} s",
+            flush=True,
         )
-    if args.skip_flow:
-        return
-    count = max(counts)
-    print(f"\nlesson flow (MQTT + offer/answer + ICE/DTLS), {count} receiving rooms")
-    for flow in await lesson_flow(count, capture):
+        row_r = await measure_rural(
+            args.rural_rooms, capture, imp, args.rural_settle, args.rural_seconds
+        )
         print(
-            f"{flow.room:<16} live after {_fmt(flow.live_s, '.2f')} s, "
-            f"first stamped frame after {_fmt(flow.first_frame_s, '.2f')} s"
+            f"{'room':<14}{'join s':>7}{'fps':>6}{'g2g p50':>9}{'p95 ms':>8}{'gaps':>6}"
+            f"{'missing ms':>11}{'stalls':>7}{'layer':>8}  layer time (0.5 s samples)"
         )
+        all_g2g: list[float] = []
+        for room, join in zip(sorted(row_r.rooms_summary), row_r.joins_s, strict=False):
+            data = row_r.rooms_summary[room]
+            all_g2g += data["latencies_ms"]
+            final = row_r.layers["final"].get(room, {})
+            samples = row_r.layers["samples"].get(room, {})
+            print(
+                f"{room:<14}{_fmt(join, '.2f'):>7}{data['fps']:>6.1f}"
+                f"{_fmt(_quantile(data['latencies_ms'], 0.5), '.0f'):>9}"
+                f"{_fmt(_quantile(data['latencies_ms'], 0.95), '.0f'):>8}"
+                f"{data['audio_gaps']:>6}{data['audio_missing_ms']:>11.0f}"
+                f"{data['audio_stalls']:>7}{final.get('layer')!s:>8}  {samples}"
+            )
+            summary.append(
+                (
+                    f"rural {room}: audio gaps / missing",
+                    f"{data['audio_gaps']} / {data['audio_missing_ms']:.0f} ms in "
+                    f"{data['seconds']:.0f} s ({data['audio_frames']} frames)",
+                    "",
+                )
+            )
+            summary.append(
+                (
+                    f"rural {room}: video fps, layer at end",
+                    f"{data['fps']:.1f} fps, {final.get('layer')} "
+                    f"(switches {final.get('layer_switches')}, rtt {final.get('rtt_ms')} ms, "
+                    f"loss {final.get('loss_percent')} %)",
+                    "",
+                )
+            )
+        for shim in row_r.shims:
+            print(f"shim counters: {shim}")
+        summary.append(
+            (
+                "rural glass-to-glass: median / p95",
+                f"{_fmt(_quantile(all_g2g, 0.5), '.0f')} / {_fmt(_quantile(all_g2g, 0.95), '.0f')}"
+                " ms",
+                "",
+            )
+        )
+
+    if "flow" in sections:
+        count = max(int(c) for c in args.receivers.split(","))
+        print(f"\n== lesson flow in one process (MQTT + offer/answer + ICE/DTLS), {count} rooms")
+        for flow in await lesson_flow(count, capture):
+            print(
+                f"{flow.room:<16} live after {_fmt(flow.live_s, '.2f')} s, "
+                f"first stamped frame after {_fmt(flow.first_frame_s, '.2f')} s"
+            )
+
+    if summary:
+        print(f"\n== summary ({time.monotonic() - began:.0f} s, {os.cpu_count()} cores)")
+        width_f = max(len(f) for f, _, _ in summary)
+        width_v = max(len(v) for _, v, _ in summary)
+        for figure, value, target in summary:
+            print(f"{figure:<{width_f}}  {value:<{width_v}}  {target}")
 
 
 if __name__ == "__main__":

@@ -760,8 +760,10 @@ async def test_the_server_serves_the_fleet_over_http_and_websocket(
             group = snapshot["lessons"][0]["group"]
             async with observing(mosquitto) as publisher:
                 await publisher.publish(f"{mosquitto.prefix}/lesson/{group}", b"", retain=True)
+            deadline = time.monotonic() + 15
             while group not in (update := await next_update(ws)).get("lessons_removed", []):
                 assert all(lesson["group"] != group for lesson in update.get("lessons", []))
+                assert time.monotonic() < deadline, "the ended lesson never left the page"
             assert update["counts"]["lessons_live"] == 0
 
         async with http.get(f"{base}/api/stats") as response:

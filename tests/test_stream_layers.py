@@ -163,9 +163,13 @@ def test_video_pauses_when_even_the_low_layer_does_not_fit_and_resumes_later() -
     p.observe_estimate(300_000, 2.0)  # 300 < 500 + 64: audio first...
     p.decide(2.0)
     assert p.decide(4.0) == "low"  # ... once the link agrees (one fall: maybe a burst)
-    p.observe_link(4.5, loss_percent=4.0, rtt_ms=20.0)
-    p.decide(4.5)
-    assert p.decide(6.5) == "paused"
+    p.observe_link(4.2, loss_percent=3.0, rtt_ms=20.0)  # a rural line's usual loss...
+    p.decide(4.2)
+    assert p.decide(6.5) == "low"  # ...is no reason to stop the video
+    p.observe_estimate(290_000, 6.6)
+    p.observe_link(6.6, loss_percent=8.0, rtt_ms=20.0)  # real loss agrees with the estimate
+    p.decide(6.6)
+    assert p.decide(9.0) == "paused"
     assert "estimate" in p.reason
     # Paused: no video, so no estimate; the way back is a timed probe on a clean link.
     good_link(p, 8.0, 16.0)

@@ -184,9 +184,11 @@ class LayerPolicy:
         rtt = self._fresh(self._rtt, now)
         queued = None if rtt is None or self._min_rtt_ms is None else rtt - self._min_rtt_ms
         if estimate is not None and fell and estimate < need:
-            # One overuse (a keyframe burst) also makes a fall; dropping to the low layer
-            # for a while costs little, stopping the video needs the link to agree.
-            corroborated = (loss is not None and loss > s.good_loss_percent) or (
+            # One overuse (a keyframe burst) also makes a fall, and aiortc caps its
+            # estimate at 1.5x what arrives, so a quiet picture lowers it too: dropping to
+            # the low layer costs little, stopping the video needs the link to agree
+            # (real loss, not a rural line's usual 2-3 %, or queues building).
+            corroborated = (loss is not None and loss > s.down_loss_percent) or (
                 queued is not None and queued > s.queue_delay_ms / 2
             )
             if self.state == "high" or corroborated:

@@ -1,0 +1,374 @@
+"""A rural link in user space: delay, jitter, loss and a rate-limited bottleneck applied
+to every ICE/RTP datagram aioice sends and receives in this process.
+
+``tc netem`` is not available on the machines this project is tested on, so tests and
+benchmarks that need a bad network use :func:`impaired` instead. It is never used by
+the daemon: nothing in ``agent`` imports this module outside tests and ``bench``.
+
+Hook (aioice 0.13, private API): every ICE candidate pair, host or relayed, talks
+through an ``aioice.ice.StunProtocol``. Its three methods carry every datagram:
+
+* ``datagram_received(data, addr)``: everything received (STUN, DTLS, SRTP, SRTCP);
+* ``send_stun(message, addr)``: STUN requests and responses sent;
+* ``send_data(data, addr)`` (a coroutine that only calls ``self.transport.sendto``):
+  DTLS/SRTP/SRTCP sent.
+
+While a :func:`impaired` block is active the three are replaced on the class (so
+sockets opened before the block are impaired too) and restored when it ends. They are
+checked by name, signature and (for ``send_data``) body at activation: an aioice
+upgrade that renames or reshapes them raises :class:`ImpairmentUnavailable` instead of
+silently running unimpaired. Other aioice sockets (mDNS) are not touched, nor is the
+MQTT link: only media and ICE see the impaired link.
+
+The link model, per direction (one outbound and one inbound direction per process,
+shared by every socket, like a room's one access line):
+
+1. loss: Bernoulli with probability ``loss``, or Gilbert (bursts of mean length
+   ``loss_burst`` packets, same average loss) when ``loss_burst > 1``;
+2. the bottleneck, with ``rate_kbps``: a token bucket one packet deep draining a
+   drop-tail FIFO that holds ``queue_ms`` of the rate; a packet that would wait longer
+   than ``queue_ms`` is dropped (a 2 Mbit/s link first queues, then drops, like a real
+   one);
+3. propagation: ``delay_ms / 2`` plus a uniform jitter of ``±jitter_ms / 2``; packets
+   are never reordered (a late packet holds back the ones behind it).
+
+Delay convention: half of ``delay_ms`` on the way out and half on the way in, so the
+round trip between this process and an *unimpaired* peer is ``delay_ms`` (the bench's
+"60 ms RTT": receivers impaired, the main room not). Two peers that are both in the
+impaired process cross the shim twice each way: their round trip is ``2 * delay_ms``
+and each one-way trip sees ``loss`` twice. ``loss`` and ``rate_kbps`` apply to each
+direction on its own (a one-way media stream sees ``loss``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import inspect
+import logging
+import math
+import random
+from collections import deque
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+import aioice.ice
+
+log = logging.getLogger(__name__)
+
+Way = Literal["out", "in"]
+
+
+class ImpairmentUnavailable(RuntimeError):
+    """aioice no longer has the hook this module wraps (an upgrade): fix the shim."""
+
+
+@dataclass(frozen=True, slots=True)
+class LinkImpairment:
+    """A link's faults. ``delay_ms``: round-trip delay to an unimpaired peer (half each
+    way); ``jitter_ms``: peak-to-peak round-trip jitter (uniform, half each way);
+    ``loss``: probability (0..1) that a datagram is lost, each direction; ``loss_burst``:
+    mean burst length in packets (1: independent losses); ``rate_kbps``: bottleneck
+    rate each direction (None: unlimited); ``queue_ms``: how much the bottleneck queues
+    before it drops; ``seed``: for repeatable runs."""
+
+    delay_ms: float
+    jitter_ms: float = 0.0
+    loss: float = 0.0
+    rate_kbps: float | None = None
+    queue_ms: float = 200.0
+    seed: int | None = None
+    loss_burst: float = 1.0
+
+    def __post_init__(self) -> None:
+        def finite(name: str, value: float) -> None:
+            if not math.isfinite(value):
+                raise ValueError(f"{name} must be a finite number, got {value!r}")
+
+        for name in ("delay_ms", "jitter_ms", "loss", "queue_ms", "loss_burst"):
+            finite(name, getattr(self, name))
+        if self.delay_ms < 0:
+            raise ValueError(f"delay_ms must be >= 0, got {self.delay_ms}")
+        if not 0 <= self.jitter_ms <= self.delay_ms:
+            raise ValueError(
+                f"jitter_ms must be between 0 and delay_ms ({self.delay_ms}), got {self.jitter_ms}"
+            )
+        if not 0 <= self.loss < 1:
+            raise ValueError(f"loss must be in [0, 1), got {self.loss}")
+        if self.loss_burst < 1:
+            raise ValueError(f"loss_burst must be >= 1 packet, got {self.loss_burst}")
+        if self.rate_kbps is not None:
+            finite("rate_kbps", self.rate_kbps)
+            if self.rate_kbps <= 0:
+                raise ValueError(f"rate_kbps must be > 0 (None: unlimited), got {self.rate_kbps}")
+        if self.queue_ms <= 0:
+            raise ValueError(f"queue_ms must be > 0, got {self.queue_ms}")
+
+
+@dataclass(slots=True)
+class LinkCounters:
+    """What one direction (or both, summed) did to the datagrams offered to it.
+    ``sent``: delivered (to the socket, or to aioice for received ones); ``delayed``:
+    of those, how many were held back rather than passed on at once."""
+
+    sent: int = 0
+    dropped_loss: int = 0
+    dropped_queue: int = 0
+    delayed: int = 0
+    bytes_sent: int = 0
+
+    @property
+    def offered(self) -> int:
+        return self.sent + self.dropped_loss + self.dropped_queue
+
+    def __add__(self, other: LinkCounters) -> LinkCounters:
+        return LinkCounters(
+            self.sent + other.sent,
+            self.dropped_loss + other.dropped_loss,
+            self.dropped_queue + other.dropped_queue,
+            self.delayed + other.delayed,
+            self.bytes_sent + other.bytes_sent,
+        )
+
+
+@dataclass(slots=True)
+class _Direction:
+    """One direction of the link: its loss state, its bottleneck and its in-flight queue."""
+
+    counters: LinkCounters = field(default_factory=LinkCounters)
+    in_burst: bool = False  # Gilbert state
+    link_free_at: float = 0.0  # loop time the bottleneck finishes its queued packets
+    last_due: float = 0.0  # delivery times never go backwards: no reordering
+    flight: deque[tuple[float, Callable[[], None]]] = field(default_factory=deque)
+    timer: asyncio.TimerHandle | None = None
+    loop: asyncio.AbstractEventLoop | None = None
+
+
+class ImpairedLink:
+    """The active impairment (what :func:`impaired` yields): its counters per direction."""
+
+    def __init__(self, impairment: LinkImpairment) -> None:
+        self.impairment = impairment
+        self._rng = random.Random(impairment.seed)
+        self._ways: dict[Way, _Direction] = {"out": _Direction(), "in": _Direction()}
+        imp = impairment
+        # Gilbert: P(good -> bad) and P(bad -> good) that give mean loss `loss` and mean
+        # burst `loss_burst`.
+        self._leave_burst = 1.0 / imp.loss_burst
+        self._enter_burst = 0.0 if imp.loss == 0 else imp.loss / (imp.loss_burst * (1.0 - imp.loss))
+        self._bytes_per_s = None if imp.rate_kbps is None else imp.rate_kbps * 1000 / 8
+        self.closed = False
+
+    @property
+    def outbound(self) -> LinkCounters:
+        return self._ways["out"].counters
+
+    @property
+    def inbound(self) -> LinkCounters:
+        return self._ways["in"].counters
+
+    @property
+    def counters(self) -> LinkCounters:
+        """Both directions summed."""
+        return self.outbound + self.inbound
+
+    def describe(self) -> dict[str, Any]:
+        return {
+            way: {
+                "sent": d.counters.sent,
+                "dropped_loss": d.counters.dropped_loss,
+                "dropped_queue": d.counters.dropped_queue,
+                "delayed": d.counters.delayed,
+            }
+            for way, d in self._ways.items()
+        }
+
+    # -- the link -------------------------------------------------------------------------
+
+    def _lost(self, way: _Direction) -> bool:
+        imp = self.impairment
+        if imp.loss == 0:
+            return False
+        if imp.loss_burst <= 1:
+            return self._rng.random() < imp.loss
+        if way.in_burst:
+            way.in_burst = self._rng.random() >= self._leave_burst
+        else:
+            way.in_burst = self._rng.random() < self._enter_burst
+        return way.in_burst
+
+    def offer(self, which: Way, size: int, deliver: Callable[[], None]) -> None:
+        """One datagram of ``size`` bytes into direction ``which``: ``deliver`` is called
+        when (and if) it comes out of the far end."""
+        way = self._ways[which]
+        if self.closed:
+            deliver()
+            return
+        if self._lost(way):
+            way.counters.dropped_loss += 1
+            return
+        loop = asyncio.get_running_loop()
+        now = loop.time()
+        imp = self.impairment
+        due = now
+        if self._bytes_per_s is not None:
+            start = max(now, way.link_free_at)
+            if start - now > imp.queue_ms / 1000:
+                way.counters.dropped_queue += 1
+                return
+            way.link_free_at = start + size / self._bytes_per_s
+            due = way.link_free_at
+        half = imp.delay_ms / 2000
+        if imp.jitter_ms:
+            half += self._rng.uniform(-imp.jitter_ms, imp.jitter_ms) / 4000
+        due = max(due + half, way.last_due)
+        way.last_due = due
+        way.counters.sent += 1
+        way.counters.bytes_sent += size
+        if due <= now and not way.flight:
+            deliver()
+            return
+        way.counters.delayed += 1
+        way.flight.append((due, deliver))
+        if way.timer is None:
+            way.loop = loop
+            way.timer = loop.call_at(due, self._drain, way)
+
+    def _drain(self, way: _Direction) -> None:
+        way.timer = None
+        loop = way.loop
+        assert loop is not None
+        now = loop.time()
+        while way.flight and way.flight[0][0] <= now:
+            _, deliver = way.flight.popleft()
+            _deliver(deliver)
+        if way.flight:
+            way.timer = loop.call_at(way.flight[0][0], self._drain, way)
+
+    def close(self) -> None:
+        """Deliver what is in flight now and pass everything straight through from here
+        on (the hook is being removed)."""
+        self.closed = True
+        for way in self._ways.values():
+            if way.timer is not None:
+                way.timer.cancel()
+                way.timer = None
+            while way.flight:
+                _, deliver = way.flight.popleft()
+                _deliver(deliver)
+
+
+def _deliver(deliver: Callable[[], None]) -> None:
+    try:
+        deliver()
+    except Exception:  # a callback on the loop must not raise; aioice would have logged
+        log.exception("delivering an impaired datagram failed")
+
+
+# -- the aioice hook ------------------------------------------------------------------------
+
+_HOOKS = {
+    "datagram_received": ("self", "data", "addr"),
+    "send_stun": ("self", "message", "addr"),
+    "send_data": ("self", "data", "addr"),
+}
+_active: list[ImpairedLink] = []  # the one active link, if any
+
+
+def _check_hooks() -> dict[str, Any]:
+    """The original StunProtocol methods, after checking they still look as expected."""
+    protocol = getattr(aioice.ice, "StunProtocol", None)
+    if protocol is None:
+        raise ImpairmentUnavailable(
+            "aioice.ice.StunProtocol is gone: update agent/stream/impair.py"
+        )
+    originals: dict[str, Any] = {}
+    for name, params in _HOOKS.items():
+        method = protocol.__dict__.get(name)
+        if method is None or not callable(method):
+            raise ImpairmentUnavailable(
+                f"aioice.ice.StunProtocol.{name} is gone: update agent/stream/impair.py"
+            )
+        found = tuple(inspect.signature(method).parameters)
+        if found != params:
+            raise ImpairmentUnavailable(
+                f"aioice.ice.StunProtocol.{name}{found} is not {params}: "
+                "update agent/stream/impair.py"
+            )
+        originals[name] = method
+    try:
+        body = inspect.getsource(originals["send_data"])
+    except (OSError, TypeError):
+        body = ""
+    if "self.transport.sendto(data, addr)" not in body:
+        raise ImpairmentUnavailable(
+            "aioice.ice.StunProtocol.send_data no longer just calls transport.sendto: "
+            "update agent/stream/impair.py"
+        )
+    return originals
+
+
+def _closing(protocol: Any) -> bool:
+    """Whether the protocol's socket is closing (a datagram in flight is then dropped,
+    as the kernel would). aioice's TURN transport has no ``is_closing``: never."""
+    is_closing = getattr(protocol.transport, "is_closing", None)
+    return bool(is_closing()) if is_closing is not None else False
+
+
+def _install(link: ImpairedLink) -> Callable[[], None]:
+    originals = _check_hooks()
+    protocol: Any = aioice.ice.StunProtocol
+    datagram_received = originals["datagram_received"]
+    send_stun = originals["send_stun"]
+
+    def send_to(proto: Any, data: bytes, addr: tuple[str, int]) -> None:
+        if not _closing(proto):
+            proto.transport.sendto(data, addr)
+
+    def impaired_datagram_received(self: Any, data: bytes | str, addr: tuple[Any, ...]) -> None:
+        def deliver() -> None:
+            if not _closing(self):
+                datagram_received(self, data, addr)
+
+        link.offer("in", len(data), deliver)
+
+    def impaired_send_stun(self: Any, message: Any, addr: tuple[str, int]) -> None:
+        def deliver() -> None:
+            if not _closing(self):
+                send_stun(self, message, addr)
+
+        link.offer("out", len(bytes(message)), deliver)
+
+    async def impaired_send_data(self: Any, data: bytes, addr: tuple[str, int]) -> None:
+        link.offer("out", len(data), lambda: send_to(self, data, addr))
+
+    protocol.datagram_received = impaired_datagram_received
+    protocol.send_stun = impaired_send_stun
+    protocol.send_data = impaired_send_data
+
+    def restore() -> None:
+        for name, method in originals.items():
+            setattr(protocol, name, method)
+
+    return restore
+
+
+@contextlib.contextmanager
+def impaired(impairment: LinkImpairment) -> Iterator[ImpairedLink]:
+    """Impair every aioice datagram of this process while the block runs (see the
+    module's docstring for the model). Not reentrant: one link per process. On exit the
+    datagrams still in flight are delivered and aioice's own methods are put back."""
+    if _active:
+        raise RuntimeError("an impairment is already active in this process")
+    link = ImpairedLink(impairment)
+    restore = _install(link)
+    _active.append(link)
+    log.info("aioice datagrams impaired: %s", impairment)
+    try:
+        yield link
+    finally:
+        _active.clear()
+        restore()
+        link.close()
+        log.info("aioice impairment removed: %s", link.describe())
