@@ -35,6 +35,7 @@ from agent.panel.server import token_path
 from agent.sdnotify import Notifier, WatchdogService
 from agent.selftest import SelftestThresholds, selftest_handler
 from agent.stream import LessonHost, ProbeSink, StreamService
+from agent.stream.lesson import LessonConflict
 from agent.stream.playback import open_playback
 from agent.stream.sinks import FanOutSink, FrameObserver, LatestFrames
 from agent.supervisor import Service, ServiceFailed, Supervisor, cancel_and_wait
@@ -267,7 +268,10 @@ class Agent:
             raise CommandError(str(exc)) from None
 
     async def start_lesson(self, args: dict[str, Any]) -> dict[str, Any]:
-        announcement = await self._host(args).start_lesson(args.get("subject", ""))
+        try:
+            announcement = await self._host(args).start_lesson(args.get("subject", ""))
+        except LessonConflict as exc:
+            raise CommandError(str(exc)) from None
         return {"lesson_id": announcement.lesson_id, "group": announcement.group}
 
     async def end_lesson(self, args: dict[str, Any]) -> dict[str, Any]:

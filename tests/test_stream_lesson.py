@@ -23,7 +23,7 @@ from agent.stream import (
     JoinState,
     PeerSession,
 )
-from agent.stream.lesson import MAIN_OFFLINE
+from agent.stream.lesson import MAIN_OFFLINE, Announcement, LessonConflict
 from tests.brokers import BrokerUnderTest, eventually, observing
 from tests.rooms import (
     GROUP,
@@ -581,3 +581,50 @@ async def test_a_retained_lesson_of_an_offline_main_room_is_not_called(
         finally:
             await other.publish(state, b"", retain=True)
             await other.publish(lesson_topic, b"", retain=True)
+
+
+async def test_a_second_main_room_is_refused_and_the_lesson_goes_on(
+    mosquitto: BrokerUnderTest,
+) -> None:
+    """A group misconfigured with two main rooms: the lesson that started first stands."""
+    lesson_topic = f"{mosquitto.prefix}/lesson/{GROUP}"
+    rival_device = "school3.room7"
+    async with (
+        observing(mosquitto, lesson_topic) as observer,
+        room(mosquitto, MAIN, main=True) as main,
+        room(mosquitto, ROOM2) as room2,
+        room(mosquitto, rival_device, main=True, receivers=(ROOM2,)) as rival,
+    ):
+        lesson = await main.host.start_lesson("Music")
+        await until_live(room2)
+        sessions = room2.joiner.sessions_started
+
+        # The second main room's button is refused while the first one's lesson is live.
+        await eventually(lambda: rival.host.rival is not None, what="the rival to see it")
+        with pytest.raises(LessonConflict, match=MAIN):
+            await rival.host.start_lesson("Maths")
+
+        # One that announces anyway (it bypassed the check): the main room restores its
+        # own announcement, and the receiving room never leaves its lesson.
+        forged = Announcement(
+            lesson_id="rival0lesson0001",
+            group=GROUP,
+            main=rival_device,
+            expected=(ROOM2,),
+            started_at=time.time(),
+        )
+        await observer.publish(lesson_topic, json.dumps(forged.to_dict()), retain=True)
+        restored = await observer.wait_for(
+            lesson_topic,
+            lambda m: (
+                bool(m.payload)
+                and json.loads(m.payload)["lesson_id"] == lesson.lesson_id
+                and len(observer.received(lesson_topic)) > 2
+            ),
+        )
+        assert json.loads(restored.payload)["main"] == MAIN
+        await frames_advance(room2.probe, MAIN, by=10)
+        assert room2.joiner.state is JoinState.LIVE
+        assert room2.joiner.sessions_started == sessions
+        assert room2.joiner.lesson.lesson_id == lesson.lesson_id
+        assert main.host.rivals.suppressed + main.host.rivals.logged >= 1

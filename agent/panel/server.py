@@ -40,6 +40,7 @@ from agent.capture import AudioHub
 from agent.config.models import DEVICE_ID_PATTERN, AgentConfig, IdentityConfig, StreamConfig
 from agent.panel.viewers import FrameBoard, Picture, ViewerRefused, Viewers
 from agent.stream import JoinState, LessonHost, StreamService
+from agent.stream.lesson import LessonConflict
 from agent.stream.signalling import MAX_MESSAGE_BYTES
 from agent.web import expected_hosts, guard, is_loopback, same_origin
 
@@ -378,6 +379,8 @@ class PanelServer:
         host = self._host(body.group)
         try:
             lesson = await host.start_lesson(body.subject)
+        except LessonConflict as exc:
+            raise PanelError(str(exc), 409) from None
         except Exception as exc:
             raise PanelError(f"could not start the lesson: {exc}", 503) from exc
         log.info("lesson start pressed on the panel", extra={"fields": {"group": host.group}})

@@ -66,6 +66,17 @@ GONE_AFTER_S = 20.0  # a room dropped this long ago is "gone", not "reconnecting
 MAIN_STATE_WAIT_S = 1.0  # how long a joiner waits for the main room's retained state
 
 
+class LessonConflict(RuntimeError):
+    """Another main room already runs a lesson in this group (the text names it)."""
+
+
+def _precedes(a: Announcement, b: Announcement) -> bool:
+    """Which of two live lessons of one group stands: the earlier start, then the lower
+    device id. Both main rooms and every receiving room apply the same rule, so a
+    misconfigured second main room never splits a group."""
+    return (a.started_at, a.main) < (b.started_at, b.main)
+
+
 class AnnouncementInvalid(ValueError):
     """A lesson announcement that fails validation (the text says why)."""
 
@@ -352,6 +363,8 @@ class LessonHost:
         self._joined: list[str] = []
         self._rooms: dict[str, _Room] = {}
         self.stale_byes = 0
+        self._rival: Announcement | None = None  # a live lesson of another main room
+        self.rivals = RejectionLog(log, "second main room")
 
     @property
     def lesson(self) -> Announcement | None:
@@ -360,6 +373,11 @@ class LessonHost:
     @property
     def joined(self) -> tuple[str, ...]:
         return tuple(self._joined)
+
+    @property
+    def rival(self) -> Announcement | None:
+        """A live lesson another main room announced in this group (misconfiguration)."""
+        return self._rival
 
     def sessions(self) -> dict[str, PeerSession]:
         return dict(self._sessions)
@@ -421,7 +439,8 @@ class LessonHost:
         self._running.set()
         try:
             await self._clear_stale()
-            await asyncio.Future()  # start/end come from outside; run() owns the lesson
+            # start/end come from outside; run() owns the lesson and guards its topic.
+            await self._guard_topic()
         finally:
             self._running.clear()
             serving = self._serving
@@ -453,8 +472,70 @@ class LessonHost:
                         with contextlib.suppress(LinkError):
                             await self.link.publish(self.topic, b"", qos=1, retain=True)
 
+    async def _guard_topic(self) -> None:
+        """Keep the group's announcement ours while our lesson is live: a second main
+        room's announcement (a misconfigured group) is refused and ours restored, unless
+        its lesson started first (:func:`_precedes`), in which case ours yields; an
+        announcement cleared by someone else is restored."""
+        async with self.link.subscribe(self.topic, qos=1) as messages:
+            async for message in messages:
+                try:
+                    seen = Announcement.parse(self.group, message.payload)
+                except AnnouncementInvalid:
+                    continue
+                ours = self._lesson
+                if seen is not None and seen.main == self.me:
+                    continue  # our own announcement coming back
+                self._rival = seen if seen is not None and seen.state == "live" else None
+                if ours is None or ours.lesson_id in self._finished:
+                    continue
+                rival = self._rival
+                if rival is None:
+                    log.warning(
+                        "the announcement of lesson %s was cleared: restoring it", ours.lesson_id
+                    )
+                    await self._announce(ours)
+                elif _precedes(ours, rival):
+                    self.rivals.note(
+                        rival.main,
+                        "second-main",
+                        f"{rival.main} announced lesson {rival.lesson_id} in group {self.group}, "
+                        f"whose lesson {ours.lesson_id} this room runs: refused (check which "
+                        "room the group's config makes its main room)",
+                    )
+                    await self._announce(ours)
+                else:
+                    log.error(
+                        "%s runs lesson %s in group %s since before this room's: ending ours "
+                        "(check which room the group's config makes its main room)",
+                        rival.main,
+                        rival.lesson_id,
+                        self.group,
+                    )
+                    self._finished.add(ours.lesson_id)  # its announcement is not ours to clear
+                    task = asyncio.create_task(self.end_lesson(), name=f"stream-yield-{self.group}")
+                    self._side_tasks.add(task)
+                    task.add_done_callback(self._side_tasks.discard)
+
+    async def _rival_online(self, rival: Announcement) -> bool:
+        """Whether the main room of a rival announcement is up (a crashed one's retained
+        announcement must not block this group forever)."""
+        presence = Presence(rival.main)
+        task = asyncio.create_task(
+            _watch_presence(self.link, presence, lambda: None), name="stream-rival-presence"
+        )
+        try:
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(1.0):
+                    await presence.known.wait()
+        finally:
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)
+        return not presence.offline
+
     async def start_lesson(self, subject: str = "") -> Announcement:
-        """Announce a new lesson (or return the live one). Raises the link's errors."""
+        """Announce a new lesson (or return the live one). Raises the link's errors, and
+        `LessonConflict` while another main room's lesson is live in the group."""
         try:
             async with asyncio.timeout(START_WAIT_S):
                 await self._running.wait()  # a button pressed while the agent starts up
@@ -466,6 +547,19 @@ class LessonHost:
     async def _start(self, subject: str) -> Announcement:
         if self._lesson is not None:
             return self._lesson
+        rival = self._rival
+        if rival is not None:
+            if await self._rival_online(rival):
+                raise LessonConflict(
+                    f"group {self.group} already has a live lesson from {rival.main} "
+                    f"(lesson {rival.lesson_id}); end it there first"
+                )
+            log.warning(
+                "replacing lesson %s of %s, which is offline, in group %s",
+                rival.lesson_id,
+                rival.main,
+                self.group,
+            )
         lesson = Announcement(
             lesson_id=new_lesson_id(),
             group=self.group,
@@ -841,6 +935,27 @@ class LessonJoiner:
                     lesson = None
                 if lesson is not None and (lesson.main == self.me or lesson.state != "live"):
                     lesson = None
+                current = self._announced.get(group)
+                if (
+                    lesson is not None
+                    and current is not None
+                    and lesson.main != current.main
+                    and _precedes(current, lesson)
+                    and not (
+                        self._main is not None
+                        and self._main.device == current.main
+                        and self._main.offline
+                    )
+                ):
+                    # A second main room in the group (misconfigured): the lesson that
+                    # started first stands; its main room restores the announcement.
+                    self.invalid_announcements.note(
+                        lesson.main,
+                        "second-main",
+                        f"ignored lesson {lesson.lesson_id} of {lesson.main} in group {group}: "
+                        f"lesson {current.lesson_id} of {current.main} started first",
+                    )
+                    continue
                 if lesson is None:
                     self._announced.pop(group, None)
                 else:
