@@ -13,7 +13,7 @@ APT_PACKAGES=(
   systemd                                # systemd-analyze, to check the service unit
 )
 if [ "${1:-}" = "--test" ]; then
-  APT_PACKAGES+=(chromium)               # headless browser for the web pages' tests
+  APT_PACKAGES+=(chromium coturn)        # headless browser for the web pages' tests; TURN relay test
 fi
 
 SUDO=""

@@ -78,6 +78,8 @@ async def test_lesson_two_rooms_both_ways_encode_once_then_end(
             jsonschema.validate(section, schema["properties"]["stream"])
         assert sections[MAIN]["role"] == "main"
         assert set(sections[MAIN]["peers"]) == {ROOM2, ROOM3}
+        assert isinstance(sections[MAIN]["peers"][ROOM2]["frames_dropped"], int)
+        assert sections[MAIN]["peers"][ROOM2]["layer"] in ("high", "low")
         assert sections[ROOM2]["role"] == "receiving"
         assert set(sections[ROOM2]["peers"]) == {MAIN}
 

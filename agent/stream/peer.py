@@ -24,8 +24,9 @@ from agent.capture import AudioHub
 from agent.config.models import IceServerConfig
 from agent.stream.audio import HubAudioTrack
 from agent.stream.controls import MediaControls
-from agent.stream.encoder import SharedH264Encoder, route_keyframe_requests
+from agent.stream.encoder import EncodedVideoTrack, SharedH264Encoder, route_keyframe_requests
 from agent.stream.ice import check_host_addresses, gather, new_peer_connection
+from agent.stream.jitter import AudioJitterBuffer, tune_audio_receiver
 from agent.stream.layers import (
     LayerControl,
     LayerPolicy,
@@ -142,6 +143,8 @@ class PeerSession:
         self.controls = controls
         self.layer_policy = layer_policy  # None: the encoder's layers, default thresholds
         self.layers: LayerControl | None = None  # set by add_video
+        # Received audio's jitter buffer (agent/stream/jitter.py); set at negotiation.
+        self.audio_jitter: AudioJitterBuffer | None = None
         self._sends_audio = False
         self._sink = sink
         self._tracks: list[MediaStreamTrack] = []
@@ -263,10 +266,20 @@ class PeerSession:
         if encoder is not None:
             self.add_video(encoder, video_tx)
         audio_tx = self.pc.addTransceiver("audio", direction="sendrecv" if audio else "recvonly")
+        self._tune_audio()
         if audio is not None:
             self.add_audio(audio, audio_tx)
         await gather(self.pc, await self.pc.createOffer(), self.ice.host_addresses)
         return str(self.pc.localDescription.sdp)
+
+    def _tune_audio(self) -> None:
+        """Received audio skips a lost packet at once instead of stalling (see
+        agent/stream/jitter.py); before media flows, so no buffered frame is lost."""
+        for transceiver in self.pc.getTransceivers():
+            if transceiver.kind == "audio":
+                buffer = tune_audio_receiver(transceiver.receiver)
+                if buffer is not None:
+                    self.audio_jitter = buffer
 
     async def accept_answer(self, sdp: str) -> None:
         await self.pc.setRemoteDescription(RTCSessionDescription(sdp=sdp, type="answer"))
@@ -277,6 +290,7 @@ class PeerSession:
         """Apply a remote offer and return the complete answer SDP (raises ValueError and
         aiortc's errors for an offer we cannot use)."""
         await self.pc.setRemoteDescription(RTCSessionDescription(sdp=offer_sdp, type="offer"))
+        self._tune_audio()
         for transceiver in self.pc.getTransceivers():
             if transceiver.kind == "video":
                 transceiver.setCodecPreferences(h264_preferences())
@@ -324,7 +338,25 @@ class PeerSession:
         if self.layers is None:
             return {"layer": None, "layer_switches": None}
         described = self.layers.describe()
-        return {"layer": described["layer"], "layer_switches": described["layer_switches"]}
+        keys = ("layer", "layer_switches", "layer_reason", "estimate_kbps")
+        return {key: described.get(key) for key in keys}
+
+    def _describe_audio(self) -> dict[str, Any]:
+        jitter = self.audio_jitter
+        if jitter is None:
+            return {"audio_gaps": None, "audio_missing": None, "audio_late_dropped": None}
+        counters = jitter.counters
+        return {
+            "audio_gaps": counters.gaps,
+            "audio_missing": counters.missing,
+            "audio_late_dropped": counters.late_dropped,
+        }
+
+    def _frames_dropped(self) -> int | None:
+        """Video frames this room did not get from the shared encoder (its sender fell
+        behind, or it waited for a keyframe); None where we send no video."""
+        tracks = [t for t in self._tracks if isinstance(t, EncodedVideoTrack)]
+        return sum(t.dropped for t in tracks) if tracks else None
 
     def describe(self) -> dict[str, Any]:
         """This peer in the health topic's ``stream.peers`` shape (contracts v1); the
@@ -334,6 +366,8 @@ class PeerSession:
             "state": self.state,
             **self.figures.as_dict(),
             **self._describe_layers(),
+            **self._describe_audio(),
+            "frames_dropped": self._frames_dropped(),
             "lesson": self.lesson_id,
             "connected_for_s": None
             if self.connected_at is None

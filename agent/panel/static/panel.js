@@ -36,6 +36,17 @@ function since(seconds) {
   return Math.floor(s / 60) + " min";
 }
 
+function figures(f) {
+  // The room's link as its peer connection reports it (health topic, same figures).
+  if (!f || f.state !== "connected") return "";
+  const parts = [];
+  if (f.fps != null) parts.push(Math.round(f.fps) + " fps");
+  if (f.rtt_ms != null) parts.push(Math.round(f.rtt_ms) + " ms");
+  if (f.loss_percent != null) parts.push(f.loss_percent.toFixed(1) + " % loss");
+  if (f.layer && f.layer !== "high") parts.push(f.layer + " layer");
+  return parts.join(" · ");
+}
+
 function tileFor(room) {
   let tile = tiles.get(room);
   if (tile) return tile;
@@ -45,7 +56,8 @@ function tileFor(room) {
   element.innerHTML =
     '<video autoplay muted playsinline></video>' +
     '<button class="hand" type="button" hidden title="Lower hand">&#9995;</button>' +
-    '<figcaption><span class="name"></span><span class="badge"></span></figcaption>';
+    '<figcaption><span class="name"></span><span class="figures"></span>' +
+    '<span class="badge"></span></figcaption>';
   element.querySelector(".name").textContent = room;
   element.querySelector(".hand").addEventListener("click", () => {
     post("/api/hand/lower", { room: room }).catch((e) => say(e.message, true));
@@ -88,6 +100,7 @@ function renderHosting(host) {
     badge.textContent = info.state;
     badge.className = "badge " + info.state;
     tile.element.querySelector(".hand").hidden = !info.hand_up;
+    tile.element.querySelector(".figures").textContent = figures(info.figures);
   }
   if (!selfViewer) selfViewer = keepWatching("lesson", $("self-video"), {});
 }
