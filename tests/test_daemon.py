@@ -11,7 +11,7 @@ import socket
 import sys
 import time
 import wave
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -33,8 +33,11 @@ pytestmark = pytest.mark.slow
 class Daemon:
     """``classroom-agent run`` in a child process, with its log and sd_notify messages."""
 
-    def __init__(self, tmp_path: Path, config: dict[str, Any]) -> None:
+    def __init__(
+        self, tmp_path: Path, config: dict[str, Any], launcher: Sequence[str] = ()
+    ) -> None:
         self.tmp_path = tmp_path
+        self.launcher = tuple(launcher)  # e.g. ("ip", "netns", "exec", NAME)
         self.site_file = tmp_path / "agent.yaml"
         self.write_config(config)
         self.log_path = tmp_path / "agent.log"
@@ -52,6 +55,7 @@ class Daemon:
         env = dict(os.environ, NOTIFY_SOCKET=str(self.notify_path), WATCHDOG_USEC="2000000")
         with self.log_path.open("wb") as log:
             self.process = await asyncio.create_subprocess_exec(
+                *self.launcher,
                 sys.executable,
                 "-m",
                 "agent.cli",

@@ -13,11 +13,9 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-import os
 import random
 import signal
 import subprocess
-import sys
 import time
 import uuid
 from collections.abc import Iterator
@@ -28,7 +26,7 @@ from typing import Any
 import pytest
 
 from tests.brokers import BrokerUnderTest, observing, unique_prefix
-from tests.test_daemon import REPO, Daemon
+from tests.test_daemon import Daemon
 from tests.test_stream_rejoin import (
     GROUP,
     MAIN,
@@ -90,28 +88,8 @@ class NsDaemon(Daemon):
     execs: the pid is the agent's)."""
 
     def __init__(self, tmp_path: Path, config: dict[str, Any], namespace: str) -> None:
-        super().__init__(tmp_path, config)
+        super().__init__(tmp_path, config, launcher=("ip", "netns", "exec", namespace))
         self.namespace = namespace
-
-    async def start(self) -> None:
-        env = dict(os.environ, NOTIFY_SOCKET=str(self.notify_path), WATCHDOG_USEC="2000000")
-        with self.log_path.open("wb") as out:
-            self.process = await asyncio.create_subprocess_exec(
-                "ip",
-                "netns",
-                "exec",
-                self.namespace,
-                sys.executable,
-                "-m",
-                "agent.cli",
-                "run",
-                "-c",
-                str(self.site_file),
-                stdout=out,
-                stderr=asyncio.subprocess.STDOUT,
-                env=env,
-                cwd=REPO,
-            )
 
 
 @pytest.mark.timeout(180)

@@ -13,7 +13,7 @@ import threading
 import wave
 from abc import ABC, abstractmethod
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 import pyaudio
@@ -199,36 +199,41 @@ class WavFileSource(AudioSource):
         self._interrupt.set()
 
 
-def _input_devices(pa: Any) -> list[dict[str, Any]]:
-    devices = []
+def find_pyaudio_device(
+    pa: Any, wanted: str | None, direction: Literal["input", "output"], field: str
+) -> dict[str, Any]:
+    """The PyAudio device the config field ``field`` names: empty (the system default),
+    an index, or part of a name. The ``LookupError`` names the field and lists the
+    devices there are (microphones here, loudspeakers for playback)."""
+    channels = "maxInputChannels" if direction == "input" else "maxOutputChannels"
+    devices: list[dict[str, Any]] = []
     for index in range(pa.get_device_count()):
         with contextlib.suppress(OSError):
             info = pa.get_device_info_by_index(index)
-            if int(info.get("maxInputChannels", 0)) > 0:
+            if int(info.get(channels, 0)) > 0:
                 devices.append(info)
-    return devices
-
-
-def _find_input(pa: Any, wanted: str | None) -> dict[str, Any]:
-    """The input device ``capture.audio.device`` names: empty, an index, or part of a name."""
-    devices = _input_devices(pa)
     names = ", ".join(f"[{d['index']}] {d['name']}" for d in devices) or "none"
     if wanted is None or not wanted.strip():
+        default = (
+            pa.get_default_input_device_info
+            if direction == "input"
+            else pa.get_default_output_device_info
+        )
         try:
-            info: dict[str, Any] = pa.get_default_input_device_info()
+            chosen: dict[str, Any] = default()
         except OSError:
-            raise CaptureError(
-                f"capture.audio.device: no default input device; input devices: {names}"
+            raise LookupError(
+                f"{field}: no default {direction} device; {direction} devices: {names}"
             ) from None
-        return info
+        return chosen
     text = wanted.strip()
     for device in devices:
         if text.isdigit() and int(device["index"]) == int(text):
             return device
         if not text.isdigit() and text.lower() in str(device["name"]).lower():
             return device
-    raise CaptureError(
-        f"capture.audio.device: no input device matches {wanted!r}; input devices: {names}"
+    raise LookupError(
+        f"{field}: no {direction} device matches {wanted!r}; {direction} devices: {names}"
     )
 
 
@@ -257,7 +262,10 @@ class PyAudioSource(AudioSource):
         except Exception as exc:
             raise CaptureError(f"capture.audio.device: PortAudio did not start: {exc}") from exc
         try:
-            info = _find_input(pa, self._wanted)
+            try:
+                info = find_pyaudio_device(pa, self._wanted, "input", "capture.audio.device")
+            except LookupError as exc:
+                raise CaptureError(str(exc)) from None
             self._name = str(info["name"])
             fmt = self._format
             try:

@@ -49,6 +49,7 @@ from numpy.typing import NDArray
 
 from agent.backoff import backoff_delay
 from agent.capture import DeviceState, quiet_audio_libraries
+from agent.capture.audio import find_pyaudio_device
 from agent.config.models import PlaybackConfig
 
 log = logging.getLogger(__name__)
@@ -111,41 +112,6 @@ class AudioOutput(ABC):
         """Wake a write() that is waiting, so playback can stop promptly (any thread)."""
 
 
-def _output_devices(pa: Any) -> list[dict[str, Any]]:
-    devices = []
-    for index in range(pa.get_device_count()):
-        with contextlib.suppress(OSError):
-            info = pa.get_device_info_by_index(index)
-            if int(info.get("maxOutputChannels", 0)) > 0:
-                devices.append(info)
-    return devices
-
-
-def _find_output(pa: Any, wanted: str | None) -> dict[str, Any]:
-    """The device ``stream.playback.device`` names: empty, an index, or part of a name."""
-    devices = _output_devices(pa)
-    names = ", ".join(f"[{d['index']}] {d['name']}" for d in devices) or "none"
-    if wanted is None or not wanted.strip():
-        try:
-            info: dict[str, Any] = pa.get_default_output_device_info()
-        except OSError:
-            raise PlaybackError(
-                f"stream.playback.device: no default output device (no sound card?); "
-                f"output devices: {names}. Set stream.playback.output to 'file' or 'none' "
-                f"in a room without loudspeakers"
-            ) from None
-        return info
-    text = wanted.strip()
-    for device in devices:
-        if text.isdigit() and int(device["index"]) == int(text):
-            return device
-        if not text.isdigit() and text.lower() in str(device["name"]).lower():
-            return device
-    raise PlaybackError(
-        f"stream.playback.device: no output device matches {wanted!r}; output devices: {names}"
-    )
-
-
 class PyAudioOutput(AudioOutput):
     """Loudspeakers through PyAudio (PortAudio/ALSA), paced by the sound card.
 
@@ -175,7 +141,13 @@ class PyAudioOutput(AudioOutput):
         except Exception as exc:
             raise PlaybackError(f"stream.playback.device: PortAudio did not start: {exc}") from exc
         try:
-            info = _find_output(pa, self._wanted)
+            try:
+                info = find_pyaudio_device(pa, self._wanted, "output", "stream.playback.device")
+            except LookupError as exc:
+                raise PlaybackError(
+                    f"{exc}. In a room without loudspeakers set stream.playback.output to "
+                    "'file' or 'none'"
+                ) from None
             self._name = str(info["name"])
             channels = max(1, min(self._channels, int(info.get("maxOutputChannels", 2))))
             rates = [SAMPLE_RATE]
