@@ -118,8 +118,17 @@ async def test_the_button_and_the_tiles_in_chromium(mosquitto: BrokerUnderTest) 
         await watch.goto(main.panel.watch_url())
         assert await moving(watch, "#watch-video") == 320
 
-        # End: the kiosk says it is waiting again.
-        await panel.click("#lesson-button")
+        # End, with a presenter clicker's "blank screen" key: one press only warns...
+        await panel.keyboard.press("b")
+        await until(
+            panel,
+            "document.getElementById('message').textContent.includes('again')",
+            within=5,
+            what="the warning",
+        )
+        assert main.host.lesson is not None
+        # ...the second one ends the lesson, and the kiosk says it is waiting again.
+        await panel.keyboard.press("b")
         await until(
             kiosk,
             "!document.getElementById('slate').hidden && "

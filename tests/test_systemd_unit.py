@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from agent.config.models import SupervisorConfig
+from agent.config.models import StreamConfig, SupervisorConfig
 
 UNIT = Path(__file__).resolve().parents[1] / "systemd" / "classroom-agent.service"
 MAX_EXPOSURE = 2.0
@@ -167,3 +167,29 @@ def test_network_needs_stay_allowed(unit: dict[tuple[str, str], list[str]]) -> N
     # W^X breaks aiortc's DTLS (pyOpenSSL's cffi callbacks need W+X pages): see the unit.
     mdwe = unit.get(("Service", "MemoryDenyWriteExecute"), ["no"])[-1]
     assert mdwe not in {"yes", "true", "1", "on"}
+
+
+KIOSK = UNIT.parent / "classroom-kiosk.service"
+
+
+def test_kiosk_unit_verifies_and_opens_the_local_panel(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The screen's user unit: valid, and pointed at the default panel address."""
+    text = KIOSK.read_text(encoding="utf-8")
+    config = StreamConfig()
+    assert f"PANEL_URL=http://{config.panel_bind}:{config.panel_port}/" in text
+    true = shutil.which("true")
+    assert true is not None
+    copy = tmp_path / KIOSK.name  # verify needs the binary: `true` where chromium is absent
+    chromium = "/usr/bin/chromium"
+    copy.write_text(
+        text if os.access(chromium, os.X_OK) else text.replace(chromium, true, 1),
+        encoding="utf-8",
+    )
+    runtime = tmp_path / "runtime"  # a user manager needs one (no login session here)
+    runtime.mkdir(mode=0o700)
+    monkeypatch.setenv("XDG_RUNTIME_DIR", str(runtime))
+    result = _analyze("verify", "--user", "--man=no", "--generators=no", str(copy))
+    assert result.stderr == "", result.stderr
+    assert result.returncode == 0, result.stdout

@@ -163,7 +163,32 @@ async function refresh() {
   }
 }
 
-$("lesson-button").addEventListener("click", async () => {
+$("lesson-button").addEventListener("click", () => pressButton());
+
+// A USB presenter clicker is a keyboard: its "next" key (PageDown, or F5 "start the
+// show") starts the lesson; its "blank screen" key (B or .) pressed twice within 3 s
+// ends it, so one stray press never cuts every room off.
+let endArmedUntil = 0;
+document.addEventListener("keydown", (event) => {
+  const host = chosenGroup();
+  if (!host || event.target instanceof HTMLInputElement) return;
+  if (["PageDown", "F5"].includes(event.key)) {
+    event.preventDefault();
+    if (!host.lesson) pressButton();
+  } else if (["b", "B", "."].includes(event.key)) {
+    event.preventDefault();
+    if (!host.lesson) return;
+    if (Date.now() < endArmedUntil) {
+      endArmedUntil = 0;
+      pressButton();
+    } else {
+      endArmedUntil = Date.now() + 3000;
+      say("Press the same key again to end the lesson");
+    }
+  }
+});
+
+async function pressButton() {
   const host = chosenGroup();
   if (!host || busy) return;
   busy = true;
@@ -182,7 +207,7 @@ $("lesson-button").addEventListener("click", async () => {
     busy = false;
     await refresh();
   }
-});
+}
 
 $("hand-button").addEventListener("click", () => {
   const up = !(status && status.joining && status.joining.hand_up);
