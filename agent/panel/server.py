@@ -48,8 +48,10 @@ log = logging.getLogger(__name__)
 
 STATIC_DIR = Path(__file__).resolve().parent / "static"
 RETRY_LISTEN_S = 30.0
-TILE_WIDTH = 480
-KIOSK_WIDTH = 1280
+TILE_WIDTH = 480  # tiles: small and 15 fps (several on one screen)
+TILE_FPS = 15.0
+KIOSK_WIDTH = 1280  # the lesson full screen: as the main room sends it
+KIOSK_FPS = 30.0
 JOIN_LABELS = {
     JoinState.WAITING: "Waiting for the lesson",
     JoinState.JOINING: "Joining the lesson...",
@@ -440,7 +442,13 @@ class PanelServer:
                     return str(reason)[:60]
                 return JOIN_LABELS.get(joiner.state, "Waiting for the lesson")
 
-            return Picture(board=self.board, source=main_room, label=label, max_width=KIOSK_WIDTH)
+            return Picture(
+                board=self.board,
+                source=main_room,
+                label=label,
+                max_width=KIOSK_WIDTH,
+                fps=KIOSK_FPS,
+            )
         room = source.removeprefix("room:")
         hosts = [h for h in self.stream.hosts.values() if room in h.expected]
         if not hosts or self.board is None:
@@ -456,4 +464,10 @@ class PanelServer:
             state = host.room_states().get(room)
             return ROOM_LABELS.get("joining" if state is None else state.state, "Joining...")
 
-        return Picture(board=self.board, source=room_source, label=room_label, max_width=TILE_WIDTH)
+        return Picture(
+            board=self.board,
+            source=room_source,
+            label=room_label,
+            max_width=TILE_WIDTH,
+            fps=TILE_FPS,
+        )
