@@ -44,6 +44,7 @@ logger = logging.getLogger(__name__)
 
 STATIC_DIR = Path(__file__).resolve().parent / "static"
 TICK_S = 1.0  # staleness and broker-status checks
+SUBSCRIBE_WAIT_S = 10.0  # start-up: how long ready waits for the broker's SUBACKs
 RECONNECT_SETTLE_S = 5.0  # after a reconnect, retained announcements not re-sent are over
 SEND_TIMEOUT_S = 10.0  # a client that cannot take one message in this long is dropped
 MAX_BACKLOG = 16  # messages queued per client before it is resynchronised instead
@@ -193,13 +194,26 @@ class DashboardServer:
             (f"{p}/+/+/alert", 1, TELEMETRY_QUEUE),
             (f"{p}/+/+/health", 0, TELEMETRY_QUEUE),
         )
+        # "Ready" means subscribed (SUBACKs in): nothing published after it is missed.
+        # A broker that is down at start delays that by at most SUBSCRIBE_WAIT_S.
+        entered = []
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(SUBSCRIBE_WAIT_S):
+                await self.link.wait_connected()
         for topic_filter, qos, size in filters:
             subscription = self.link.subscribe(topic_filter, qos, maxsize=size)
             kind = topic_filter.rsplit("/", 1)[-1].strip("+") or "lesson"
-            tasks.create_task(self._consume(subscription), name=f"dashboard-sub-{kind}")
+            done = asyncio.Event()
+            entered.append(done)
+            tasks.create_task(self._consume(subscription, done), name=f"dashboard-sub-{kind}")
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(SUBSCRIBE_WAIT_S):
+                for done in entered:
+                    await done.wait()
 
-    async def _consume(self, subscription: Subscription) -> None:
+    async def _consume(self, subscription: Subscription, entered: asyncio.Event) -> None:
         async with subscription as messages:
+            entered.set()
             async for message in messages:
                 self._apply(message)
 

@@ -164,6 +164,10 @@ class LatestFrameTrack(MediaStreamTrack):
         size = fit(int(decoded.width), int(decoded.height), self._max_width)
         self._size = size
         frame: av.VideoFrame = decoded.reformat(width=size[0], height=size[1], format="yuv420p")
+        if frame is decoded:
+            # PyAV hands back the same object when nothing changes; the board's frame is
+            # shared (other viewers, the recorder) and we are about to stamp its pts.
+            frame = av.VideoFrame.from_ndarray(decoded.to_ndarray(), format="yuv420p")
         return frame
 
     def _slate_frame(self, text: str) -> av.VideoFrame:
