@@ -775,7 +775,7 @@ class LessonHost:
             "group": self.group,
             "peers": {room: s.describe() for room, s in self._sessions.items()},
             "rooms": {
-                room: {"state": s.state, "hand_up": s.hand_up}
+                room: {"state": s.state, "since": round(s.since, 3), "hand_up": s.hand_up}
                 for room, s in self.room_states().items()
             },
         }
