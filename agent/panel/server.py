@@ -209,7 +209,8 @@ class PanelServer:
         await runner.setup()
         try:
             await self._listen(runner)
-            log.info("teacher panel at %s", self.url, extra={"fields": {"url": self.url}})
+            what = "teacher panel" if self.stream.hosts else "lesson kiosk"
+            log.info("%s at %s", what, self.url, extra={"fields": {"url": self.url}})
             self._ready.set()
             await asyncio.Future()
         finally:
