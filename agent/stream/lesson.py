@@ -54,7 +54,7 @@ from agent.stream.signalling import (
     new_attempt_id,
 )
 from agent.stream.sinks import MediaSink
-from agent.sync import LinkError, MqttLink, Topics
+from agent.sync import LinkDown, LinkError, MqttLink, Topics
 
 log = logging.getLogger(__name__)
 
@@ -541,6 +541,14 @@ class LessonHost:
                 await self._running.wait()  # a button pressed while the agent starts up
         except TimeoutError:
             raise RuntimeError(f"{self.name} is not running") from None
+        try:
+            async with asyncio.timeout(START_WAIT_S):
+                await self.link.wait_connected()  # ...or while the broker is coming back
+        except TimeoutError:
+            raise LinkDown(
+                "the broker is not reachable, so the rooms cannot be told: try again when "
+                "the room's network is back (the dashboard shows the broker's state)"
+            ) from None
         async with self._button:  # a double press must not announce two lessons
             return await self._start(subject)
 
