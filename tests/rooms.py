@@ -69,7 +69,14 @@ def identity(device: str, role: LessonRole, receivers: tuple[str, ...] = (ROOM2,
     site, name = device.split(".")
     members = list(receivers) if role is LessonRole.MAIN else []
     membership = GroupMembership(group=GROUP, role=role, receivers=members)
-    return IdentityConfig(site=site, room=name, groups=[membership])
+    return IdentityConfig(
+        site=site, room=name, display_name=display_name(device), groups=[membership]
+    )
+
+
+def display_name(device: str) -> str:
+    site, name = device.split(".")
+    return f"{site.title()} {name.title()}"
 
 
 @contextlib.asynccontextmanager

@@ -22,7 +22,7 @@ from agent.panel import PanelServer, load_or_create_token
 from agent.panel.cli import describe_status
 from agent.stream import JoinState
 from tests.brokers import BrokerUnderTest, eventually, observing
-from tests.rooms import GROUP, MAIN, PANEL_TOKEN, ROOM2, ROOM3, room, until_live
+from tests.rooms import GROUP, MAIN, PANEL_TOKEN, ROOM2, ROOM3, display_name, room, until_live
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -77,6 +77,7 @@ async def test_the_button_starts_and_ends_the_lesson(mosquitto: BrokerUnderTest)
         _, during = await call(main.panel, "GET", "/api/status")
         rooms = during["hosting"][0]["rooms"]
         assert rooms[ROOM2]["state"] == "live"
+        assert rooms[ROOM2]["name"] == display_name(ROOM2)  # from its retained state
         assert rooms[ROOM3]["state"] == "joining"  # expected, never came
         assert during["hosting"][0]["lesson"]["subject"] == "Music"
         text = describe_status(during)

@@ -16,7 +16,7 @@ import pytest
 
 from tests.brokers import BrokerUnderTest
 from tests.browsers import ARTIFACTS, chromium, needs_chromium, until
-from tests.rooms import MAIN, ROOM2, ROOM3, room
+from tests.rooms import MAIN, ROOM2, ROOM3, display_name, room
 
 pytestmark = [pytest.mark.slow, needs_chromium, pytest.mark.timeout(180)]
 
@@ -100,6 +100,8 @@ async def test_the_button_and_the_tiles_in_chromium(mosquitto: BrokerUnderTest) 
                 within=30,
                 what=f"{device} live",
             )
+            name = f'.tile[data-room="{device}"] .name'
+            assert await panel.inner_text(name) == display_name(device)
             width = await moving(panel, f'.tile[data-room="{device}"] video')
             assert width == 320  # the room's 320x240 camera, at tile size
         # The room's own picture: the shared encoder's H.264, decoded by Chromium.

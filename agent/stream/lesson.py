@@ -196,6 +196,7 @@ class Presence:
         self.known = asyncio.Event()
         self.changed = asyncio.Event()
         self.messages = 0
+        self.display_name: str | None = None  # from its birth message, for the panel
         self._latest_online: tuple[str, int] | None = None
 
     @property
@@ -220,6 +221,9 @@ class Presence:
             seq if isinstance(seq, int) and not isinstance(seq, bool) else 0,
         )
         self.known.set()
+        name = data.get("display_name")
+        if status == "online" and isinstance(name, str) and name.strip():
+            self.display_name = name.strip()[:80]
         if status == "online":
             if self._latest_online is None or key >= self._latest_online:
                 self._latest_online = key
@@ -291,6 +295,7 @@ class RoomStatus:
     since: float
     hand_up: bool
     figures: dict[str, Any] | None
+    name: str | None = None  # the room's display name, once its state topic said it
 
 
 @dataclass(slots=True)
@@ -363,6 +368,7 @@ class LessonHost:
         self._joined: list[str] = []
         self._rooms: dict[str, _Room] = {}
         self.stale_byes = 0
+        self._presences: dict[str, Presence] = {}  # the expected rooms' online state
         self._rival: Announcement | None = None  # a live lesson of another main room
         self.rivals = RejectionLog(log, "second main room")
 
@@ -401,11 +407,13 @@ class LessonHost:
             ):
                 self._gone(device, room, time.time() - (now - room.dropped_at - self.gone_after_s))
             session = self._sessions.get(device)
+            presence = self._presences.get(device)
             states[device] = RoomStatus(
                 state=room.state,
                 since=room.since,
                 hand_up=room.hand_up,
                 figures=None if session is None else session.describe(),
+                name=None if presence is None else presence.display_name,
             )
         return states
 
@@ -610,12 +618,13 @@ class LessonHost:
                 await serving
 
     async def _serve(self, lesson: Announcement, inbox: LessonInbox) -> None:
+        self._presences = {device: Presence(device) for device in self.expected}
         watchers = [
             asyncio.create_task(
                 _watch_presence(self.link, presence, partial(self._on_presence, presence)),
                 name=f"stream-presence-{presence.device}",
             )
-            for presence in (Presence(device) for device in self.expected)
+            for presence in self._presences.values()
         ]
         try:
             while True:

@@ -101,6 +101,7 @@ function renderHosting(host) {
     badge.className = "badge " + info.state;
     tile.element.querySelector(".hand").hidden = !info.hand_up;
     tile.element.querySelector(".figures").textContent = figures(info.figures);
+    tile.element.querySelector(".name").textContent = info.name || room;
   }
   if (!selfViewer) selfViewer = keepWatching("lesson", $("self-video"), {});
 }
