@@ -199,12 +199,16 @@ class WavFileSource(AudioSource):
         self._interrupt.set()
 
 
-def find_pyaudio_device(
+class AudioDeviceError(Exception):
+    """PortAudio did not start, or no device matches the config field (the text names
+    the field and lists the devices there are)."""
+
+
+def _find_device(
     pa: Any, wanted: str | None, direction: Literal["input", "output"], field: str
 ) -> dict[str, Any]:
-    """The PyAudio device the config field ``field`` names: empty (the system default),
-    an index, or part of a name. The ``LookupError`` names the field and lists the
-    devices there are (microphones here, loudspeakers for playback)."""
+    """The device ``field`` names: empty (the system default), an index, or part of a
+    name."""
     channels = "maxInputChannels" if direction == "input" else "maxOutputChannels"
     devices: list[dict[str, Any]] = []
     for index in range(pa.get_device_count()):
@@ -222,7 +226,7 @@ def find_pyaudio_device(
         try:
             chosen: dict[str, Any] = default()
         except OSError:
-            raise LookupError(
+            raise AudioDeviceError(
                 f"{field}: no default {direction} device; {direction} devices: {names}"
             ) from None
         return chosen
@@ -232,9 +236,39 @@ def find_pyaudio_device(
             return device
         if not text.isdigit() and text.lower() in str(device["name"]).lower():
             return device
-    raise LookupError(
+    raise AudioDeviceError(
         f"{field}: no {direction} device matches {wanted!r}; {direction} devices: {names}"
     )
+
+
+def start_pyaudio(
+    wanted: str | None, direction: Literal["input", "output"], field: str
+) -> tuple[Any, dict[str, Any]]:
+    """A fresh PortAudio instance (it scans devices once per start, so a USB device
+    plugged in later is found on the next open) and the device ``field`` names, for a
+    microphone or for loudspeakers. On `AudioDeviceError` nothing is left open."""
+    quiet_audio_libraries()
+    try:
+        pa = pyaudio.PyAudio()
+    except Exception as exc:
+        raise AudioDeviceError(f"{field}: PortAudio did not start: {exc}") from exc
+    try:
+        return pa, _find_device(pa, wanted, direction, field)
+    except BaseException:
+        pa.terminate()
+        raise
+
+
+def close_pyaudio(stream: Any, pa: Any) -> None:
+    """Stop and close ``stream``, release ``pa`` (either may be None); never raises."""
+    if stream is not None:
+        with contextlib.suppress(Exception):
+            stream.stop_stream()
+        with contextlib.suppress(Exception):
+            stream.close()
+    if pa is not None:
+        with contextlib.suppress(Exception):
+            pa.terminate()
 
 
 class PyAudioSource(AudioSource):
@@ -256,16 +290,11 @@ class PyAudioSource(AudioSource):
         return f"microphone {self._name!r}"
 
     def open(self) -> AudioFormat:
-        quiet_audio_libraries()
         try:
-            pa = pyaudio.PyAudio()
-        except Exception as exc:
-            raise CaptureError(f"capture.audio.device: PortAudio did not start: {exc}") from exc
+            pa, info = start_pyaudio(self._wanted, "input", "capture.audio.device")
+        except AudioDeviceError as exc:
+            raise CaptureError(str(exc)) from exc
         try:
-            try:
-                info = find_pyaudio_device(pa, self._wanted, "input", "capture.audio.device")
-            except LookupError as exc:
-                raise CaptureError(str(exc)) from None
             self._name = str(info["name"])
             fmt = self._format
             try:
@@ -300,14 +329,7 @@ class PyAudioSource(AudioSource):
     def close(self) -> None:
         stream, pa = self._stream, self._pa
         self._stream = self._pa = None
-        if stream is not None:
-            with contextlib.suppress(Exception):
-                stream.stop_stream()
-            with contextlib.suppress(Exception):
-                stream.close()
-        if pa is not None:
-            with contextlib.suppress(Exception):
-                pa.terminate()
+        close_pyaudio(stream, pa)
 
 
 def open_audio_source(cfg: AudioConfig) -> AudioSource:

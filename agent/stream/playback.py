@@ -48,8 +48,8 @@ import pyaudio
 from numpy.typing import NDArray
 
 from agent.backoff import backoff_delay
-from agent.capture import DeviceState, quiet_audio_libraries
-from agent.capture.audio import find_pyaudio_device
+from agent.capture import DeviceState
+from agent.capture.audio import AudioDeviceError, close_pyaudio, start_pyaudio
 from agent.config.models import PlaybackConfig
 
 log = logging.getLogger(__name__)
@@ -135,19 +135,14 @@ class PyAudioOutput(AudioOutput):
         return f"speaker {self._name!r}"
 
     def open(self) -> OutputFormat:
-        quiet_audio_libraries()
         try:
-            pa = pyaudio.PyAudio()
-        except Exception as exc:
-            raise PlaybackError(f"stream.playback.device: PortAudio did not start: {exc}") from exc
+            pa, info = start_pyaudio(self._wanted, "output", "stream.playback.device")
+        except AudioDeviceError as exc:
+            raise PlaybackError(
+                f"{exc}. In a room without loudspeakers set stream.playback.output to "
+                "'file' or 'none'"
+            ) from exc
         try:
-            try:
-                info = find_pyaudio_device(pa, self._wanted, "output", "stream.playback.device")
-            except LookupError as exc:
-                raise PlaybackError(
-                    f"{exc}. In a room without loudspeakers set stream.playback.output to "
-                    "'file' or 'none'"
-                ) from None
             self._name = str(info["name"])
             channels = max(1, min(self._channels, int(info.get("maxOutputChannels", 2))))
             rates = [SAMPLE_RATE]
@@ -190,14 +185,7 @@ class PyAudioOutput(AudioOutput):
     def close(self) -> None:
         stream, pa = self._stream, self._pa
         self._stream = self._pa = None
-        if stream is not None:
-            with contextlib.suppress(Exception):
-                stream.stop_stream()
-            with contextlib.suppress(Exception):
-                stream.close()
-        if pa is not None:
-            with contextlib.suppress(Exception):
-                pa.terminate()
+        close_pyaudio(stream, pa)
 
 
 class WavFileOutput(AudioOutput):
