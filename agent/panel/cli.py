@@ -98,17 +98,18 @@ def cmd_lesson(args: Any) -> int:
     except PanelUnavailable as exc:
         print(str(exc), file=sys.stderr)
         return 1
+    refused = result.get("ok") is False
     if args.json:
         print(json.dumps(result, indent=2))
-    elif result.get("ok") is False:
-        pass
+    elif refused:
+        pass  # said on stderr below
     elif args.lesson_command == "start":
         print(f"lesson {result['lesson_id']} of group {result['group']} started")
     elif args.lesson_command == "end":
         print(f"lesson of group {result['group']} ended")
     else:
         print(describe_status(result))
-    if result.get("ok") is False:
+    if refused:
         print(f"refused: {result.get('error')}", file=sys.stderr)
         return 2
     return 0

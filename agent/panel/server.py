@@ -22,10 +22,8 @@ web page elsewhere cannot press the button (no CORS is ever granted).
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import dataclasses
 import hmac
-import ipaddress
 import logging
 import os
 import secrets
@@ -264,10 +262,7 @@ class PanelServer:
         return page
 
     def _local(self, request: web.Request) -> bool:
-        remote = request.remote or ""
-        with contextlib.suppress(ValueError):
-            return ipaddress.ip_address(remote).is_loopback
-        return is_loopback(remote)
+        return is_loopback(request.remote or "")
 
     @web.middleware
     async def _authorise(
@@ -352,7 +347,7 @@ class PanelServer:
                 "groups": list(joiner.groups),
                 "state": str(joiner.state),
                 "since": joiner.since,
-                "reason": getattr(joiner, "reason", ""),
+                "reason": joiner.reason,
                 "lesson": None if lesson is None else lesson.to_dict(),
                 "hand_up": joiner.hand_up,
                 "peer": None if session is None else session.describe(),
@@ -438,7 +433,7 @@ class PanelServer:
                 return None if lesson is None else lesson.main
 
             def label() -> str:
-                reason = getattr(joiner, "reason", "")
+                reason = joiner.reason
                 if joiner.state is JoinState.WAITING and reason:
                     return str(reason)[:60]
                 return JOIN_LABELS.get(joiner.state, "Waiting for the lesson")

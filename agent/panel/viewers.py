@@ -177,8 +177,10 @@ class LatestFrameTrack(MediaStreamTrack):
             image = slate_image(size[0], size[1], text)
             frame = av.VideoFrame.from_ndarray(image, format="bgr24").reformat(format="yuv420p")
             cached = self._slate = (text, size, frame)
-        # A fresh frame object each time: the sender stamps pts on what it gets.
-        return cached[2].reformat(format="yuv420p")
+        # The same frame each time (PyAV's reformat to its own format would return it
+        # anyway): only this track's sender reads it, one frame at a time, so
+        # restamping its pts in recv() is safe.
+        return cached[2]
 
 
 @dataclass(frozen=True, slots=True)
