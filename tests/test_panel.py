@@ -230,6 +230,25 @@ def test_token_is_created_private_and_kept(tmp_path: Path) -> None:
     assert load_or_create_token(path) != "short"
 
 
+async def lesson_cli(url: str, *args: str) -> tuple[int, str, str]:
+    """``classroom-agent lesson --url URL ARGS...`` in a child process."""
+    process = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "agent.cli",
+        "lesson",
+        "--url",
+        url,
+        *args,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+        cwd=REPO,
+    )
+    out, err = await process.communicate()
+    assert process.returncode is not None
+    return process.returncode, out.decode(), err.decode()
+
+
 @pytest.mark.slow
 async def test_lesson_command_line(mosquitto: BrokerUnderTest) -> None:
     async with (
@@ -240,21 +259,7 @@ async def test_lesson_command_line(mosquitto: BrokerUnderTest) -> None:
         url = main.panel.url
 
         async def cli(*args: str) -> tuple[int, str, str]:
-            process = await asyncio.create_subprocess_exec(
-                sys.executable,
-                "-m",
-                "agent.cli",
-                "lesson",
-                "--url",
-                url,
-                *args,
-                stdout=asyncio.subprocess.PIPE,
-                stderr=asyncio.subprocess.PIPE,
-                cwd=REPO,
-            )
-            out, err = await process.communicate()
-            assert process.returncode is not None
-            return process.returncode, out.decode(), err.decode()
+            return await lesson_cli(url, *args)
 
         code, out, err = await cli("start", "--subject", "Songs")
         assert code == 0, err
@@ -275,17 +280,6 @@ async def test_lesson_command_line(mosquitto: BrokerUnderTest) -> None:
         assert main.host.lesson is None
 
     # No agent at the URL: a clear message, exit 1.
-    process = await asyncio.create_subprocess_exec(
-        sys.executable,
-        "-m",
-        "agent.cli",
-        "lesson",
-        "--url",
-        "http://127.0.0.1:9/",
-        "status",
-        stderr=asyncio.subprocess.PIPE,
-        cwd=REPO,
-    )
-    _, err_bytes = await process.communicate()
-    assert process.returncode == 1
-    assert "is classroom-agent running" in err_bytes.decode()
+    code, _, err = await lesson_cli("http://127.0.0.1:9/", "status")
+    assert code == 1
+    assert "is classroom-agent running" in err

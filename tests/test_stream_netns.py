@@ -31,6 +31,7 @@ from tests.test_stream_rejoin import (
     GROUP,
     MAIN,
     ROOM2,
+    both_online,
     joined,
     newer,
     room_config,
@@ -119,12 +120,7 @@ async def test_room_behind_a_link_down_for_30_s_is_live_again_within_5_s(
         async with observing(broker, f"{prefix}/#") as it:
             await main.start()
             await room2.start()
-            for device in ("room1", "room2"):
-                await it.wait_for(
-                    f"{prefix}/school1/{device}/state",
-                    lambda m: m.json()["status"] == "online",
-                    within=30,
-                )
+            await both_online(it, prefix)
             await start_lesson(it, prefix)
             await it.wait_for(lesson_topic, lambda m: ROOM2 in joined(m), within=30)
             await it.wait_for(health, lambda m: stream_state(m) == "live", within=30)

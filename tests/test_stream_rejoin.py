@@ -81,6 +81,19 @@ def newer(observer: MqttObserver, topic: str, message: Any, seen: int) -> bool:
     return any(m is message for m in observer.received(topic)[seen:])
 
 
+async def both_online(it: MqttObserver, prefix: str, seen: dict[str, int] | None = None) -> None:
+    """Until both rooms' daemons have said they are online (with ``seen``: in a birth
+    newer than the first ``seen[topic]`` messages, for daemons started again)."""
+    for device in ("room1", "room2"):
+        topic = f"{prefix}/school1/{device}/state"
+
+        def online(m: Any, topic: str = topic) -> bool:
+            fresh = seen is None or newer(it, topic, m, seen[topic])
+            return bool(m.json()["status"] == "online") and fresh
+
+        await it.wait_for(topic, online, within=30)
+
+
 def new_daemon(tmp_path: Path, name: str, config: dict[str, Any]) -> Daemon:
     folder = tmp_path / name
     folder.mkdir()
@@ -105,12 +118,7 @@ async def test_receiving_room_killed_with_sigkill_rejoins_after_restart(
         async with observing(mosquitto, f"{prefix}/#") as it:
             await main.start()
             await room2.start()
-            for device in ("room1", "room2"):
-                await it.wait_for(
-                    f"{prefix}/school1/{device}/state",
-                    lambda m: m.json()["status"] == "online",
-                    within=30,
-                )
+            await both_online(it, prefix)
             pressed = time.monotonic()
             await start_lesson(it, prefix)
             await it.wait_for(lesson_topic, lambda m: ROOM2 in joined(m), within=30)

@@ -35,7 +35,6 @@ from typing import Any
 
 import pytest
 
-from agent.sync import Message
 from tests.brokers import BrokerUnderTest, MqttObserver, observing, unique_prefix
 from tests.test_daemon import Daemon
 from tests.test_stream_netns import NsDaemon
@@ -43,6 +42,7 @@ from tests.test_stream_rejoin import (
     GROUP,
     MAIN,
     ROOM2,
+    both_online,
     joined,
     newer,
     room_config,
@@ -252,16 +252,6 @@ async def lesson_rooms(
     finally:
         for daemon in daemons:
             await daemon.close()
-
-
-async def both_online(it: MqttObserver, prefix: str, seen: dict[str, int]) -> None:
-    for device in ("room1", "room2"):
-        topic = f"{prefix}/school1/{device}/state"
-
-        def online(m: Message, topic: str = topic) -> bool:
-            return bool(m.json()["status"] == "online") and newer(it, topic, m, seen[topic])
-
-        await it.wait_for(topic, online, within=30)
 
 
 async def end_and_stop(it: MqttObserver, prefix: str, main: Daemon, room2: Daemon) -> None:
