@@ -253,7 +253,8 @@ class Agent:
         }
 
     def in_lesson(self) -> bool:
-        return self.stream.stats() is not None
+        # Asked on every alert evaluation: no need to build the whole stream section.
+        return self.stream.live_lesson() is not None
 
     def stream_section(self) -> dict[str, Any] | None:
         section = self.stream.stats()

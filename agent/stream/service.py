@@ -133,7 +133,7 @@ class StreamService:
             if self.joiner is not None:
                 tasks.create_task(self.joiner.run(), name="stream-joiner")
 
-    def _live_lesson(self) -> tuple[str, str] | None:
+    def live_lesson(self) -> tuple[str, str] | None:
         """(lesson id, main room) of the lesson this room is in, if any."""
         for host in self.hosts.values():
             if host.lesson is not None:
@@ -149,7 +149,7 @@ class StreamService:
         current: tuple[str, str] | None = None
         try:
             while True:
-                lesson = self._live_lesson()
+                lesson = self.live_lesson()
                 if lesson != current:
                     if current is not None and self.recorder is not None:
                         summary = await self.recorder.stop()
