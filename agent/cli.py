@@ -16,6 +16,7 @@ from typing import Any
 import yaml
 
 from agent import __version__
+from agent.broker.credentials import add_broker_parser
 from agent.config import (
     AgentConfig,
     ConfigError,
@@ -29,7 +30,6 @@ from agent.config.loader import read_yaml_file
 from agent.config.profiles import check_profile_file, detect_profile
 from agent.dashboard import add_dashboard_parser
 from agent.panel.cli import add_lesson_parser
-from agent.sync.credentials import add_broker_parser
 
 DEFAULT_SITE_FILE = Path("/etc/classroom-agent/agent.yaml")
 EXIT_OK, EXIT_FAILURE, EXIT_CONFIG = 0, 1, 2
@@ -145,8 +145,8 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 def cmd_selftest(args: argparse.Namespace) -> int:
+    from agent.health.selftest import run_selftest_cli
     from agent.logs import setup_logging
-    from agent.selftest import run_selftest_cli
 
     loaded = _load(args)
     setup_logging("warning")

@@ -26,11 +26,12 @@ from typing import Any, TextIO
 
 import yaml
 
+from agent.broker import MosquittoBroker
 from agent.config.models import BrokerConfig, IdentityConfig
 from agent.dashboard import DashboardConfig
 from agent.dashboard.server import DashboardServer
 from agent.panel import PanelClient, PanelUnavailable
-from agent.sync import Message, MosquittoBroker, MqttLink
+from agent.sync import Message, MqttLink
 
 GROUP = "g5-english"
 ROOMS = [

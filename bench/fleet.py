@@ -42,10 +42,11 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))  # a script in a checkout: the package may not be installed
 
+from agent.broker import MosquittoBroker  # noqa: E402
+from agent.broker.embedded import free_loopback_port  # noqa: E402
 from agent.config.models import BrokerConfig  # noqa: E402
-from agent.dashboard import SimFleet, dashboard_config, fleet_layout, run_dashboard  # noqa: E402
-from agent.sync import MosquittoBroker  # noqa: E402
-from agent.sync.embedded_broker import free_loopback_port  # noqa: E402
+from agent.dashboard import dashboard_config, run_dashboard  # noqa: E402
+from agent.testkit import SimFleet, fleet_layout  # noqa: E402
 
 SCRIPT = Path(__file__).resolve()
 ROOMS_PER_CONNECTION = 50

@@ -36,18 +36,11 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))  # a script in a checkout: the package may not be installed
 
+from agent.broker import MosquittoBroker  # noqa: E402
 from agent.capture.hub import _mean_luma  # noqa: E402
 from agent.config.models import BrokerConfig, HealthConfig, IdentityConfig  # noqa: E402
-from agent.sync import (  # noqa: E402
-    AlertEngine,
-    HealthReporter,
-    MosquittoBroker,
-    MqttLink,
-    Outbox,
-    ProcessMetrics,
-    ReliablePublisher,
-    SystemMetrics,
-)
+from agent.health import AlertEngine, HealthReporter, ProcessMetrics, SystemMetrics  # noqa: E402
+from agent.sync import MqttLink, Outbox, ReliablePublisher  # noqa: E402
 
 TARGET_PERCENT = 0.5  # of one core, at the default 10 s interval
 

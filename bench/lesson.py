@@ -30,7 +30,7 @@ stamps (capture wall time in the picture against wall time after decode), video 
 and audio gaps per room. "main cpu %" is this process (main room + broker client).
 
 ``rural`` (``--rural-rooms 2 --rural-seconds 15 --rural-settle 5``): each receiving room in
-a process of its own behind `agent.stream.impair.impaired` with 60 ms RTT (the main
+a process of its own behind `agent.testkit.impair.impaired` with 60 ms RTT (the main
 room is not impaired: half the delay each way in the room's process), 2 % loss each
 way and a 2 Mbit/s bottleneck with a 200 ms drop-tail queue; MQTT is not impaired.
 Over the window: delivered video fps, glass-to-glass, audio gaps, and the video layer
@@ -70,6 +70,7 @@ if str(ROOT) not in sys.path:
 from aiortc import RTCSessionDescription, VideoStreamTrack  # noqa: E402
 from aiortc.mediastreams import MediaStreamError  # noqa: E402
 
+from agent.broker import MosquittoBroker  # noqa: E402
 from agent.capture import (  # noqa: E402
     AudioHub,
     FrameHub,
@@ -98,10 +99,10 @@ from agent.stream import (  # noqa: E402
     route_keyframe_requests,
 )
 from agent.stream.ice import gather, new_peer_connection  # noqa: E402
-from agent.stream.impair import LinkImpairment, impaired  # noqa: E402
 from agent.stream.peer import h264_preferences  # noqa: E402
 from agent.stream.sinks import luma  # noqa: E402
-from agent.sync import MosquittoBroker, MqttLink  # noqa: E402
+from agent.sync import MqttLink  # noqa: E402
+from agent.testkit.impair import LinkImpairment, impaired  # noqa: E402
 
 LOOPBACK = ["127.0.0.1"]
 BITRATE_KBPS = 1000

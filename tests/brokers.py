@@ -5,7 +5,7 @@ Fixtures (re-exported by ``tests/conftest.py``):
 ``mosquitto``
     A started `BrokerUnderTest` (plain listener on 127.0.0.1, function scope):
     anonymous clients may do anything; the users in ``broker.users`` (two devices,
-    ``admin`` and ``dashboard``) are held to the fleet ACL of `agent.sync.acl`,
+    ``admin`` and ``dashboard``) are held to the fleet ACL of `agent.broker.acl`,
     rendered for this test's unique ``broker.prefix``.
 ``tls_material``
     `agent.sync.PkiMaterial` in ``tmp_path`` (CA, broker cert, one client cert per
@@ -35,17 +35,12 @@ import paho.mqtt.client as mqtt
 import pytest
 from paho.mqtt.enums import CallbackAPIVersion
 
+from agent.broker import BrokerTls, MosquittoBroker, render_acl
 from agent.config.models import BrokerConfig, IdentityConfig, TlsConfig
-from agent.supervisor import Service
-from agent.sync import (
-    BrokerTls,
-    Message,
-    MosquittoBroker,
-    MqttLink,
-    PkiMaterial,
-    make_test_pki,
-    render_acl,
-)
+from agent.runtime.supervisor import Service
+from agent.sync import Message, MqttLink
+from agent.testkit import make_test_pki
+from agent.testkit.pki import PkiMaterial
 
 DEVICE_1 = "school1.room1"
 DEVICE_2 = "school1.room2"

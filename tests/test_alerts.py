@@ -13,8 +13,8 @@ import jsonschema
 import pytest
 
 from agent.config.models import HealthConfig
-from agent.sync import AlertEngine, AlertEvent, Observation, Rule, Severity
-from agent.sync.alerts import RULE_NAMES
+from agent.health import AlertEngine, AlertEvent, Observation, Rule, Severity
+from agent.health.alerts import RULE_NAMES
 
 SCHEMAS = Path(__file__).resolve().parents[1] / "schemas"
 ALERT_SCHEMA = json.loads((SCHEMAS / "alert.v1.json").read_text())

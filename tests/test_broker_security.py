@@ -1,5 +1,5 @@
 """The broker security shipped in the repo: ``broker/mosquitto.conf`` and the credentials
-tool (`agent.sync.credentials`), proven on a real Mosquitto.
+tool (`agent.broker.credentials`), proven on a real Mosquitto.
 
 The tool builds a fleet directory (CA, broker certificate, per-client certificates and
 passwords, ACL from fleet.yaml) exactly as an operator would; the broker runs the
@@ -34,16 +34,7 @@ import yaml
 from cryptography import x509
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
-from agent.config.models import BrokerConfig, IdentityConfig, TlsConfig
-from agent.sync import (
-    LinkAuthError,
-    LinkConfigError,
-    LinkDown,
-    MqttLink,
-    PublishRejected,
-    Topics,
-)
-from agent.sync.credentials import (
+from agent.broker.credentials import (
     SHIPPED_CONFIG,
     CredentialsError,
     add_client,
@@ -55,7 +46,16 @@ from agent.sync.credentials import (
     remove_client,
     render_broker_config,
 )
-from agent.sync.embedded_broker import find_mosquitto, free_loopback_port
+from agent.broker.embedded import find_mosquitto, free_loopback_port
+from agent.config.models import BrokerConfig, IdentityConfig, TlsConfig
+from agent.sync import (
+    LinkAuthError,
+    LinkConfigError,
+    LinkDown,
+    MqttLink,
+    PublishRejected,
+    Topics,
+)
 from tests.brokers import MqttObserver, eventually, first, running
 
 ROOM1 = "school1.room1"

@@ -30,16 +30,14 @@ from agent.dashboard import (
     DashboardConfig,
     DashboardServer,
     FleetModel,
-    SimFleet,
-    SimRoom,
     add_dashboard_parser,
     config_from_args,
     dashboard_config,
-    fleet_layout,
     lesson_quality,
 )
 from agent.dashboard.model import Peer
-from agent.dashboard.simulate import RoomSpec, announcement
+from agent.testkit import SimFleet, SimRoom, fleet_layout
+from agent.testkit.simulate import RoomSpec, announcement
 from tests.brokers import DASHBOARD, BrokerUnderTest, eventually, observing
 
 SCHEMAS = Path(__file__).resolve().parents[1] / "schemas"

@@ -19,7 +19,8 @@ from typing import Any
 
 import pytest
 
-from agent.dashboard import DashboardConfig, DashboardServer, SimFleet, fleet_layout
+from agent.dashboard import DashboardConfig, DashboardServer
+from agent.testkit import SimFleet, fleet_layout
 from tests.brokers import DASHBOARD, BrokerUnderTest
 from tests.browsers import ARTIFACTS, chromium, needs_chromium, until
 
@@ -41,7 +42,7 @@ async def room_process(broker: BrokerUnderTest) -> AsyncIterator[asyncio.subproc
     process = await asyncio.create_subprocess_exec(
         sys.executable,
         "-c",
-        "import sys; from agent.dashboard.simulate import main; sys.exit(main())",
+        "import sys; from agent.testkit.simulate import main; sys.exit(main())",
         "--broker",
         broker.url,
         "--prefix",

@@ -13,18 +13,19 @@ from typing import Any
 import jsonschema
 import pytest
 
+from agent.broker import render_acl
 from agent.capture import AudioHub, FrameHub
 from agent.capture.audio import SyntheticAudioSource
 from agent.capture.video import SyntheticVideoSource
 from agent.config.models import CaptureConfig, IdentityConfig
-from agent.sync import PublishRejected, Topics, render_acl
-from agent.sync.discovery import (
+from agent.health.discovery import (
     HA_COMPONENTS,
     HomeAssistantDiscovery,
     discovery_configs,
     ha_node_id,
     template_paths,
 )
+from agent.sync import PublishRejected, Topics
 from tests.brokers import (
     ADMIN,
     DASHBOARD,

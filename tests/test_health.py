@@ -44,18 +44,10 @@ from agent.config.models import (
     IdentityConfig,
     VideoConfig,
 )
-from agent.sync import (
-    AlertEngine,
-    Delivery,
-    HealthReporter,
-    MqttLink,
-    Outbox,
-    ProcessMetrics,
-    ReliablePublisher,
-    SystemMetrics,
-)
+from agent.health import AlertEngine, HealthReporter, ProcessMetrics, SystemMetrics
+from agent.health.system import existing_parent, pick_cpu_temperature, read_clock_synced
+from agent.sync import Delivery, MqttLink, Outbox, ReliablePublisher
 from agent.sync.store import Kind
-from agent.sync.system import existing_parent, pick_cpu_temperature, read_clock_synced
 from tests.brokers import (
     DEVICE_1,
     BrokerUnderTest,

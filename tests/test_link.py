@@ -17,17 +17,10 @@ from pathlib import Path
 import pytest
 
 from agent.backoff import backoff_delay
+from agent.broker import MosquittoBroker
 from agent.config.models import BrokerConfig, IdentityConfig
-from agent.sync import (
-    LinkAuthError,
-    LinkConfigError,
-    LinkDown,
-    MosquittoBroker,
-    MqttLink,
-    PublishRejected,
-    Topics,
-)
-from agent.sync.link import encode_payload
+from agent.sync import LinkAuthError, LinkConfigError, LinkDown, MqttLink, PublishRejected, Topics
+from agent.sync.messages import encode_payload
 from tests.brokers import (
     ADMIN,
     DEVICE_1,
@@ -497,7 +490,7 @@ async def test_cancel_while_connecting_is_prompt(scheme: str, tmp_path: Path) ->
     """A broker that accepts TCP but never answers: stuck in CONNACK wait (mqtt) or in
     the TLS handshake on the connect thread (mqtts). Cancellation must not wait."""
     from agent.config.models import TlsConfig
-    from agent.sync import make_test_pki
+    from agent.testkit import make_test_pki
 
     with socket.socket() as silent:
         silent.bind(("127.0.0.1", 0))

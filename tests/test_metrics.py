@@ -12,7 +12,7 @@ import aiohttp
 import pytest
 
 from agent.config.models import IdentityConfig
-from agent.metrics import CONTENT_TYPE, MetricsServer, escape_label_value, render_metrics
+from agent.health.prometheus import CONTENT_TYPE, MetricsServer, escape_label_value, render_metrics
 from tests.test_discovery import sample_health
 
 IDENTITY = IdentityConfig(site="school1", room="room1")

@@ -14,9 +14,10 @@ import pytest
 from cryptography import x509
 from cryptography.x509.oid import NameOID
 
+from agent.broker import BrokerError, MosquittoBroker, render_acl
+from agent.broker.acl import hash_password
 from agent.config.models import IdentityConfig
-from agent.sync import BrokerError, MosquittoBroker, make_test_pki, render_acl
-from agent.sync.acl import hash_password
+from agent.testkit import make_test_pki
 from tests.brokers import DEVICE_1, BrokerUnderTest, MqttObserver, eventually
 
 

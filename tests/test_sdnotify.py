@@ -23,7 +23,7 @@ from pathlib import Path
 
 import pytest
 
-from agent.sdnotify import Notifier, WatchdogService, watchdog_loop
+from agent.runtime.sdnotify import Notifier, WatchdogService, watchdog_loop
 
 DEADLINE_S = 10.0
 
@@ -220,7 +220,7 @@ def test_send_failure_is_logged_once_and_never_raised(
 ) -> None:
     monkeypatch.setenv("NOTIFY_SOCKET", str(socket_dir / "nobody-listens.sock"))
     notifier = Notifier.from_environment()
-    with caplog.at_level(logging.WARNING, logger="agent.sdnotify"):
+    with caplog.at_level(logging.WARNING, logger="agent.runtime.sdnotify"):
         assert not notifier.ready()
         assert not notifier.watchdog()
         assert not notifier.status("still nobody")

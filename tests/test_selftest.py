@@ -27,7 +27,7 @@ from agent.capture.audio import SyntheticAudioSource, WavFileSource
 from agent.capture.video import SyntheticVideoSource, open_video_source
 from agent.config import load_config
 from agent.config.models import CaptureConfig, HealthConfig, VideoConfig
-from agent.selftest import (
+from agent.health.selftest import (
     CheckStatus,
     SelftestThresholds,
     check_disk,
@@ -309,7 +309,7 @@ async def test_selftest_over_mqtt(mosquitto: BrokerUnderTest, tmp_path: Path) ->
 
 
 def test_cli_prints_a_table_or_json(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr("agent.selftest.read_clock_synced", always_synced)
+    monkeypatch.setattr("agent.health.selftest.read_clock_synced", always_synced)
     site = tmp_path / "agent.yaml"
     site.write_text(
         yaml.safe_dump(
@@ -361,7 +361,7 @@ async def test_cli_checks_the_broker_without_knocking_the_daemon_off(
     mosquitto: BrokerUnderTest, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """The CLI connects as ``site.room-selftest`` with the device's own credentials."""
-    monkeypatch.setattr("agent.selftest.read_clock_synced", always_synced)
+    monkeypatch.setattr("agent.health.selftest.read_clock_synced", always_synced)
     site, room = DEVICE_1.split(".")
     config = {
         "identity": {"site": site, "room": room},

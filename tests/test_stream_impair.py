@@ -1,4 +1,4 @@
-"""The user-space link impairment (agent/stream/impair.py) on real loopback sockets.
+"""The user-space link impairment (agent/testkit/impair.py) on real loopback sockets.
 
 The rig: an aioice ``StunProtocol`` (the hooked class) on one UDP socket and a plain
 asyncio echo server (not aioice, so not impaired) on another. A datagram from the
@@ -26,9 +26,9 @@ from agent.capture import FrameHub, open_video_source
 from agent.config.models import AudioConfig, CaptureConfig, VideoConfig
 from agent.stream import EncoderSettings, SharedH264Encoder, route_keyframe_requests
 from agent.stream.ice import gather, new_peer_connection
-from agent.stream.impair import ImpairmentUnavailable, LinkImpairment, impaired
 from agent.stream.peer import h264_preferences
 from agent.stream.sinks import ProbeSink
+from agent.testkit.impair import ImpairmentUnavailable, LinkImpairment, impaired
 from tests.brokers import eventually
 
 LOOPBACK = "127.0.0.1"

@@ -22,7 +22,6 @@ from aiortc.rtp import RtpPacket
 
 from agent.capture import AudioHub, open_audio_source
 from agent.config.models import AudioConfig, CaptureConfig, VideoConfig
-from agent.stream.impair import LinkImpairment, impaired
 from agent.stream.jitter import (
     MAX_DROPOUT,
     MAX_MISORDER,
@@ -31,6 +30,7 @@ from agent.stream.jitter import (
     tune_audio_receiver,
 )
 from agent.stream.peer import IceSettings, PeerSession
+from agent.testkit.impair import LinkImpairment, impaired
 from tests.brokers import eventually
 
 SAMPLES = 960  # one 20 ms Opus frame at 48 kHz

@@ -23,7 +23,8 @@ from agent.stream import (
     JoinState,
     PeerSession,
 )
-from agent.stream.lesson import MAIN_OFFLINE, Announcement, LessonConflict
+from agent.stream.announcement import Announcement, LessonConflict
+from agent.stream.joiner import MAIN_OFFLINE
 from tests.brokers import BrokerUnderTest, eventually, observing
 from tests.rooms import (
     GROUP,
@@ -536,7 +537,7 @@ async def test_main_room_link_blip_rooms_wait_then_resume_the_same_lesson(
 async def test_a_retained_lesson_of_an_offline_main_room_is_not_called(
     mosquitto: BrokerUnderTest, caplog: pytest.LogCaptureFixture
 ) -> None:
-    caplog.set_level(logging.WARNING, logger="agent.stream.lesson")
+    caplog.set_level(logging.WARNING, logger="agent.stream.joiner")
     prefix = mosquitto.prefix
     lesson_topic = f"{prefix}/lesson/{GROUP}"
     state = f"{prefix}/school1/room1/state"

@@ -7,7 +7,7 @@ from collections.abc import Callable
 
 import pytest
 
-from agent.supervisor import ServiceFailed, ServiceState, Supervisor
+from agent.runtime.supervisor import ServiceFailed, ServiceState, Supervisor
 
 
 class Flaky:

@@ -11,12 +11,13 @@ import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from agent.broker import BrokerError, MosquittoBroker
 from agent.config.errors import ConfigError
 from agent.config.models import BrokerConfig
 from agent.dashboard.config import DEFAULT_BROKER_URL, DashboardConfig, dashboard_config
-from agent.dashboard.simulate import SimFleet, fleet_layout
 from agent.logs import setup_logging
-from agent.sync import BrokerError, LinkConfigError, MosquittoBroker
+from agent.sync import LinkConfigError
+from agent.testkit.simulate import SimFleet, fleet_layout
 
 if TYPE_CHECKING:
     from agent.dashboard.server import DashboardServer

@@ -37,8 +37,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from agent.capture import AudioHub
 from agent.config.models import DEVICE_ID_PATTERN, AgentConfig, IdentityConfig, StreamConfig
 from agent.panel.viewers import FrameBoard, Picture, ViewerRefused, Viewers
-from agent.stream import JoinState, LessonHost, StreamService
-from agent.stream.lesson import LessonConflict
+from agent.stream import JoinState, LessonConflict, LessonHost, StreamService
 from agent.stream.signalling import MAX_MESSAGE_BYTES
 from agent.web import expected_hosts, guard, is_loopback, same_origin
 

@@ -4,10 +4,11 @@ The main room's :class:`LessonHost` announces a lesson and answers the receiving
 offers; each receiving room's :class:`LessonJoiner` joins by itself and reconnects
 while the lesson lasts. Video is encoded once (:class:`SharedH264Encoder`) however many
 rooms watch; audio is Opus per peer. :class:`StreamService` wires it all for one room.
-See ``agent/stream/lesson.py`` for the lifecycle and ``signalling.py`` for the wire
+See ``agent/stream/host.py`` for the lifecycle and ``signalling.py`` for the wire
 format and what is rejected.
 """
 
+from agent.stream.announcement import Announcement, AnnouncementInvalid, LessonConflict
 from agent.stream.audio import HubAudioTrack
 from agent.stream.controls import MediaControls
 from agent.stream.encoder import (
@@ -22,18 +23,13 @@ from agent.stream.encoder import (
     low_layer_size,
     route_keyframe_requests,
 )
+from agent.stream.host import LessonHost, RoomStatus
+from agent.stream.joiner import JoinState, LessonJoiner
 from agent.stream.layers import (
     LayerControl,
     LayerPolicy,
     LayerPolicySettings,
     route_bitrate_estimates,
-)
-from agent.stream.lesson import (
-    Announcement,
-    AnnouncementInvalid,
-    JoinState,
-    LessonHost,
-    LessonJoiner,
 )
 from agent.stream.peer import IceSettings, PeerSession
 from agent.stream.playback import (
@@ -84,6 +80,7 @@ __all__ = [
     "LayerPolicySettings",
     "LayerState",
     "LayerStats",
+    "LessonConflict",
     "LessonHost",
     "LessonJoiner",
     "LessonRecorder",
@@ -97,6 +94,7 @@ __all__ = [
     "PyAudioOutput",
     "RecorderSettings",
     "RecordingSummary",
+    "RoomStatus",
     "SharedH264Encoder",
     "Signal",
     "SignalRejected",

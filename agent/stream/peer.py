@@ -13,7 +13,7 @@ import contextlib
 import dataclasses
 import logging
 import time
-from collections.abc import Coroutine, Sequence
+from collections.abc import Awaitable, Coroutine, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -432,3 +432,19 @@ async def _guard(coro: Any, what: str) -> None:
         pass
     except Exception:
         log.exception("%s failed", what)
+
+
+def describe_error(exc: BaseException) -> str:
+    text = str(exc)
+    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
+
+
+async def first_done(*waitables: Awaitable[Any], timeout: float | None = None) -> None:  # noqa: ASYNC109
+    """Until the first of ``waitables`` finishes (or ``timeout``), leaving no task behind."""
+    futures = [asyncio.ensure_future(w) for w in waitables]
+    try:
+        await asyncio.wait(futures, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        for future in futures:
+            future.cancel()
+        await asyncio.gather(*futures, return_exceptions=True)

@@ -19,7 +19,8 @@ from agent.capture import AudioHub, FrameHub
 from agent.config.models import LessonRole, StreamConfig
 from agent.stream.controls import MediaControls
 from agent.stream.encoder import EncoderSettings, SharedH264Encoder
-from agent.stream.lesson import LessonHost, LessonJoiner
+from agent.stream.host import LessonHost
+from agent.stream.joiner import LessonJoiner
 from agent.stream.peer import IceSettings
 from agent.stream.playback import AudioPlayback
 from agent.stream.recorder import LessonRecorder

@@ -7,7 +7,7 @@ Contract (docs/contracts.md)::
               "result": {...} | null, "error": str | null, "at": float}
 
 Who may send a command is the broker's business, not ours: the fleet ACL
-(`agent.sync.acl`) lets only admins (IT) write ``cmd/+`` and lets a device read only
+(`agent.broker.acl`) lets only admins (IT) write ``cmd/+`` and lets a device read only
 its own, so anything that reaches `CommandService` was sent by someone allowed to.
 What we guard against is bad input: every malformed request gets an ``ok: false``
 result naming the problem (``id`` is ``null`` when none could be recovered) and a log
@@ -29,7 +29,8 @@ from collections.abc import Awaitable, Callable, Coroutine, Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from agent.sync.link import LinkError, Message, MqttLink, PublishRejected
+from agent.sync.link import MqttLink
+from agent.sync.messages import LinkError, Message, PublishRejected
 
 log = logging.getLogger(__name__)
 

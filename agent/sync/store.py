@@ -52,14 +52,8 @@ from enum import StrEnum
 from pathlib import Path
 from typing import Literal, TypeVar
 
-from agent.sync.link import (
-    LinkDown,
-    LinkError,
-    MqttLink,
-    Payload,
-    PublishRejected,
-    encode_payload,
-)
+from agent.sync.link import MqttLink
+from agent.sync.messages import LinkDown, LinkError, Payload, PublishRejected, encode_payload
 
 log = logging.getLogger(__name__)
 

@@ -21,7 +21,7 @@ Layout (``{prefix}`` is ``broker.topic_prefix``, default ``edu``; a device id is
     {prefix}/rtc/{from}/{to}                    QoS 1  WebRTC signalling, device ids
 
 ``lesson`` and ``rtc`` are therefore reserved: no site may be called that. The broker
-ACL that enforces who writes what is in `agent.sync.acl`.
+ACL that enforces who writes what is in `agent.broker.acl`.
 """
 
 from __future__ import annotations

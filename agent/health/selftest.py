@@ -9,7 +9,7 @@ or standalone with ``classroom-agent selftest``), it checks what a lesson needs:
 ``disk``        the state directory has room left;
 ``clock``       the kernel says the clock is synchronised (NTP): lesson times, TLS
                 certificates and alert timestamps depend on it (the same reading as
-                the health telemetry, `agent.sync.system.read_clock_synced`);
+                the health telemetry, `agent.health.system.read_clock_synced`);
 ``broker``      connected, and a QoS 1 message makes the round trip through the broker
                 back to this device (on its own ``probe`` topic, which only it reads).
 
@@ -38,9 +38,9 @@ from typing import TYPE_CHECKING, Any, TextIO, TypeVar
 import numpy as np
 
 from agent.capture import AudioChunk, AudioHub, Frame, FrameHub
+from agent.health.system import existing_parent, read_clock_synced
+from agent.sync import LinkError, Message, MqttLink
 from agent.sync.commands import CommandHandler
-from agent.sync.link import LinkError, Message, MqttLink
-from agent.sync.system import existing_parent, read_clock_synced
 from agent.sync.topics import Topics
 
 if TYPE_CHECKING:

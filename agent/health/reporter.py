@@ -31,10 +31,10 @@ from pathlib import Path
 from typing import Any
 
 from agent.config.models import HealthConfig
-from agent.sync.alerts import AlertEngine, AlertEvent
-from agent.sync.link import LinkError, MqttLink
+from agent.health.alerts import AlertEngine, AlertEvent
+from agent.health.system import SystemMetrics
+from agent.sync import LinkError, MqttLink
 from agent.sync.store import OutboxError, ReliablePublisher
-from agent.sync.system import SystemMetrics
 
 log = logging.getLogger(__name__)
 

@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from agent import __version__
+from agent.broker import MosquittoBroker
 from agent.capture import (
     AudioHub,
     AudioSource,
@@ -29,29 +30,29 @@ from agent.capture import (
     open_video_source,
 )
 from agent.config import AgentConfig, ConfigError, LoadedConfig, load_config
-from agent.metrics import MetricsServer
-from agent.panel import PanelServer, load_or_create_token
-from agent.panel.server import token_path
-from agent.sdnotify import Notifier, WatchdogService
-from agent.selftest import SelftestThresholds, selftest_handler
-from agent.stream import LessonHost, ProbeSink, StreamService
-from agent.stream.lesson import LessonConflict
-from agent.stream.playback import open_playback
-from agent.stream.sinks import FanOutSink, FrameObserver, LatestFrames
-from agent.supervisor import Service, ServiceFailed, Supervisor, cancel_and_wait
-from agent.sync import (
+from agent.health import (
     AlertEngine,
-    CommandService,
     HealthReporter,
     HomeAssistantDiscovery,
+    ProcessMetrics,
+    SystemMetrics,
+)
+from agent.health.prometheus import MetricsServer
+from agent.health.selftest import SelftestThresholds, selftest_handler
+from agent.panel import PanelServer, load_or_create_token
+from agent.panel.server import token_path
+from agent.runtime.sdnotify import Notifier, WatchdogService
+from agent.runtime.supervisor import Service, ServiceFailed, Supervisor, cancel_and_wait
+from agent.stream import LessonConflict, LessonHost, ProbeSink, StreamService
+from agent.stream.playback import open_playback
+from agent.stream.sinks import FanOutSink, FrameObserver, LatestFrames
+from agent.sync import (
+    CommandService,
     LinkAuthError,
     LinkConfigError,
-    MosquittoBroker,
     MqttLink,
     Outbox,
-    ProcessMetrics,
     ReliablePublisher,
-    SystemMetrics,
 )
 from agent.sync.commands import CommandError, callable_handler, ping_handler
 

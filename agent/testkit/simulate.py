@@ -13,7 +13,7 @@ Two ways to put them on a broker:
 - `SimFleet`: many rooms over a few MQTT connections (``connections``), for the
   benchmark and the page's demo. The births are published for the rooms, so there is no
   per-room Last Will; `SimFleet.set_offline` publishes what a will would.
-- `main` (``python -c "from agent.dashboard.simulate import main; main()" --broker URL
+- `main` (``python -c "from agent.testkit.simulate import main; main()" --broker URL
   --room site.room``): one room in its own process over a real `MqttLink` (its own
   birth and Last Will), so a test can ``kill -9`` it and watch the broker announce the
   death.

@@ -281,20 +281,20 @@ def _check_hooks() -> dict[str, Any]:
     protocol = getattr(aioice.ice, "StunProtocol", None)
     if protocol is None:
         raise ImpairmentUnavailable(
-            "aioice.ice.StunProtocol is gone: update agent/stream/impair.py"
+            "aioice.ice.StunProtocol is gone: update agent/testkit/impair.py"
         )
     originals: dict[str, Any] = {}
     for name, params in _HOOKS.items():
         method = protocol.__dict__.get(name)
         if method is None or not callable(method):
             raise ImpairmentUnavailable(
-                f"aioice.ice.StunProtocol.{name} is gone: update agent/stream/impair.py"
+                f"aioice.ice.StunProtocol.{name} is gone: update agent/testkit/impair.py"
             )
         found = tuple(inspect.signature(method).parameters)
         if found != params:
             raise ImpairmentUnavailable(
                 f"aioice.ice.StunProtocol.{name}{found} is not {params}: "
-                "update agent/stream/impair.py"
+                "update agent/testkit/impair.py"
             )
         originals[name] = method
     try:
@@ -304,7 +304,7 @@ def _check_hooks() -> dict[str, Any]:
     if "self.transport.sendto(data, addr)" not in body:
         raise ImpairmentUnavailable(
             "aioice.ice.StunProtocol.send_data no longer just calls transport.sendto: "
-            "update agent/stream/impair.py"
+            "update agent/testkit/impair.py"
         )
     return originals
 

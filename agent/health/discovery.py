@@ -17,7 +17,7 @@ numbers. Health sensors also expire after three telemetry periods without a mess
 
 Topic levels: Home Assistant accepts only ``[a-zA-Z0-9_-]`` in ``node_id`` and a device
 id has a dot, so the node id is the device id with ``.`` replaced by ``_``
-(`ha_node_id`). The fleet ACL (`agent.sync.acl`) lets each device write only
+(`ha_node_id`). The fleet ACL (`agent.broker.acl`) lets each device write only
 ``homeassistant/{sensor,binary_sensor}/{node_id}/+/config`` (read-only entity types:
 nothing Home Assistant would publish commands for), and refuses to render a fleet
 where two devices would share a node id.
@@ -32,7 +32,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from agent.config.models import IdentityConfig
-from agent.sync.link import LinkError, MqttLink, PublishRejected
+from agent.sync import LinkError, MqttLink, PublishRejected
 from agent.sync.topics import Topics
 
 log = logging.getLogger(__name__)

@@ -1,0 +1,20 @@
+"""Broker administration: the embedded Mosquitto, fleet credentials, ACL and PKI.
+
+`MosquittoBroker` runs the Mosquitto binary as a child process (the embedded default
+broker when ``broker.url`` is empty); `render_acl` / `render_password_file` write
+Mosquitto files for a fleet; ``credentials`` is the ``classroom-agent broker`` command
+(CA, device certificates, passwords, ACL).
+"""
+
+from agent.broker.acl import render_acl, render_password_file
+from agent.broker.embedded import BrokerError, BrokerTls, MosquittoBroker
+from agent.broker.pki import CertPair
+
+__all__ = [
+    "BrokerError",
+    "BrokerTls",
+    "CertPair",
+    "MosquittoBroker",
+    "render_acl",
+    "render_password_file",
+]

@@ -1,0 +1,10 @@
+"""The daemon: composes the services from the config and keeps them running.
+
+``daemon`` is the process lifecycle (embedded broker, READY/WATCHDOG/RELOADING, SIGHUP,
+SIGTERM); ``supervisor`` owns every service as a named task and restarts what fails;
+``sdnotify`` speaks systemd's notify protocol.
+"""
+
+from agent.runtime.daemon import EXIT_CONFIG, EXIT_FAILURE, EXIT_OK, Agent, Daemon, run_daemon
+
+__all__ = ["EXIT_CONFIG", "EXIT_FAILURE", "EXIT_OK", "Agent", "Daemon", "run_daemon"]

@@ -1,0 +1,12 @@
+"""Honest fakes for tests, benchmarks and the demo: never imported by the daemon.
+
+`make_test_pki` creates throw-away TLS material; ``impair`` emulates a poor network
+link in user space (delay, jitter, loss, a rate-limited bottleneck) on aioice's
+datagram path; `SimFleet` / `fleet_layout` simulate rooms for the dashboard's tests,
+its benchmark and ``classroom-agent dashboard --simulate N``.
+"""
+
+from agent.testkit.pki import make_test_pki
+from agent.testkit.simulate import GroupSpec, RoomSpec, SimFleet, SimRoom, fleet_layout
+
+__all__ = ["GroupSpec", "RoomSpec", "SimFleet", "SimRoom", "fleet_layout", "make_test_pki"]
