@@ -159,6 +159,7 @@ class LessonHost:
         self._presences: dict[str, Presence] = {}  # the expected rooms' online state
         self._rival: Announcement | None = None  # a live lesson of another main room
         self.rivals = RejectionLog(log, "second main room")
+        self.junk = RejectionLog(log, "invalid lesson announcement")
 
     @property
     def lesson(self) -> Announcement | None:
@@ -272,16 +273,36 @@ class LessonHost:
         """Keep the group's announcement ours while our lesson is live: a second main
         room's announcement (a misconfigured group) is refused and ours restored, unless
         its lesson started first (:func:`precedes`), in which case ours yields; an
-        announcement cleared by someone else is restored."""
+        announcement cleared by someone else is restored, and so is anything else that is
+        not our own valid one (junk, or a forgery in our name): retained, it is what a
+        room that boots meanwhile would read, so it must not stand."""
         async with self.link.subscribe(self.topic, qos=1) as messages:
             async for message in messages:
+                ours = self._lesson
+                if ours is not None and ours.lesson_id in self._finished:
+                    ours = None
                 try:
                     seen = Announcement.parse(self.group, message.payload)
-                except AnnouncementInvalid:
+                except AnnouncementInvalid as exc:
+                    if ours is not None:
+                        self.junk.note(
+                            f"group {self.group}",
+                            "invalid",
+                            f"{exc}: restoring the announcement of lesson {ours.lesson_id}",
+                        )
+                        await self._announce(ours)
                     continue
-                ours = self._lesson
                 if seen is not None and seen.main == self.me:
-                    continue  # our own announcement coming back
+                    if ours is None or (seen.lesson_id == ours.lesson_id and seen.state == "live"):
+                        continue  # our own announcement coming back
+                    self.junk.note(
+                        f"group {self.group}",
+                        "not-ours",
+                        f"lesson {seen.lesson_id} ({seen.state}) announced in this room's "
+                        f"name: restoring the announcement of lesson {ours.lesson_id}",
+                    )
+                    await self._announce(ours)
+                    continue
                 self._rival = seen if seen is not None and seen.state == "live" else None
                 if ours is None or ours.lesson_id in self._finished:
                     continue
