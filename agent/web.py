@@ -8,15 +8,27 @@ listen on loopback and have no login of their own. Three rules keep them safe:
 * state-changing requests must come from the page's own origin (another site open in
   the kiosk browser must not press "start" with a cross-site form or fetch);
 * pages are self-contained: a strict CSP, nothing fetched from outside.
+
+Anyone who can reach the port can send a malformed request (no or an empty ``Host``, a
+garbage request line): aiohttp answers 400 and would log an ERROR with a traceback for
+each. :func:`request_logger` turns those into one rate-limited warning line per client
+(the signalling's `RejectionLog`), and :func:`guard` notes refused ``Host`` names there
+too; a handler's own crash still logs its traceback.
 """
 
 from __future__ import annotations
 
 import ipaddress
-from collections.abc import Awaitable, Callable, Collection
+import logging
+from collections.abc import Awaitable, Callable, Collection, MutableMapping
+from typing import Any
 
 from aiohttp import web
+from aiohttp.http_exceptions import HttpProcessingError
+from aiohttp.log import server_logger
 from aiohttp.typedefs import Middleware
+
+from agent.stream.signalling import RejectionLog
 
 LOOPBACK_NAMES = frozenset({"localhost", "127.0.0.1", "::1"})
 CSP = (
@@ -61,12 +73,46 @@ def same_origin(request: web.Request) -> bool:
     return origin is None or origin.split("://", 1)[-1].lower() == request.host.lower()
 
 
-def guard(hosts: frozenset[str] | None) -> Middleware:
-    """Middleware: refuse unexpected ``Host`` names; set the self-contained headers."""
+class _RequestLogger(logging.LoggerAdapter[logging.Logger]):
+    """aiohttp's server logger, with malformed requests noted as rejections."""
+
+    def __init__(self, rejections: RejectionLog) -> None:
+        super().__init__(server_logger, {})
+        self.rejections = rejections
+
+    def log(self, level: int, msg: object, *args: object, **kwargs: Any) -> None:
+        exc = kwargs.get("exc_info")
+        if isinstance(exc, HttpProcessingError):
+            # aiohttp logs these as "Error handling request from %s", remote.
+            sender = str(args[0]) if args else "unknown"
+            reason = (str(exc.message).strip().splitlines() or [""])[0]
+            self.rejections.note(sender, "bad-request", f"{exc.code}: {reason}")
+            return
+        super().log(level, msg, *args, **kwargs)
+
+    def process(self, msg: Any, kwargs: MutableMapping[str, Any]) -> tuple[Any, Any]:
+        return msg, kwargs
+
+
+def request_logger(rejections: RejectionLog) -> logging.LoggerAdapter[logging.Logger]:
+    """The ``logger=`` for an `aiohttp.web.AppRunner` whose bad requests go to
+    ``rejections`` (one warning per client and window, no traceback)."""
+    return _RequestLogger(rejections)
+
+
+def guard(hosts: frozenset[str] | None, rejections: RejectionLog | None = None) -> Middleware:
+    """Middleware: refuse unexpected ``Host`` names (noted in ``rejections``); set the
+    self-contained headers."""
 
     @web.middleware
     async def middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
         if hosts is not None and host_name(request.host) not in hosts:
+            if rejections is not None:
+                rejections.note(
+                    request.remote or "unknown",
+                    "bad-request",
+                    f"421: unexpected Host header {request.host[:100]!r}",
+                )
             return web.Response(status=421, text="unexpected Host header\n")
         response = await handler(request)
         if not response.prepared:

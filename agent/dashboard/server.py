@@ -37,8 +37,9 @@ from agent import __version__
 from agent.config.models import IdentityConfig
 from agent.dashboard.config import DashboardConfig
 from agent.dashboard.model import FleetModel
+from agent.stream.signalling import RejectionLog
 from agent.sync import Message, MqttLink, Subscription
-from agent.web import expected_hosts, guard, same_origin
+from agent.web import expected_hosts, guard, request_logger, same_origin
 
 logger = logging.getLogger(__name__)
 
@@ -128,6 +129,7 @@ class DashboardServer:
         self.resyncs = 0
         self.clients_dropped = 0
         self._hosts = expected_hosts(config.bind, config.allowed_hosts)
+        self.bad_requests = RejectionLog(logger, "bad request to the dashboard")
 
     # -- public -----------------------------------------------------------------------
 
@@ -158,7 +160,11 @@ class DashboardServer:
 
     async def run(self) -> None:
         runner = web.AppRunner(
-            self._app(), access_log=None, handle_signals=False, shutdown_timeout=2.0
+            self._app(),
+            access_log=None,
+            logger=request_logger(self.bad_requests),
+            handle_signals=False,
+            shutdown_timeout=2.0,
         )
         await runner.setup()
         try:
@@ -347,7 +353,9 @@ class DashboardServer:
     # -- HTTP ---------------------------------------------------------------------------
 
     def _app(self) -> web.Application:
-        app = web.Application(middlewares=[guard(self._hosts)], client_max_size=64 * 1024)
+        app = web.Application(
+            middlewares=[guard(self._hosts, self.bad_requests)], client_max_size=64 * 1024
+        )
         app.router.add_get("/", self._index)
         app.router.add_get("/api/fleet", self._fleet)
         app.router.add_get("/api/stats", self._stats)

@@ -38,8 +38,8 @@ from agent.capture import AudioHub
 from agent.config.models import DEVICE_ID_PATTERN, AgentConfig, IdentityConfig, StreamConfig
 from agent.panel.viewers import FrameBoard, Picture, ViewerRefused, Viewers
 from agent.stream import JoinState, LessonConflict, LessonHost, StreamService
-from agent.stream.signalling import MAX_MESSAGE_BYTES
-from agent.web import expected_hosts, guard, is_loopback, same_origin
+from agent.stream.signalling import MAX_MESSAGE_BYTES, RejectionLog
+from agent.web import expected_hosts, guard, is_loopback, request_logger, same_origin
 
 log = logging.getLogger(__name__)
 
@@ -185,6 +185,7 @@ class PanelServer:
         self._token = token
         self.viewers = Viewers(tuple(config.ice_servers))
         self._hosts = expected_hosts(config.panel_bind)
+        self.bad_requests = RejectionLog(log, "bad request to the panel")
         self._bound: tuple[str, int] | None = None
         self._ready = asyncio.Event()
 
@@ -201,7 +202,11 @@ class PanelServer:
 
     async def run(self) -> None:
         runner = web.AppRunner(
-            self._app(), access_log=None, handle_signals=False, shutdown_timeout=1.0
+            self._app(),
+            access_log=None,
+            logger=request_logger(self.bad_requests),
+            handle_signals=False,
+            shutdown_timeout=1.0,
         )
         await runner.setup()
         try:
@@ -240,7 +245,8 @@ class PanelServer:
 
     def _app(self) -> web.Application:
         app = web.Application(
-            middlewares=[guard(self._hosts), self._authorise], client_max_size=128 * 1024
+            middlewares=[guard(self._hosts, self.bad_requests), self._authorise],
+            client_max_size=128 * 1024,
         )
         app.router.add_get("/", self._page("panel.html"))
         app.router.add_get("/watch", self._page("watch.html"))

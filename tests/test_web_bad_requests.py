@@ -1,0 +1,112 @@
+"""Malformed requests to the panel and the dashboard: refused, one warning line, no
+traceback (issue 12, point 3).
+
+Raw sockets against the real servers (a panel of a main room, a dashboard as the
+``dashboard`` user), both on a real Mosquitto: aiohttp's own parser meets requests no
+HTTP client library would send.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import AsyncIterator
+
+import pytest
+
+from agent.dashboard import DashboardConfig
+from agent.dashboard.server import DashboardServer
+from agent.stream.signalling import RejectionLog
+from tests.brokers import DASHBOARD, BrokerUnderTest
+from tests.rooms import MAIN, room
+
+BAD_REQUESTS = {
+    "empty Host": b"GET / HTTP/1.1\r\nHost: \r\n\r\n",
+    "no Host": b"GET / HTTP/1.1\r\nUser-Agent: raw\r\n\r\n",
+    "garbage request line": b"\x16\x03\x01\x02\x00 garbage\r\n\r\n",
+    "no Host, HTTP/1.1 POST": b"POST /api/start HTTP/1.1\r\nContent-Length: 2\r\n\r\n{}",
+}
+BURST = 5  # each kind, back to back
+
+
+async def raw_request(port: int, request: bytes) -> int:
+    """Send ``request`` as it is; the HTTP status of the answer."""
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    try:
+        writer.write(request)
+        await writer.drain()
+        async with asyncio.timeout(10):
+            status_line = await reader.readline()
+    finally:
+        writer.close()
+        with contextlib.suppress(ConnectionError):
+            await writer.wait_closed()
+    parts = status_line.split()
+    assert len(parts) >= 2 and parts[0].startswith(b"HTTP/"), status_line
+    return int(parts[1])
+
+
+async def burst(port: int) -> dict[str, set[int]]:
+    statuses: dict[str, set[int]] = {}
+    for _ in range(BURST):
+        for kind, request in BAD_REQUESTS.items():
+            statuses.setdefault(kind, set()).add(await raw_request(port, request))
+    return statuses
+
+
+def check_logged_once(caplog: pytest.LogCaptureFixture, rejections: RejectionLog) -> None:
+    records = caplog.records
+    assert not [r for r in records if r.levelno >= logging.ERROR], [
+        r.getMessage() for r in records if r.levelno >= logging.ERROR
+    ]
+    assert not [r for r in records if r.exc_info or "Traceback" in r.getMessage()]
+    warnings = [r for r in records if r.levelno == logging.WARNING and "bad request" in r.getMessage()]
+    assert len(warnings) == 1, [r.getMessage() for r in warnings]
+    assert "\n" not in warnings[0].getMessage()
+    assert rejections.logged == 1
+    assert rejections.suppressed == BURST * len(BAD_REQUESTS) - 1
+
+
+async def test_the_panel_refuses_malformed_requests_with_one_warning(
+    mosquitto: BrokerUnderTest, caplog: pytest.LogCaptureFixture
+) -> None:
+    async with room(mosquitto, MAIN, main=True, panel=True) as main:
+        panel = main.panel
+        assert panel is not None
+        port = int(panel.url.rstrip("/").rsplit(":", 1)[1])
+        caplog.clear()
+        caplog.set_level(logging.DEBUG, logger="aiohttp")
+        caplog.set_level(logging.DEBUG, logger="agent.panel")
+        statuses = await burst(port)
+        for kind, seen in statuses.items():
+            assert seen <= {400, 421}, (kind, seen)
+        check_logged_once(caplog, panel.bad_requests)
+        # A good request still gets through (and logs nothing).
+        request = f"GET /api/status HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\n\r\n".encode()
+        assert await raw_request(port, request) in (200, 401)
+
+
+async def test_the_dashboard_refuses_malformed_requests_with_one_warning(
+    mosquitto: BrokerUnderTest, caplog: pytest.LogCaptureFixture
+) -> None:
+    config = DashboardConfig(broker=mosquitto.broker_config(DASHBOARD), port=0)
+    server = DashboardServer(config)
+    task = asyncio.create_task(server.run(), name="test-dashboard")
+    try:
+        async with asyncio.timeout(20):
+            await server.wait_ready()
+        port = int(server.url.rstrip("/").rsplit(":", 1)[1])
+        caplog.clear()
+        caplog.set_level(logging.DEBUG, logger="aiohttp")
+        caplog.set_level(logging.DEBUG, logger="agent.dashboard")
+        statuses = await burst(port)
+        for kind, seen in statuses.items():
+            assert seen <= {400, 421}, (kind, seen)
+        check_logged_once(caplog, server.bad_requests)
+        request = f"GET / HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\n\r\n".encode()
+        assert await raw_request(port, request) == 200
+    finally:
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
