@@ -34,10 +34,16 @@ class Daemon:
     """``classroom-agent run`` in a child process, with its log and sd_notify messages."""
 
     def __init__(
-        self, tmp_path: Path, config: dict[str, Any], launcher: Sequence[str] = ()
+        self,
+        tmp_path: Path,
+        config: dict[str, Any],
+        launcher: Sequence[str] = (),
+        python: str = sys.executable,
+        cwd: Path = REPO,
     ) -> None:
         self.tmp_path = tmp_path
         self.launcher = tuple(launcher)  # e.g. ("ip", "netns", "exec", NAME)
+        self.python, self.cwd = python, cwd  # another install (the packaging test)
         self.site_file = tmp_path / "agent.yaml"
         self.write_config(config)
         self.log_path = tmp_path / "agent.log"
@@ -56,7 +62,7 @@ class Daemon:
         with self.log_path.open("wb") as log:
             self.process = await asyncio.create_subprocess_exec(
                 *self.launcher,
-                sys.executable,
+                self.python,
                 "-m",
                 "agent.cli",
                 "run",
@@ -65,7 +71,7 @@ class Daemon:
                 stdout=log,
                 stderr=asyncio.subprocess.STDOUT,
                 env=env,
-                cwd=REPO,
+                cwd=self.cwd,
             )
 
     def log(self) -> str:

@@ -50,9 +50,10 @@ from agent.broker.acl import hash_password, render_acl
 from agent.broker.pki import CertPair, make_ca, new_key, write_cert, write_key
 from agent.config.models import SLUG_PATTERN, IdentityConfig
 from agent.health.discovery import HA_DISCOVERY_PREFIX
+from agent.resources import shipped
 
 DEFAULT_DIR = Path("/etc/mosquitto/classroom")
-SHIPPED_CONFIG = Path(__file__).resolve().parents[2] / "broker" / "mosquitto.conf"
+SHIPPED_CONFIG = shipped("broker") / "mosquitto.conf"
 CONFIG_DIR_IN_TEMPLATE = "/etc/mosquitto/classroom"
 ORGANIZATION = "Classroom Edge Agent fleet"
 CA_DAYS = 3650

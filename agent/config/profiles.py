@@ -21,8 +21,10 @@ from pydantic import Field, ValidationError
 from agent.config.errors import ConfigError, ConfigIssue, issues_from_validation
 from agent.config.loader import Layer, build_config, read_yaml_file
 from agent.config.models import StrictModel
+from agent.resources import shipped
 
 PROFILES_ENV = "CLASSROOM_AGENT_PROFILES"
+SYSTEM_PROFILES = Path("/usr/share/classroom-agent/firmware-profiles")
 FALLBACK_WITH_CAMERA = "generic-uvc"
 FALLBACK_WITHOUT_CAMERA = "virtual"
 
@@ -66,12 +68,16 @@ class LoadedProfile:
 
 
 def profile_dirs() -> list[Path]:
-    """Where profiles live: $CLASSROOM_AGENT_PROFILES, the system path, then the source tree."""
+    """Where profiles live: $CLASSROOM_AGENT_PROFILES, the system path, then the package's own.
+
+    The Debian package installs its kits to ``SYSTEM_PROFILES``; the profiles shipped with
+    the Python package (a wheel or a source checkout) come last, so every install finds them.
+    """
     dirs = []
     if os.environ.get(PROFILES_ENV):
         dirs.append(Path(os.environ[PROFILES_ENV]))
-    dirs.append(Path("/usr/share/classroom-agent/firmware-profiles"))
-    dirs.append(Path(__file__).resolve().parents[2] / "firmware-profiles")
+    dirs.append(SYSTEM_PROFILES)
+    dirs.append(shipped("firmware-profiles"))
     return dirs
 
 

@@ -1,0 +1,216 @@
+"""The agent as a user installs it: the wheel in a fresh virtualenv, and the Debian package.
+
+The wheel is built from this checkout and installed into a virtualenv outside it; every
+command then runs from an empty working directory, so nothing is found through the
+checkout by accident. Third-party dependencies come from the project's own virtualenv
+(a ``.pth`` line), which keeps the test fast and offline.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import re
+import shutil
+import subprocess
+import sys
+import sysconfig
+import urllib.request
+import zipfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.brokers import BrokerUnderTest
+from tests.test_daemon import Daemon, site_config
+
+REPO = Path(__file__).resolve().parents[1]
+pytestmark = pytest.mark.slow
+
+# What the agent reads at run time, as (folder in the checkout, place in the wheel).
+RUNTIME_DATA = [
+    (REPO / "firmware-profiles", "agent/shipped/firmware-profiles"),
+    (REPO / "schemas", "agent/shipped/schemas"),
+    (REPO / "broker", "agent/shipped/broker"),
+    (REPO / "agent/panel/static", "agent/panel/static"),
+    (REPO / "agent/dashboard/static", "agent/dashboard/static"),
+]
+
+# Never part of a build: local environments, caches, earlier build output, test artefacts.
+NOT_SOURCE = (".git", ".venv", "build", "dist", "*.egg-info", "__pycache__", "*_cache", "artifacts")
+
+
+@dataclass(frozen=True)
+class Installed:
+    wheel: Path
+    venv: Path
+    cwd: Path  # empty, outside the checkout
+
+    @property
+    def python(self) -> Path:
+        return self.venv / "bin" / "python"
+
+    def run(self, *args: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [str(self.venv / "bin" / "classroom-agent"), *args],
+            cwd=self.cwd,
+            env=clean_env(),
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+            check=False,
+        )
+
+
+def clean_env() -> dict[str, str]:
+    """The environment without anything that would point Python or the agent at the checkout."""
+    drop = ("PYTHONPATH", "PYTHONHOME", "VIRTUAL_ENV", "CLASSROOM_AGENT_PROFILES")
+    return {key: value for key, value in os.environ.items() if key not in drop}
+
+
+def build_wheel(out: Path) -> Path:
+    """``pip wheel`` of a clean copy of this checkout with the installed setuptools.
+
+    A copy, because setuptools reuses an existing ``build/`` folder: files dropped from the
+    package data would still reach the wheel from an earlier build. No index, no download.
+    """
+    source = out / "source"
+    shutil.copytree(REPO, source, symlinks=True, ignore=shutil.ignore_patterns(*NOT_SOURCE))
+    subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "wheel",
+            "--no-deps",
+            "--no-build-isolation",
+            "--no-index",
+            "--quiet",
+            "--wheel-dir",
+            str(out),
+            str(source),
+        ],
+        check=True,
+        timeout=180,
+        cwd=out,
+    )
+    (wheel,) = out.glob("classroom_edge_agent-*.whl")
+    return wheel
+
+
+@pytest.fixture(scope="module")
+def installed(tmp_path_factory: pytest.TempPathFactory) -> Installed:
+    root = tmp_path_factory.mktemp("wheel")
+    assert not root.is_relative_to(REPO)
+    wheel = build_wheel(root)
+    venv = root / "venv"
+    subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(venv)], check=True)
+    site = Path(
+        subprocess.run(
+            [
+                str(venv / "bin" / "python"),
+                "-c",
+                "import sysconfig; print(sysconfig.get_path('purelib'))",
+            ],
+            check=True,
+            capture_output=True,
+            text=True,
+        ).stdout.strip()
+    )
+    # The dependencies, from the project's virtualenv: a path line only, so that its
+    # editable-install hook for `agent` (itself a .pth there) is never run.
+    deps = {sysconfig.get_path("purelib"), sysconfig.get_path("platlib")}
+    (site / "project-deps.pth").write_text("".join(f"{path}\n" for path in sorted(deps)))
+    subprocess.run(
+        [
+            str(venv / "bin" / "python"),
+            "-m",
+            "pip",
+            "install",
+            "--no-deps",
+            "--no-index",
+            "--quiet",
+            str(wheel),
+        ],
+        check=True,
+        timeout=120,
+        env=clean_env(),
+    )
+    cwd = root / "elsewhere"
+    cwd.mkdir()
+    return Installed(wheel=wheel, venv=venv, cwd=cwd)
+
+
+def test_the_wheel_carries_every_file_the_agent_reads_at_run_time(installed: Installed) -> None:
+    names = set(zipfile.ZipFile(installed.wheel).namelist())
+    for folder, inside in RUNTIME_DATA:
+        files = [p for p in folder.iterdir() if p.is_file() and p.suffix != ".py"]
+        assert files, folder
+        missing = [p.name for p in files if f"{inside}/{p.name}" not in names]
+        assert not missing, f"{folder.relative_to(REPO)}: not in the wheel: {missing}"
+
+
+def test_the_installed_agent_lists_and_checks_the_shipped_profiles(installed: Installed) -> None:
+    probe = subprocess.run(
+        [str(installed.python), "-c", "import agent; print(agent.__file__)"],
+        cwd=installed.cwd,
+        env=clean_env(),
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    imported = Path(probe.stdout.strip())
+    assert imported.is_relative_to(installed.venv), imported
+    assert not imported.resolve().is_relative_to(REPO)
+
+    listed = installed.run("profiles")
+    assert listed.returncode == 0, listed.stderr
+    assert listed.stderr == ""
+    names = {
+        line.lstrip("* ").split()[0]
+        for line in listed.stdout.splitlines()
+        if line.strip() and not line.startswith("this machine")
+    }
+    shipped = {path.stem for path in (REPO / "firmware-profiles").glob("*.yaml")}
+    assert names == shipped, listed.stdout
+
+    profile = imported.parent / "shipped" / "firmware-profiles" / "virtual.yaml"
+    checked = installed.run("config", "check", str(profile))
+    assert checked.returncode == 0, checked.stderr
+    assert checked.stdout.strip() == f"{profile}: ok (hardware profile virtual)"
+
+
+def fetch(url: str) -> tuple[int, str, bytes]:
+    with urllib.request.urlopen(url, timeout=10) as response:
+        return response.status, response.headers.get("Content-Type", ""), response.read()
+
+
+async def test_the_installed_agent_runs_and_its_panel_serves_its_page(
+    installed: Installed, mosquitto: BrokerUnderTest, tmp_path: Path
+) -> None:
+    main_room = {"groups": [{"group": "music", "role": "main", "receivers": ["school1.room2"]}]}
+    config: dict[str, Any] = site_config(mosquitto, tmp_path, identity=main_room)
+    daemon = Daemon(tmp_path, config, python=str(installed.python), cwd=installed.cwd)
+    try:
+        await daemon.start()
+        await daemon.wait_notified("READY=1", within=60)
+        await daemon.wait_log("teacher panel at ")
+        found = re.search(r"teacher panel at (http://[0-9.:]+/)", daemon.log())
+        assert found is not None, daemon.log()
+        url = found.group(1)
+
+        status, kind, page = await asyncio.to_thread(fetch, url)
+        assert status == 200
+        assert kind.startswith("text/html")
+        assert b"/static/panel.js" in page
+
+        status, kind, body = await asyncio.to_thread(fetch, f"{url}static/panel.css")
+        assert status == 200
+        assert kind.startswith("text/css")
+        installed_css = next(installed.venv.rglob("agent/panel/static/panel.css"))
+        assert body == installed_css.read_bytes()
+    finally:
+        await daemon.close()
+    assert "Traceback" not in daemon.log()
