@@ -20,13 +20,9 @@ from aiortc.rtp import RTCP_PSFB_APP, RTCP_PSFB_PLI, RtcpPsfbPacket, pack_remb_f
 from agent.capture import AudioHub, FrameHub, open_audio_source, open_video_source, read_stamp
 from agent.config.models import AudioConfig, CaptureConfig, VideoConfig
 from agent.stream import EncoderSettings, IceSettings, PeerSession, SharedH264Encoder
+from agent.stream.hooks import route_bitrate_estimates
 from agent.stream.ice import new_peer_connection
-from agent.stream.layers import (
-    LayerControl,
-    LayerPolicy,
-    LayerPolicySettings,
-    route_bitrate_estimates,
-)
+from agent.stream.layers import LayerControl, LayerPolicy, LayerPolicySettings
 from tests.brokers import eventually
 
 SETTINGS = LayerPolicySettings(high_kbps=2500, low_kbps=500)

@@ -21,16 +21,11 @@ from agent.stream.encoder import (
     TrackStats,
     VideoLayer,
     low_layer_size,
-    route_keyframe_requests,
 )
+from agent.stream.hooks import route_bitrate_estimates, route_keyframe_requests
 from agent.stream.host import LessonHost, RoomStatus
 from agent.stream.joiner import JoinState, LessonJoiner
-from agent.stream.layers import (
-    LayerControl,
-    LayerPolicy,
-    LayerPolicySettings,
-    route_bitrate_estimates,
-)
+from agent.stream.layers import LayerControl, LayerPolicy, LayerPolicySettings
 from agent.stream.peer import IceSettings, PeerSession
 from agent.stream.playback import (
     AudioOutput,

@@ -27,7 +27,7 @@ Two things the sender normally does for us have to be done here instead:
 
 * Keyframes. A receiver's PLI/FIR reaches aiortc as ``RTCRtpSender._send_keyframe()``,
   which only sets a flag its own encoder reads; with packets nobody reads it.
-  :func:`route_keyframe_requests` is the one place that wraps that private hook so the
+  :func:`agent.stream.hooks.route_keyframe_requests` wraps that private hook so the
   request reaches the shared encoder. New tracks ask for a keyframe too, and drop
   everything until one arrives, so a room joining mid-lesson starts decodable.
 * Back-pressure. Each track has a small bounded queue; a peer that falls behind
@@ -50,7 +50,7 @@ import fractions
 import logging
 import time
 from collections import deque
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Literal
 
@@ -193,32 +193,6 @@ class EncoderStats:
                 for t in self.tracks
             },
         }
-
-
-def route_keyframe_requests(sender: Any, request: Callable[[], None]) -> None:
-    """Make ``sender``'s PLI/FIR handling call ``request()`` as well.
-
-    One of the agent's two uses of aiortc's private sender API (the other is
-    :func:`agent.stream.layers.route_bitrate_estimates`). In aiortc 1.16
-    ``RTCRtpSender._handle_rtcp_packet`` answers a PLI or FIR with
-    ``self._send_keyframe()``, which sets a flag that only aiortc's own encoder reads;
-    a track that yields pre-encoded packets never sees it. We keep the original call
-    (harmless, and right again if aiortc ever honours it for packets) and add ours.
-    ``tests/test_stream_encoder.py`` feeds a real PLI through ``_handle_rtcp_packet`` so
-    an aiortc upgrade that renames the hook fails a test instead of freezing pictures.
-    """
-    original = getattr(sender, "_send_keyframe", None)
-    if not callable(original):
-        raise RuntimeError(
-            "aiortc's RTCRtpSender has no _send_keyframe(): keyframe requests cannot reach "
-            "the shared encoder (check the aiortc version)"
-        )
-
-    def send_keyframe() -> None:
-        original()
-        request()
-
-    sender._send_keyframe = send_keyframe
 
 
 Encoded = Mapping[VideoLayer, list["av.Packet[Any]"]]

@@ -10,67 +10,34 @@ Two aiortc/aioice defaults are wrong for classrooms and tests:
 * aioice gathers host candidates from every interface *except* 127.0.0.1
   (``aioice.ice.get_host_addresses``), so two peers on one machine without a network
   cannot connect, and a test would send to the machine's real interfaces. aioice has
-  no per-connection option for this, so :func:`gather` wraps that one module function,
-  once per process, and the wrapper answers from a context variable that
-  :func:`gather` sets only around this agent's own ``setLocalDescription`` (where
-  aiortc gathers). Outside that call, and when no addresses are configured, aioice's
-  own answer stands. Candidate gathering runs in tasks aiortc creates inside that
-  call, which inherit the context, so concurrent peers with different settings do not
-  interfere.
+  no per-connection option for this, so :func:`gather` wraps that one module function
+  (:func:`agent.stream.hooks.host_addresses`), once per process, and the wrapper
+  answers from a context variable that :func:`gather` sets only around this agent's
+  own ``setLocalDescription`` (where aiortc gathers). Outside that call, and when no
+  addresses are configured, aioice's own answer stands. Candidate gathering runs in
+  tasks aiortc creates inside that call, which inherit the context, so concurrent
+  peers with different settings do not interfere.
 
 One aioice race is closed here too: if a peer connection is closed while ICE is just
 completing, ``Connection.connect()`` resumes after ``close()`` and starts the consent
 freshness task on the closed connection, where it runs (every 5 s, forever) with no
-owner. The wrapped ``query_consent`` returns at once on a connection that is closing.
+owner. The wrapped ``query_consent`` returns at once on a connection that is closing
+(:func:`agent.stream.hooks.guard_consent_after_close`).
 """
 
 from __future__ import annotations
 
-import contextvars
 import ipaddress
 import logging
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from typing import Any
 
-import aioice.ice
 from aiortc import RTCConfiguration, RTCIceServer, RTCPeerConnection, RTCSessionDescription
 
 from agent.config.models import IceServerConfig
+from agent.stream import hooks
 
 log = logging.getLogger(__name__)
-
-_host_addresses: contextvars.ContextVar[tuple[str, ...] | None] = contextvars.ContextVar(
-    "agent_stream_host_addresses", default=None
-)
-_WRAPPED = "_agent_stream_wrapped"
-
-
-def _install() -> None:
-    original: Callable[..., list[str]] = aioice.ice.get_host_addresses
-    if getattr(original, _WRAPPED, False):
-        return
-
-    def get_host_addresses(use_ipv4: bool, use_ipv6: bool) -> list[str]:
-        chosen = _host_addresses.get()
-        if chosen is None:
-            return original(use_ipv4=use_ipv4, use_ipv6=use_ipv6)
-        return [
-            address
-            for address in chosen
-            if (use_ipv6 if ipaddress.ip_address(address).version == 6 else use_ipv4)
-        ]
-
-    setattr(get_host_addresses, _WRAPPED, True)
-    aioice.ice.get_host_addresses = get_host_addresses
-
-    query_consent = aioice.ice.Connection.query_consent
-
-    async def query_consent_unless_closing(connection: aioice.ice.Connection) -> None:
-        if getattr(connection, "_closing", False):
-            return
-        await query_consent(connection)
-
-    aioice.ice.Connection.query_consent = query_consent_unless_closing  # type: ignore[method-assign, assignment]
 
 
 def check_host_addresses(addresses: Sequence[str]) -> tuple[str, ...]:
@@ -106,9 +73,6 @@ async def gather(
     SDP it leaves in ``pc.localDescription`` is complete: no trickle needed), with host
     candidates on ``host_addresses`` only; empty: aioice's choice (every interface but
     loopback)."""
-    _install()
-    token = _host_addresses.set(tuple(host_addresses) if host_addresses else None)
-    try:
+    hooks.guard_consent_after_close()
+    with hooks.host_addresses(host_addresses):
         return await pc.setLocalDescription(description)
-    finally:
-        _host_addresses.reset(token)

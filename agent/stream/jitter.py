@@ -16,31 +16,28 @@ a new stream origin (a restarted sender) and is followed at once. The decoder's 
 packet-loss handling sees the timestamp jump, as it did before.
 
 Private API: aiortc has no way to choose a receiver's jitter buffer, so
-:func:`tune_audio_receiver` replaces the name-mangled ``_RTCRtpReceiver__jitter_buffer``
-(and reads ``_RTCRtpReceiver__kind``) of aiortc 1.16. It raises ``RuntimeError`` if
-either is missing rather than silently leaving the old buffer in place, and
-``tests/test_stream_jitter.py`` runs real audio through a tuned receiver and checks the
-buffer's counters move, so an aiortc upgrade that renames or bypasses the attribute
-fails a test instead of bringing the audio stalls back.
+:func:`tune_audio_receiver` swaps it through
+:func:`agent.stream.hooks.replace_audio_jitter_buffer` (aiortc's name-mangled receiver
+attributes), which raises ``RuntimeError`` rather than silently leaving the old buffer
+in place; ``tests/test_stream_jitter.py`` runs real audio through a tuned receiver and
+checks the buffer's counters move, so an aiortc upgrade that renames or bypasses the
+attribute fails a test instead of bringing the audio stalls back.
 """
 
 from __future__ import annotations
 
 import logging
 from dataclasses import asdict, dataclass
-from typing import Any
 
 from aiortc import RTCRtpReceiver
-from aiortc.jitterbuffer import JitterBuffer, JitterFrame
-from aiortc.rtp import RtpPacket
-from aiortc.utils import uint16_add
+
+from agent.stream import hooks
+from agent.stream.hooks import JitterFrame, RtpPacket
 
 log = logging.getLogger(__name__)
 
 MAX_DROPOUT = 3000  # packets ahead that are loss; further is a new origin (RFC 3550 A.1)
 MAX_MISORDER = 100  # packets behind that are late; further back is a new origin (as aiortc)
-_ATTRIBUTE = "_RTCRtpReceiver__jitter_buffer"
-_KIND = "_RTCRtpReceiver__kind"
 
 
 @dataclass(slots=True)
@@ -77,7 +74,7 @@ class AudioJitterBuffer:
         sequence = packet.sequence_number
         counters = self.counters
         if self._last is not None:
-            delta = uint16_add(sequence, -self._last)
+            delta = (sequence - self._last) & 0xFFFF  # modulo 2**16, as aiortc's uint16_add
             if delta == 0 or delta >= 0x10000 - MAX_MISORDER:
                 counters.late_dropped += 1
                 return False, None
@@ -90,8 +87,7 @@ class AudioJitterBuffer:
                 log.debug("audio RTP sequence jumped %d -> %d: new origin", self._last, sequence)
         self._last = sequence
         counters.emitted += 1
-        data: bytes = getattr(packet, "_data", packet.payload)  # set by the receiver
-        return False, JitterFrame(data=data, timestamp=packet.timestamp)
+        return False, hooks.jitter_frame(packet)
 
     def describe(self) -> dict[str, int]:
         return asdict(self.counters)
@@ -104,25 +100,4 @@ def tune_audio_receiver(receiver: RTCRtpReceiver) -> AudioJitterBuffer | None:
 
     Call it before media flows (after ``addTransceiver`` or ``setRemoteDescription``):
     a buffer swapped mid-stream would drop what aiortc's was holding."""
-    private: Any = receiver
-    kind = getattr(private, _KIND, None)
-    current = getattr(private, _ATTRIBUTE, None)
-    if kind is None or current is None:
-        missing = _KIND if kind is None else _ATTRIBUTE
-        raise RuntimeError(
-            f"aiortc's RTCRtpReceiver has no {missing}: the audio jitter buffer cannot be "
-            "replaced (agent/stream/jitter.py expects aiortc 1.16's private attributes; "
-            "check the aiortc version)"
-        )
-    if kind != "audio":
-        return None
-    if isinstance(current, AudioJitterBuffer):
-        return current
-    if not isinstance(current, JitterBuffer):
-        raise RuntimeError(
-            f"aiortc's audio receiver has a {type(current).__name__}, not a JitterBuffer: "
-            "agent/stream/jitter.py expects aiortc 1.16 (check the aiortc version)"
-        )
-    buffer = AudioJitterBuffer(current.capacity)
-    setattr(private, _ATTRIBUTE, buffer)
-    return buffer
+    return hooks.replace_audio_jitter_buffer(receiver, AudioJitterBuffer, AudioJitterBuffer)

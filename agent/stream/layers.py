@@ -5,7 +5,7 @@ picture and, worse, choppy sound) or anyone else. Per peer, :class:`LayerPolicy`
 at what the link tells the sender and picks ``"high"``, ``"low"`` or ``"paused"``:
 
 * the receiver's bandwidth estimate (REMB; aiortc's receivers send one about every
-  0.5 s, captured by :func:`route_bitrate_estimates`),
+  0.5 s, captured by :func:`agent.stream.hooks.route_bitrate_estimates`),
 * the loss and round-trip time of the video we send (the peer's receiver reports, read
   by :class:`~agent.stream.peer.PeerSession`'s ``getStats()`` poller).
 
@@ -46,8 +46,6 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
-
-from aiortc.rtp import RTCP_PSFB_APP, RtcpPsfbPacket, unpack_remb_fci
 
 from agent.stream.encoder import EncodedVideoTrack, EncoderSettings, LayerState, VideoLayer
 
@@ -260,44 +258,6 @@ class LayerPolicy:
             "layer_reason": self.reason,
             "estimate_kbps": None if self._estimate is None else round(self._estimate[1] / 1000),
         }
-
-
-def route_bitrate_estimates(sender: Any, observe: Callable[[int], None]) -> None:
-    """Make ``sender`` pass every receiver bandwidth estimate (REMB) for its stream to
-    ``observe(bits_per_second)``.
-
-    The agent's second use of aiortc's private sender API (the first is
-    :func:`agent.stream.encoder.route_keyframe_requests`). In aiortc 1.16
-    ``RTCRtpSender._handle_rtcp_packet`` reads a REMB (PSFB, fmt 15, "REMB" FCI) only to
-    set ``target_bitrate`` on its own encoder, which a packet track does not have; the
-    value is nowhere else. We wrap that coroutine, keep the original handling, and
-    read the same FCI. The DTLS transport looks the method up on the instance for each
-    packet, so the wrapper sees every RTCP packet routed to this sender.
-    ``tests/test_stream_layers.py`` feeds a real REMB through it, so an aiortc upgrade that
-    changes the hook fails a test instead of leaving every room on the high layer.
-    """
-    original = getattr(sender, "_handle_rtcp_packet", None)
-    if not callable(original) or not hasattr(sender, "_ssrc"):
-        raise RuntimeError(
-            "aiortc's RTCRtpSender has no _handle_rtcp_packet()/_ssrc: bandwidth estimates "
-            "cannot reach the layer policy (check the aiortc version)"
-        )
-
-    async def handle_rtcp_packet(packet: Any) -> None:
-        await original(packet)
-        if not isinstance(packet, RtcpPsfbPacket) or packet.fmt != RTCP_PSFB_APP:
-            return
-        try:
-            bitrate, ssrcs = unpack_remb_fci(packet.fci)
-        except ValueError:
-            return
-        if sender._ssrc in ssrcs:
-            try:
-                observe(bitrate)
-            except Exception:  # a policy bug must not break RTCP handling
-                log.exception("bandwidth estimate handler failed")
-
-    sender._handle_rtcp_packet = handle_rtcp_packet
 
 
 class LayerControl:

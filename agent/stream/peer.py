@@ -24,15 +24,11 @@ from agent.capture import AudioHub
 from agent.config.models import IceServerConfig
 from agent.stream.audio import HubAudioTrack
 from agent.stream.controls import MediaControls
-from agent.stream.encoder import EncodedVideoTrack, SharedH264Encoder, route_keyframe_requests
+from agent.stream.encoder import EncodedVideoTrack, SharedH264Encoder
+from agent.stream.hooks import route_bitrate_estimates, route_keyframe_requests
 from agent.stream.ice import check_host_addresses, gather, new_peer_connection
 from agent.stream.jitter import AudioJitterBuffer, tune_audio_receiver
-from agent.stream.layers import (
-    LayerControl,
-    LayerPolicy,
-    LayerPolicySettings,
-    route_bitrate_estimates,
-)
+from agent.stream.layers import LayerControl, LayerPolicy, LayerPolicySettings
 from agent.stream.sinks import MediaSink
 from agent.stream.stats import (
     Direction,

@@ -17,6 +17,7 @@ from typing import Any
 
 from agent.capture import AudioHub, FrameHub
 from agent.config.models import LessonRole, StreamConfig
+from agent.stream import hooks
 from agent.stream.controls import MediaControls
 from agent.stream.encoder import EncoderSettings, SharedH264Encoder
 from agent.stream.host import LessonHost
@@ -121,6 +122,9 @@ class StreamService:
                 log.warning("stream.record_dir is set but received media has no recorder")
 
     async def run(self) -> None:
+        # A library version the private-API hooks were not verified on fails here, at
+        # start, rather than as a frozen picture or stalled audio mid-lesson.
+        hooks.check_versions()
         async with asyncio.TaskGroup() as tasks:
             tasks.create_task(self.signalling.run(), name="stream-signalling")
             if self.playback is not None:

@@ -5,8 +5,9 @@ to every ICE/RTP datagram aioice sends and receives in this process.
 benchmarks that need a bad network use :func:`impaired` instead. It is never used by
 the daemon: nothing in ``agent`` imports this module outside tests and ``bench``.
 
-Hook (aioice 0.13, private API): every ICE candidate pair, host or relayed, talks
-through an ``aioice.ice.StunProtocol``. Its three methods carry every datagram:
+Hook (aioice 0.13, private API, :func:`agent.stream.hooks.intercept_stun_datagrams`):
+every ICE candidate pair, host or relayed, talks through an ``aioice.ice.StunProtocol``.
+Its three methods carry every datagram:
 
 * ``datagram_received(data, addr)``: everything received (STUN, DTLS, SRTP, SRTCP);
 * ``send_stun(message, addr)``: STUN requests and responses sent;
@@ -44,7 +45,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import inspect
 import logging
 import math
 import random
@@ -53,7 +53,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-import aioice.ice
+from agent.stream import hooks
 
 log = logging.getLogger(__name__)
 
@@ -268,90 +268,7 @@ def _deliver(deliver: Callable[[], None]) -> None:
 
 # -- the aioice hook ------------------------------------------------------------------------
 
-_HOOKS = {
-    "datagram_received": ("self", "data", "addr"),
-    "send_stun": ("self", "message", "addr"),
-    "send_data": ("self", "data", "addr"),
-}
 _active: list[ImpairedLink] = []  # the one active link, if any
-
-
-def _check_hooks() -> dict[str, Any]:
-    """The original StunProtocol methods, after checking they still look as expected."""
-    protocol = getattr(aioice.ice, "StunProtocol", None)
-    if protocol is None:
-        raise ImpairmentUnavailable(
-            "aioice.ice.StunProtocol is gone: update agent/testkit/impair.py"
-        )
-    originals: dict[str, Any] = {}
-    for name, params in _HOOKS.items():
-        method = protocol.__dict__.get(name)
-        if method is None or not callable(method):
-            raise ImpairmentUnavailable(
-                f"aioice.ice.StunProtocol.{name} is gone: update agent/testkit/impair.py"
-            )
-        found = tuple(inspect.signature(method).parameters)
-        if found != params:
-            raise ImpairmentUnavailable(
-                f"aioice.ice.StunProtocol.{name}{found} is not {params}: "
-                "update agent/testkit/impair.py"
-            )
-        originals[name] = method
-    try:
-        body = inspect.getsource(originals["send_data"])
-    except (OSError, TypeError):
-        body = ""
-    if "self.transport.sendto(data, addr)" not in body:
-        raise ImpairmentUnavailable(
-            "aioice.ice.StunProtocol.send_data no longer just calls transport.sendto: "
-            "update agent/testkit/impair.py"
-        )
-    return originals
-
-
-def _closing(protocol: Any) -> bool:
-    """Whether the protocol's socket is closing (a datagram in flight is then dropped,
-    as the kernel would). aioice's TURN transport has no ``is_closing``: never."""
-    is_closing = getattr(protocol.transport, "is_closing", None)
-    return bool(is_closing()) if is_closing is not None else False
-
-
-def _install(link: ImpairedLink) -> Callable[[], None]:
-    originals = _check_hooks()
-    protocol: Any = aioice.ice.StunProtocol
-    datagram_received = originals["datagram_received"]
-    send_stun = originals["send_stun"]
-
-    def send_to(proto: Any, data: bytes, addr: tuple[str, int]) -> None:
-        if not _closing(proto):
-            proto.transport.sendto(data, addr)
-
-    def impaired_datagram_received(self: Any, data: bytes | str, addr: tuple[Any, ...]) -> None:
-        def deliver() -> None:
-            if not _closing(self):
-                datagram_received(self, data, addr)
-
-        link.offer("in", len(data), deliver)
-
-    def impaired_send_stun(self: Any, message: Any, addr: tuple[str, int]) -> None:
-        def deliver() -> None:
-            if not _closing(self):
-                send_stun(self, message, addr)
-
-        link.offer("out", len(bytes(message)), deliver)
-
-    async def impaired_send_data(self: Any, data: bytes, addr: tuple[str, int]) -> None:
-        link.offer("out", len(data), lambda: send_to(self, data, addr))
-
-    protocol.datagram_received = impaired_datagram_received
-    protocol.send_stun = impaired_send_stun
-    protocol.send_data = impaired_send_data
-
-    def restore() -> None:
-        for name, method in originals.items():
-            setattr(protocol, name, method)
-
-    return restore
 
 
 @contextlib.contextmanager
@@ -362,13 +279,20 @@ def impaired(impairment: LinkImpairment) -> Iterator[ImpairedLink]:
     if _active:
         raise RuntimeError("an impairment is already active in this process")
     link = ImpairedLink(impairment)
-    restore = _install(link)
+    intercepting = hooks.intercept_stun_datagrams(
+        received=lambda size, deliver: link.offer("in", size, deliver),
+        sent=lambda size, deliver: link.offer("out", size, deliver),
+    )
+    try:
+        intercepting.__enter__()
+    except hooks.HookUnavailable as exc:
+        raise ImpairmentUnavailable(f"{exc}: update agent/testkit/impair.py") from exc
     _active.append(link)
     log.info("aioice datagrams impaired: %s", impairment)
     try:
         yield link
     finally:
         _active.clear()
-        restore()
+        intercepting.__exit__(None, None, None)
         link.close()
         log.info("aioice impairment removed: %s", link.describe())
