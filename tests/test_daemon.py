@@ -224,8 +224,9 @@ async def test_daemon_lifecycle_ready_health_reload_and_clean_stop(
 async def test_a_reload_waits_for_the_live_lesson_to_end(
     mosquitto: BrokerUnderTest, tmp_path: Path, daemon_factory: Any
 ) -> None:
-    """Rebuilding the services would cut every room out of the lesson: a valid new file
-    is applied when the lesson ends, not in the middle of it."""
+    """Restarting the capture would cut every room out of the lesson: a valid new file
+    that changes the camera mode is applied when the lesson ends, not in the middle of it
+    (a change the lesson does not run on applies at once: test_reload.py)."""
     main_room = {"groups": [{"group": "music", "role": "main", "receivers": ["school1.room2"]}]}
     daemon = daemon_factory(site_config(mosquitto, tmp_path, identity=main_room))
     await daemon.start()
@@ -238,7 +239,12 @@ async def test_a_reload_waits_for_the_live_lesson_to_end(
     assert started["ok"], started
 
     daemon.write_config(
-        site_config(mosquitto, tmp_path, identity=main_room, health={"interval_s": 2})
+        site_config(
+            mosquitto,
+            tmp_path,
+            identity=main_room,
+            capture={"video": {"width": 640, "height": 360, "fps": 15}},
+        )
     )
     assert daemon.process is not None
     daemon.process.send_signal(signal.SIGHUP)

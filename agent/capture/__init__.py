@@ -23,6 +23,7 @@ from agent.capture.hub import (
     StateChange,
     VideoStats,
 )
+from agent.capture.service import CaptureService
 from agent.capture.stamp import Stamp, draw_stamp, read_stamp
 from agent.capture.video import VideoSource, open_video_source
 
@@ -36,6 +37,7 @@ __all__ = [
     "AudioSubscription",
     "CameraInfo",
     "CaptureError",
+    "CaptureService",
     "ConsumerStats",
     "DeviceInventory",
     "DeviceState",

@@ -7,7 +7,7 @@ API (``agent/panel/client.py``).
 """
 
 from agent.panel.client import PanelClient, PanelUnavailable
-from agent.panel.server import PanelError, PanelServer, load_or_create_token
+from agent.panel.server import PanelError, PanelServer, load_or_create_token, token_path
 from agent.panel.viewers import LatestFrameTrack, Picture, ViewerRefused, Viewers
 
 __all__ = [
@@ -20,4 +20,5 @@ __all__ = [
     "ViewerRefused",
     "Viewers",
     "load_or_create_token",
+    "token_path",
 ]

@@ -1,9 +1,21 @@
-"""The daemon: wires capture, the MQTT link and health reporting under one supervisor.
+"""The daemon: the parts of the composition table under one supervisor, reloaded in place.
 
-Lifecycle: start the embedded broker if none is configured, start every service, tell
-systemd READY, pet the watchdog while the loop is healthy, reload the site files on
-SIGHUP (an invalid file is rejected and the running config kept), and on SIGTERM or
-SIGINT stop everything within ``supervisor.shutdown_timeout_s``.
+Lifecycle: start the embedded broker if none is configured, build every part
+(``composition.py``), start the services and tell systemd READY once they report
+started, pet the watchdog while the loop is healthy, and on SIGTERM or SIGINT stop
+everything within ``supervisor.shutdown_timeout_s``.
+
+A reload (SIGHUP now, a profile pushed by IT next) validates the new config, computes
+what it touches and applies only that: parts reconfigured in place, parts rebuilt and
+restarted alone, everything else left running. The new parts are built before the old
+ones stop; if building or starting them fails, the old ones are put back and the error
+is reported. A change that would restart what the live lesson runs on (capture, the
+link, the stream, the panel) waits for the lesson to end and says so (journal and
+sd_notify STATUS); any other change applies at once.
+
+The embedded broker follows ``broker.url``: a reload that sets it stops the embedded
+Mosquitto once the link has moved to the configured broker; a reload that clears it
+starts an embedded one and moves the link there.
 """
 
 from __future__ import annotations
@@ -13,53 +25,35 @@ import contextlib
 import logging
 import signal
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 from agent import __version__
 from agent.broker import MosquittoBroker
 from agent.capture import (
-    AudioHub,
     AudioSource,
     CaptureError,
-    DeviceState,
-    FrameHub,
+    CaptureService,
     VideoSource,
     open_audio_source,
     open_video_source,
 )
 from agent.config import AgentConfig, ConfigError, LoadedConfig, load_config
-from agent.health import (
-    AlertEngine,
-    HealthReporter,
-    HomeAssistantDiscovery,
-    ProcessMetrics,
-    SystemMetrics,
-)
-from agent.health.prometheus import MetricsServer
-from agent.health.selftest import SelftestThresholds, selftest_handler
-from agent.panel import PanelServer, load_or_create_token
-from agent.panel.server import token_path
+from agent.health import ProcessMetrics
+from agent.runtime.composition import PARTS, HealthSource, Inputs, Part, Plan, plan
 from agent.runtime.sdnotify import Notifier, WatchdogService
 from agent.runtime.supervisor import Service, ServiceFailed, Supervisor, cancel_and_wait
-from agent.stream import LessonConflict, LessonHost, ProbeSink, StreamService
-from agent.stream.playback import open_playback
-from agent.stream.sinks import FanOutSink, FrameObserver, LatestFrames
-from agent.sync import (
-    CommandService,
-    LinkAuthError,
-    LinkConfigError,
-    MqttLink,
-    Outbox,
-    ReliablePublisher,
-)
-from agent.sync.commands import CommandError, callable_handler, ping_handler
+from agent.stream import LessonConflict, LessonHost, StreamService
+from agent.sync import CommandError, LinkAuthError, LinkConfigError, MqttLink
 
 log = logging.getLogger(__name__)
 
 EXIT_OK, EXIT_FAILURE, EXIT_CONFIG = 0, 1, 2
 RELOAD_RECHECK_S = 1.0  # how soon a reload held back by a lesson follows its end
+READY_WAIT_S = 20.0  # READY=1 after this long even if a service is still starting
+START_WAIT_S = 15.0  # a reloaded service that has not started by then is rolled back
+EMBEDDED = "embedded"  # a placeholder URL while planning a move to the embedded broker
 
 
 def preflight_media_files(config: AgentConfig) -> None:
@@ -80,188 +74,98 @@ def preflight_media_files(config: AgentConfig) -> None:
             source.close()
 
 
-class CaptureService:
-    """Runs the video and audio hubs together, and restarts them on command.
+class ReloadFailed(Exception):
+    """A new configuration could not be applied; the running one was kept."""
 
-    The supervisor restarts what fails; this restarts what an operator asks for
-    (``cmd/restart-capture``), e.g. after re-seating a USB camera.
-    """
 
-    name = "capture"
+def _is_service(obj: Any) -> bool:
+    return obj is not None and hasattr(obj, "run") and hasattr(obj, "name")
 
-    def __init__(self, video: FrameHub, audio: AudioHub) -> None:
-        self.video = video
-        self.audio = audio
-        self._restart = asyncio.Event()
 
-    async def run(self) -> None:
-        while True:
-            async with asyncio.TaskGroup() as group:
-                hubs = [
-                    group.create_task(self.video.run(), name=self.video.name),
-                    group.create_task(self.audio.run(), name=self.audio.name),
-                ]
-                await self._restart.wait()
-                self._restart.clear()
-                log.info("restarting capture on request")
-                for hub in hubs:
-                    hub.cancel()
+class _Staging:
+    """What builders see while a reload builds new parts: new config, new parts first."""
 
-    async def restart(self) -> dict[str, str]:
-        """Reopen both devices; return their states once they have settled (<= 20 s)."""
-        requested = time.time()
-        self._restart.set()
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + 20
-        while loop.time() < deadline:
-            video, audio = self.video.stats(), self.audio.stats()
-            settled = [(video.since_wall, video.state), (audio.since_wall, audio.state)]
-            if all(
-                since >= requested and state != DeviceState.STARTING for since, state in settled
-            ):
-                break
-            await asyncio.sleep(0.1)
-        return {"video": self.video.stats().state.value, "audio": self.audio.stats().state.value}
+    def __init__(self, agent: Agent, loaded: LoadedConfig, broker_url: str | None) -> None:
+        self.agent = agent
+        self.config = loaded.config
+        self.profile = loaded.profile
+        self.broker_url = broker_url
+        self.objects: dict[str, Any] = {}
+
+    def part(self, name: str) -> Any:
+        return self.objects[name] if name in self.objects else self.agent.part(name)
+
+    # Late-bound to the agent: what these read is the agent's state after the switch.
+    def in_lesson(self) -> bool:
+        return self.agent.in_lesson()
+
+    def health_sections(self) -> dict[str, Any]:
+        return self.agent.health_sections()
+
+    def lesson_commands(self) -> Mapping[str, tuple[Any, dict[str, type], float]]:
+        return self.agent.lesson_commands()
 
 
 class Agent:
-    """One configuration's worth of services; rebuilt from scratch on reload."""
+    """The running parts of one room, built from the composition table."""
 
-    def __init__(self, loaded: LoadedConfig, broker_url: str | None) -> None:
-        config = loaded.config
-        self.config = config
-        self.video = FrameHub(open_video_source(config.capture.video), config.capture)
-        self.audio = AudioHub(open_audio_source(config.capture.audio), config.capture)
-        self.capture = CaptureService(self.video, self.audio)
-        self.link = MqttLink(
-            config.broker,
-            config.identity,
-            software_version=__version__,
-            profile_name=loaded.profile,
-            url_override=broker_url,
-        )
+    def __init__(
+        self, loaded: LoadedConfig, broker_url: str | None, parts: tuple[Part, ...] = PARTS
+    ) -> None:
+        self.loaded = loaded
+        self.config = loaded.config
         self.profile = loaded.profile
-        # Alerts and events survive broker outages (and restarts) in an on-disk outbox.
-        self.outbox = Outbox(
-            config.supervisor.state_dir / "outbox.db", max_rows=config.health.store_max_rows
-        )
-        self.publisher = ReliablePublisher(self.link, self.outbox)
-        # A silent microphone matters only while a lesson is live in this room.
-        self.alerts = AlertEngine(config.health, in_lesson=self.in_lesson)
+        self.broker_url = broker_url
+        self.parts = parts
         self.process = ProcessMetrics()
         # Filled in by the daemon once the supervisor exists.
-        self.service_states: Callable[[], dict[str, str]] = dict
-        self.health = HealthReporter(
-            self.link,
-            config.health,
-            self.health_sections,
-            system=SystemMetrics(config.supervisor.state_dir),
-            alerts=self.alerts,
-            publisher=self.publisher,
-        )
-        # Received media: stamps read (glass-to-glass in health), the newest frame of
-        # each room kept for the panel's tiles and the kiosk, sound to the speakers.
-        self.received = ProbeSink()
-        self.board = LatestFrames()
-        self.playback = open_playback(config.stream.playback)
-        observers: list[FrameObserver] = [self.received, self.board]
-        if self.playback is not None:
-            observers.append(self.playback)
-        self.stream = StreamService(
-            self.link,
-            self.video,
-            self.audio,
-            config.stream,
-            host_addresses=config.stream.ice_host_addresses,
-            sink=FanOutSink(observers),
-            media_timeout_s=config.stream.media_timeout_s,
-            playback=self.playback,
-        )
-        self.commands = CommandService(self.link)
-        self.commands.register(
-            "ping",
-            ping_handler(self.link, version=__version__, started_monotonic=time.monotonic()),
-            args={},
-        )
-        self.commands.register(
-            "selftest",
-            selftest_handler(
-                self.video,
-                self.audio,
-                state_dir=config.supervisor.state_dir,
-                link=self.link,
-                thresholds=SelftestThresholds.from_health(config.health),
-            ),
-            args={},
-            timeout_s=60,
-        )
-        self.commands.register(
-            "restart-capture", callable_handler(self.capture.restart), args={}, timeout_s=30
-        )
-        if self.stream.hosts:
-            # The one button, until the panel lands: IT or a presenter key sends these.
-            self.commands.register(
-                "lesson-start",
-                self.start_lesson,
-                args={"group": str, "subject": str},
-                timeout_s=15,
-            )
-            self.commands.register("lesson-end", self.end_lesson, args={"group": str}, timeout_s=15)
-        self.optional: list[Service] = []
-        self.panel: PanelServer | None = None
-        if config.stream.panel_enabled:
-            self.panel = PanelServer(
-                self.stream,
-                config.stream,
-                config.identity,
-                token=load_or_create_token(token_path(config)),
-                board=self.board,
-                audio=self.audio,
-            )
-            self.optional.append(self.panel)
-        if config.health.home_assistant_discovery:
-            self.optional.append(
-                HomeAssistantDiscovery(
-                    self.link,
-                    software_version=__version__,
-                    model=loaded.profile,
-                    health_interval_s=config.health.interval_s,
-                )
-            )
-        if config.health.metrics_enabled:
-            # The last published message, not a fresh measurement: a scrape must not
-            # reset the CPU-percent readings the health topic reports.
-            self.optional.append(
-                MetricsServer(
-                    lambda: self.health.last_message,
-                    config.identity,
-                    host=config.health.metrics_bind,
-                    port=config.health.metrics_port,
-                )
-            )
+        self.service_states: Any = dict
+        self._objects: dict[str, Any] = {}
+        for part in parts:
+            self._objects[part.name] = part.build(self)
+
+    # -- what builders and parts read -------------------------------------------------
+
+    def part(self, name: str) -> Any:
+        return self._objects[name]
+
+    @property
+    def stream(self) -> StreamService:
+        stream: StreamService = self._objects["stream"]
+        return stream
+
+    @property
+    def link(self) -> MqttLink:
+        link: MqttLink = self._objects["mqtt"]
+        return link
+
+    def services(self) -> list[Service]:
+        return [obj for obj in self._objects.values() if _is_service(obj)]
 
     def health_sections(self) -> dict[str, Any]:
-        """What the health topic carries; sections are filled by their owners."""
-        return {
-            "capture": {
-                "video": self.video.stats().to_dict(),
-                "audio": self.audio.stats().to_dict(),
-            },
-            "stream": self.stream_section(),
-            "agent": self.process.section(
-                version=__version__, profile=self.profile, services=self.service_states()
-            ),
+        """What the health topic carries: each part that reports health adds its section."""
+        sections: dict[str, Any] = {
+            obj.health_section_name: obj.health_section()
+            for obj in self._objects.values()
+            if isinstance(obj, HealthSource)
         }
+        sections["agent"] = self.process.section(
+            version=__version__, profile=self.profile, services=self.service_states()
+        )
+        return sections
 
     def in_lesson(self) -> bool:
         # Asked on every alert evaluation: no need to build the whole stream section.
         return self.stream.live_lesson() is not None
 
-    def stream_section(self) -> dict[str, Any] | None:
-        section = self.stream.stats()
-        if section is not None:
-            section["received"] = self.received.summary()
-        return section
+    def lesson_commands(self) -> Mapping[str, tuple[Any, dict[str, type], float]]:
+        if not self.stream.hosts:
+            return {}
+        # The one button from IT or a presenter key, beside the panel.
+        return {
+            "lesson-start": (self.start_lesson, {"group": str, "subject": str}, 15.0),
+            "lesson-end": (self.end_lesson, {"group": str}, 15.0),
+        }
 
     def _host(self, args: dict[str, Any]) -> LessonHost:
         try:
@@ -281,21 +185,72 @@ class Agent:
         await host.end_lesson()
         return {"group": host.group}
 
-    def services(self) -> list[Service]:
-        return [
-            self.capture,
-            self.link,
-            self.publisher,
-            self.health,
-            self.stream,
-            self.commands,
-            *self.optional,
-        ]
-
     def summary(self) -> str:
-        video = self.video.stats()
+        capture: CaptureService = self._objects["capture"]
+        video = capture.video.stats()
         mqtt = "up" if self.link.is_connected else "down"
         return f"video {video.state} {video.fps:.0f} fps; mqtt {mqtt}"
+
+    # -- reload -------------------------------------------------------------------------
+
+    def inputs(self) -> Inputs:
+        return Inputs(self.config, self.broker_url, self.profile)
+
+    def plan(self, loaded: LoadedConfig, broker_url: str | None) -> Plan:
+        new = Inputs(loaded.config, broker_url, loaded.profile)
+        return plan(self.inputs(), new, self._objects, self.parts)
+
+    async def apply(
+        self, change: Plan, loaded: LoadedConfig, broker_url: str | None, supervisor: Supervisor
+    ) -> None:
+        """Apply ``change`` (planned from this agent to ``loaded``); `ReloadFailed` keeps
+        the running parts (the old ones are put back if a new one did not start)."""
+        staging = _Staging(self, loaded, broker_url)
+        rebuilt = [part for part in self.parts if change.actions.get(part.name) == "restart"]
+        for part in rebuilt:
+            try:
+                staging.objects[part.name] = part.build(staging)
+            except Exception as exc:
+                raise ReloadFailed(f"cannot build {part.name}: {exc}") from exc
+        old_objects = dict(self._objects)
+        old_state = (self.loaded, self.config, self.profile, self.broker_url)
+        try:
+            await self._switch(rebuilt, staging.objects, supervisor)
+            self.loaded, self.config = loaded, loaded.config
+            self.profile, self.broker_url = loaded.profile, broker_url
+            for name in change.reconfigures:
+                self._objects[name].reconfigure(loaded.config)
+            started = [
+                self._objects[part.name].name
+                for part in rebuilt
+                if _is_service(self._objects[part.name])
+            ]
+            late = await supervisor.wait_started(started, timeout=START_WAIT_S)
+            if not late:
+                return
+            reason = f"{', '.join(late)} did not start with the new configuration"
+        except Exception as exc:
+            log.exception("applying the new configuration failed; putting the old one back")
+            reason = f"applying it failed: {exc}"
+        # Put the old parts back: their services run again, with the old config.
+        await self._switch(rebuilt, {p.name: old_objects[p.name] for p in rebuilt}, supervisor)
+        self.loaded, self.config, self.profile, self.broker_url = old_state
+        for name in change.reconfigures:
+            self._objects[name].reconfigure(self.config)
+        raise ReloadFailed(reason)
+
+    async def _switch(
+        self, rebuilt: list[Part], objects: dict[str, Any], supervisor: Supervisor
+    ) -> None:
+        """Stop the rebuilt parts' services (dependants first), then start the new ones."""
+        for part in reversed(rebuilt):
+            running: Any = self._objects.get(part.name)
+            if _is_service(running) and running.name in supervisor.names():
+                await supervisor.replace(running.name, None)
+        for part in rebuilt:
+            self._objects[part.name] = objects[part.name]
+            if _is_service(objects[part.name]):
+                await supervisor.replace(objects[part.name].name, objects[part.name])
 
 
 class Daemon:
@@ -309,71 +264,89 @@ class Daemon:
         self._stop = asyncio.Event()
         self._reload = asyncio.Event()
         self._supervisor: Supervisor | None = None
+        self._broker: MosquittoBroker | None = None
+        self.agent: Agent | None = None
+        self.applied = asyncio.Event()  # set after each reload that changed something
+        self._announced_wait = False  # the journal said a reload waits for the lesson
 
     async def main(self) -> int:
         loop = asyncio.get_running_loop()
         for signum in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(signum, self._stop.set)
         loop.add_signal_handler(signal.SIGHUP, self._reload.set)
-        broker: MosquittoBroker | None = None
         try:
             await asyncio.to_thread(preflight_media_files, self.loaded.config)
         except CaptureError as exc:
             log.error("%s", exc)
             return EXIT_CONFIG
         try:
-            broker_url = None
-            if self.loaded.config.broker.url is None:
-                broker = MosquittoBroker()
-                await broker.start()
-                broker_url = broker.url
-                log.info("no broker configured: started the embedded Mosquitto at %s", broker_url)
-            return await self._serve(broker_url)
+            return await self._serve(await self._broker_url(self.loaded.config))
         finally:
-            if broker is not None:
-                await broker.stop()
+            if self._broker is not None:
+                await self._broker.stop()
             for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
                 loop.remove_signal_handler(signum)
 
+    async def _broker_url(self, config: AgentConfig) -> str | None:
+        """The embedded broker's URL when ``broker.url`` is empty (started if needed)."""
+        if config.broker.url is not None:
+            return None
+        if self._broker is None:
+            broker = MosquittoBroker()
+            await broker.start()
+            self._broker = broker
+            log.info("no broker configured: started the embedded Mosquitto at %s", broker.url)
+        return self._broker.url
+
     async def _serve(self, broker_url: str | None) -> int:
-        while True:
-            config = self.loaded.config
-            agent = Agent(self.loaded, broker_url)
-            watchdog = WatchdogService(self.notifier, self._healthy)
-            supervisor = self._supervisor = Supervisor(
-                [*agent.services(), watchdog],
-                restart_budget=config.supervisor.restart_budget,
-                restart_window_s=config.supervisor.restart_window_s,
-                fatal=(LinkAuthError, LinkConfigError),
-            )
-            agent.service_states = self._service_states
-            running = asyncio.create_task(supervisor.run(), name="supervisor")
-            await supervisor.wait_started()
-            self.notifier.ready()
-            self.notifier.status(f"running as {config.identity.device_id}")
-            log.info(
-                "agent running",
-                extra={
-                    "fields": {
-                        "device": config.identity.device_id,
-                        "profile": self.loaded.profile,
-                        "version": __version__,
-                    }
-                },
-            )
-            outcome = await self._wait(running, agent)
-            if outcome == "failed":
-                return self._exit_code(running)
-            if outcome == "stop":
-                # Only on the final stop: systemd treats STOPPING=1 as "deactivating",
-                # and a READY=1 after it would not bring the unit back.
-                self.notifier.stopping()
-            stopped_in = await self._shutdown(running, config.supervisor.shutdown_timeout_s)
-            if outcome == "stop":
-                log.info("stopped cleanly in %.2f s", stopped_in)
-                return EXIT_OK
-            # outcome == "reload": the new config was validated in _wait.
-            log.info("reloaded configuration", extra={"fields": {"layers": self.loaded.layers}})
+        config = self.loaded.config
+        agent = self.agent = Agent(self.loaded, broker_url)
+        watchdog = WatchdogService(self.notifier, self._healthy)
+        supervisor = self._supervisor = Supervisor(
+            [*agent.services(), watchdog],
+            restart_budget=config.supervisor.restart_budget,
+            restart_window_s=config.supervisor.restart_window_s,
+            fatal=(LinkAuthError, LinkConfigError),
+        )
+        agent.service_states = self._service_states
+        running = asyncio.create_task(supervisor.run(), name="supervisor")
+        late = await self._first_of(running, supervisor.wait_started(timeout=READY_WAIT_S))
+        if running.done():
+            return self._exit_code(running)
+        if late:
+            log.warning("ready while still starting: %s", ", ".join(late))
+        self.notifier.ready()
+        self.notifier.status(f"running as {config.identity.device_id}")
+        log.info(
+            "agent running",
+            extra={
+                "fields": {
+                    "device": config.identity.device_id,
+                    "profile": self.loaded.profile,
+                    "version": __version__,
+                }
+            },
+        )
+        outcome = await self._wait(running, agent, supervisor)
+        if outcome == "failed":
+            return self._exit_code(running)
+        # systemd treats STOPPING=1 as "deactivating".
+        self.notifier.stopping()
+        stopped_in = await self._shutdown(running, self.loaded.config.supervisor.shutdown_timeout_s)
+        log.info("stopped cleanly in %.2f s", stopped_in)
+        return EXIT_OK
+
+    @staticmethod
+    async def _first_of(running: asyncio.Task[None], started: Any) -> list[str]:
+        """``started``'s result, unless the supervisor stops first (then [])."""
+        waiter: asyncio.Task[list[str]] = asyncio.ensure_future(started)
+        await asyncio.wait({running, waiter}, return_when=asyncio.FIRST_COMPLETED)
+        if not waiter.done():
+            waiter.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await waiter
+            return []
+        return waiter.result()
 
     def _service_states(self) -> dict[str, str]:
         if self._supervisor is None:
@@ -384,7 +357,7 @@ class Daemon:
         """Withhold watchdog pings once a service has failed for good."""
         return self._supervisor is None or self._supervisor.healthy()
 
-    async def _wait(self, running: asyncio.Task[None], agent: Agent) -> str:
+    async def _wait(self, running: asyncio.Task[None], agent: Agent, supervisor: Supervisor) -> str:
         pending: LoadedConfig | None = None  # a valid reload held back by a live lesson
         while True:
             stop = asyncio.create_task(self._stop.wait(), name="wait-stop")
@@ -404,28 +377,93 @@ class Daemon:
             if reload in done:
                 self._reload.clear()
                 self.notifier.reloading()
-                try:
-                    candidate = load_config(self.site_files, profile=self.profile)
-                    await asyncio.to_thread(preflight_media_files, candidate.config)
-                except (ConfigError, CaptureError) as exc:
-                    # Keep the last good state: the running agent is untouched.
-                    problems = exc.issues if isinstance(exc, ConfigError) else [exc]
-                    log.error(
-                        "rejected new configuration; keeping the running one: %s",
-                        "; ".join(str(problem) for problem in problems),
-                    )
+                candidate = await self._validate()
+                if candidate is not None:
+                    pending = candidate
+                else:
                     self.notifier.ready()
-                    continue
-                pending = candidate
-                if agent.in_lesson():
-                    # Rebuilding the services would cut every room out of the lesson.
-                    log.warning("configuration is valid; applying it when the live lesson ends")
-                    self.notifier.ready()
-                    self.notifier.status("new configuration waits for the lesson to end")
-            if pending is not None and not agent.in_lesson():
-                self.loaded = pending
-                return "reload"
-            self.notifier.status(agent.summary())
+            if pending is not None:
+                pending = await self.reconfigure(agent, supervisor, pending)
+            if pending is None:
+                self.notifier.status(agent.summary())
+
+    async def _validate(self) -> LoadedConfig | None:
+        """The new config from the site files, or None (rejected, the reason logged)."""
+        try:
+            candidate = load_config(self.site_files, profile=self.profile)
+            await asyncio.to_thread(preflight_media_files, candidate.config)
+        except (ConfigError, CaptureError) as exc:
+            # Keep the last good state: the running agent is untouched.
+            problems = exc.issues if isinstance(exc, ConfigError) else [exc]
+            log.error(
+                "rejected new configuration; keeping the running one: %s",
+                "; ".join(str(problem) for problem in problems),
+            )
+            return None
+        return candidate
+
+    async def reconfigure(
+        self, agent: Agent, supervisor: Supervisor, candidate: LoadedConfig
+    ) -> LoadedConfig | None:
+        """Apply ``candidate`` now, or return it when it must wait for the lesson's end.
+
+        The one path for every config change: the site files on SIGHUP, a pushed profile.
+        """
+        moving_to_embedded = candidate.config.broker.url is None and self._broker is None
+        url = EMBEDDED if moving_to_embedded else self._planned_url(candidate.config)
+        change = agent.plan(candidate, url)
+        if change.live and agent.in_lesson():
+            if not self._announced_wait:
+                log.warning(
+                    "configuration is valid; applying it when the live lesson ends: %s "
+                    "(the lesson runs on %s)",
+                    change.describe(),
+                    ", ".join(change.live),
+                    extra={"fields": {"changed": list(change.changed)}},
+                )
+                self._announced_wait = True
+            self.notifier.ready()
+            self.notifier.status(
+                f"new configuration waits for the lesson to end ({', '.join(change.live)})"
+            )
+            return candidate
+        self._announced_wait = False
+        started = time.monotonic()
+        try:
+            if moving_to_embedded:
+                url = await self._broker_url(candidate.config)
+                change = agent.plan(candidate, url)
+            await agent.apply(change, candidate, url, supervisor)
+        except ReloadFailed as exc:
+            log.error("new configuration not applied; keeping the running one: %s", exc)
+            if moving_to_embedded and self._broker is not None and agent.broker_url is None:
+                await self._broker.stop()
+                self._broker = None
+            self.notifier.ready()
+            return None
+        except Exception as exc:
+            log.exception("new configuration not applied: %s", exc)
+            self.notifier.ready()
+            return None
+        self.loaded = candidate
+        if candidate.config.broker.url is not None and self._broker is not None:
+            await self._broker.stop()  # the link has moved to the configured broker
+            self._broker = None
+            log.info("stopped the embedded Mosquitto: broker.url is configured now")
+        log.info(
+            "reloaded configuration in %.3f s: %s",
+            time.monotonic() - started,
+            change.describe(),
+            extra={"fields": {"layers": self.loaded.layers, "changed": list(change.changed)}},
+        )
+        self.notifier.ready()
+        self.applied.set()
+        return None
+
+    def _planned_url(self, config: AgentConfig) -> str | None:
+        if config.broker.url is not None:
+            return None
+        return self._broker.url if self._broker is not None else EMBEDDED
 
     async def _shutdown(self, running: asyncio.Task[None], grace_s: float) -> float:
         started = time.monotonic()

@@ -1,6 +1,10 @@
 """The supervisor: owns every service as a named asyncio task and restarts what fails.
 
-A service is anything with a ``name`` and an ``async run()`` that runs until cancelled.
+A service is anything with a ``name`` and an ``async run()`` that runs until cancelled;
+one that also has ``async wait_ready()`` (a bound port, an opened device) is counted
+as started only once that returns, so READY=1 means the services work, not that their
+tasks exist. A reload swaps single services (`Supervisor.replace`) while the others
+keep running.
 A service that raises is restarted after a jittered, growing delay, within a budget
 (like Frigate's watchdog, mirrored by systemd's StartLimitBurst): more than
 ``restart_budget`` failures within ``restart_window_s`` means something is really
@@ -18,7 +22,7 @@ from collections import deque
 from collections.abc import Iterable
 from dataclasses import dataclass
 from enum import StrEnum
-from typing import Any, Protocol
+from typing import Any, Protocol, runtime_checkable
 
 from agent.backoff import backoff_delay
 
@@ -30,6 +34,13 @@ class Service(Protocol):
     def name(self) -> str: ...
 
     async def run(self) -> None: ...
+
+
+@runtime_checkable
+class Startable(Protocol):
+    """A service that can say when it has really started (its port bound, its device open)."""
+
+    async def wait_ready(self) -> None: ...
 
 
 class ServiceState(StrEnum):
@@ -68,6 +79,9 @@ class _Slot:
         self.last_error: str | None = None
         self.since = time.time()
         self.failures: deque[float] = deque()
+        self.failed_once = asyncio.Event()  # set by the first failure of this service
+        self.gate = asyncio.Event()  # a replacement waits for its predecessor to stop
+        self.gate.set()
 
     def set(self, state: ServiceState) -> None:
         self.state = state
@@ -92,6 +106,8 @@ class Supervisor:
         fatal: tuple[type[Exception], ...] = (),
     ) -> None:
         self._slots = {service.name: _Slot(service) for service in services}
+        self._tasks: dict[str, asyncio.Task[None]] = {}
+        self._group: asyncio.TaskGroup | None = None
         self._budget = restart_budget
         self._window = restart_window_s
         self._backoff = (backoff_min_s, backoff_max_s)
@@ -107,22 +123,99 @@ class Supervisor:
         """False once any service has failed for good: the watchdog then stops petting."""
         return all(slot.state is not ServiceState.FAILED for slot in self._slots.values())
 
-    async def wait_started(self) -> None:
+    def names(self) -> list[str]:
+        return list(self._slots)
+
+    async def wait_started(
+        self,
+        names: Iterable[str] | None = None,
+        *,
+        timeout: float | None = None,  # noqa: ASYNC109
+    ) -> list[str]:
+        """Wait until the services (all, or ``names``) have started; return those that have
+        not within ``timeout`` (failed, or still starting), so the caller can say which."""
         await self._started.wait()
+        chosen = [self._slots[name] for name in (self._slots if names is None else names)]
+        waits = {
+            slot.service.name: asyncio.ensure_future(self._slot_started(slot)) for slot in chosen
+        }
+        try:
+            await asyncio.wait(waits.values(), timeout=timeout)
+        finally:
+            for future in waits.values():
+                future.cancel()
+            await asyncio.gather(*waits.values(), return_exceptions=True)
+        return [
+            name
+            for name, future in waits.items()
+            if future.cancelled() or future.exception() is not None or not future.result()
+        ]
+
+    async def _slot_started(self, slot: _Slot) -> bool:
+        """True once the slot's service started; False as soon as it fails instead."""
+        service = slot.service
+        if not isinstance(service, Startable):
+            await slot.gate.wait()
+            return not slot.failed_once.is_set()
+        started = asyncio.ensure_future(service.wait_ready())
+        failed = asyncio.ensure_future(slot.failed_once.wait())
+        try:
+            await asyncio.wait({started, failed}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            for future in (started, failed):
+                future.cancel()
+            await asyncio.gather(started, failed, return_exceptions=True)
+        return not slot.failed_once.is_set()
+
+    async def replace(
+        self,
+        name: str,
+        service: Service | None,
+        *,
+        grace_s: float = 10.0,
+    ) -> None:
+        """Stop the running service ``name`` (if any) and run ``service`` in its place
+        (``None`` removes it). The others keep running; the new one starts only once the
+        old one has stopped (it may need the same port or device)."""
+        if self._group is None:
+            raise RuntimeError("the supervisor is not running")
+        slot: _Slot | None = None
+        if service is not None:
+            if service.name != name:
+                raise ValueError(f"service {service.name!r} cannot replace {name!r}")
+            slot = _Slot(service)
+            slot.gate.clear()
+            self._slots[name] = slot  # same key: keeps the status order
+            new_task = self._group.create_task(self._keep_running(slot), name=f"service:{name}")
+        old = self._tasks.pop(name, None)
+        if service is None:
+            self._slots.pop(name, None)
+        else:
+            self._tasks[name] = new_task
+        if old is not None and not await cancel_and_wait(old, grace_s):
+            log.error("service %s did not stop within %.1f s", name, grace_s)
+        if slot is not None:
+            slot.gate.set()
 
     async def run(self) -> None:
         """Run every service until cancelled, or until one exhausts its restart budget."""
         try:
             async with asyncio.TaskGroup() as group:
+                self._group = group
                 for name, slot in self._slots.items():
-                    group.create_task(self._keep_running(slot), name=f"service:{name}")
+                    self._tasks[name] = group.create_task(
+                        self._keep_running(slot), name=f"service:{name}"
+                    )
                 self._started.set()
         except* ServiceFailed as failed:
             raise failed.exceptions[0] from None
         except* self._fatal as fatal:
             raise fatal.exceptions[0] from None
+        finally:
+            self._group = None
 
     async def _keep_running(self, slot: _Slot) -> None:
+        await slot.gate.wait()
         name = slot.service.name
         attempt = 0
         while True:
@@ -134,10 +227,12 @@ class Supervisor:
                 raise
             except self._fatal as exc:
                 slot.last_error = f"{type(exc).__name__}: {exc}"
+                slot.failed_once.set()
                 slot.set(ServiceState.FAILED)
                 raise
             except Exception as exc:
                 slot.last_error = f"{type(exc).__name__}: {exc}"
+                slot.failed_once.set()
                 now = time.monotonic()
                 slot.failures.append(now)
                 while slot.failures and slot.failures[0] < now - self._window:

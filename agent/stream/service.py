@@ -26,7 +26,7 @@ from agent.stream.peer import IceSettings
 from agent.stream.playback import AudioPlayback
 from agent.stream.recorder import LessonRecorder
 from agent.stream.signalling import Signalling
-from agent.stream.sinks import FanOutSink, MediaSink
+from agent.stream.sinks import FanOutSink, LatestFrames, MediaSink, ProbeSink
 from agent.sync import MqttLink
 
 log = logging.getLogger(__name__)
@@ -43,6 +43,7 @@ class StreamService:
     """
 
     name = "stream"
+    health_section_name = "stream"
 
     def __init__(
         self,
@@ -56,6 +57,8 @@ class StreamService:
         encoder_settings: EncoderSettings | None = None,
         media_timeout_s: float = 6.0,
         playback: AudioPlayback | None = None,
+        received: ProbeSink | None = None,
+        board: LatestFrames | None = None,
     ) -> None:
         if config.video_codec != "h264":
             log.warning(
@@ -105,6 +108,10 @@ class StreamService:
         )
 
         self.playback = playback
+        # Observers of received media that others read: the stamps (glass-to-glass in
+        # health) and the newest frame of each room (the panel's tiles, the kiosk).
+        self.received = received
+        self.board = board
         self.recorder: LessonRecorder | None = None
         if config.record_dir is not None:
             if self.hosts:  # its own lesson: the shared encoder's packets, copied
@@ -137,6 +144,12 @@ class StreamService:
                 tasks.create_task(host.run(), name=f"stream-host-{host.group}")
             if self.joiner is not None:
                 tasks.create_task(self.joiner.run(), name="stream-joiner")
+
+    def health_section(self) -> dict[str, Any] | None:
+        section = self.stats()
+        if section is not None and self.received is not None:
+            section["received"] = self.received.summary()
+        return section
 
     def live_lesson(self) -> tuple[str, str] | None:
         """(lesson id, main room) of the lesson this room is in, if any."""
