@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import pwd
 import re
 import shutil
 import subprocess
@@ -17,6 +18,7 @@ import sys
 import sysconfig
 import urllib.request
 import zipfile
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -214,3 +216,128 @@ async def test_the_installed_agent_runs_and_its_panel_serves_its_page(
     finally:
         await daemon.close()
     assert "Traceback" not in daemon.log()
+
+
+# -- the Debian package ----------------------------------------------------------------
+
+DEB_PACKAGE = "classroom-agent"
+INSTALLED_UNIT = Path("/lib/systemd/system/classroom-agent.service")
+SITE_FILE = Path("/etc/classroom-agent/agent.yaml")
+
+
+def _installed_already() -> bool:
+    probe = subprocess.run(
+        ["dpkg-query", "-W", "-f=${Status}", DEB_PACKAGE],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    return "installed" in probe.stdout
+
+
+def _deb_skip_reason() -> str | None:
+    if os.geteuid() != 0:
+        return "installing a .deb needs root (CI runs the tests as root)"
+    for tool in ("dpkg-deb", "dpkg", "systemd-analyze"):
+        if shutil.which(tool) is None:
+            return f"{tool} is not installed (a Debian machine has it)"
+    if _installed_already():
+        return f"{DEB_PACKAGE} is installed on this machine: the test would replace it"
+    return None
+
+
+def sh(*args: str, cwd: Path, timeout: float = 120) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        list(args),
+        cwd=cwd,
+        env={**clean_env(), "SYSTEMD_COLORS": "0", "SYSTEMD_PAGER": "", "SYSTEMD_LOG_COLOR": "0"},
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        check=False,
+    )
+
+
+@pytest.fixture
+def installed_deb(tmp_path: Path) -> Iterator[Path]:
+    """The package built by scripts/build-deb.sh, installed with dpkg -i, purged after."""
+    reason = _deb_skip_reason()
+    if reason is not None:
+        pytest.skip(reason)
+    built = sh(
+        str(REPO / "scripts" / "build-deb.sh"), str(tmp_path / "dist"), cwd=tmp_path, timeout=300
+    )
+    assert built.returncode == 0, built.stdout + built.stderr
+    (deb,) = (tmp_path / "dist").glob("classroom-agent_*.deb")
+    account_existed = sh("getent", "passwd", DEB_PACKAGE, cwd=tmp_path).returncode == 0
+    try:
+        done = sh("dpkg", "-i", str(deb), cwd=tmp_path)
+        if done.returncode != 0 and "dependency problems" in done.stderr:
+            done = sh("apt-get", "install", "-f", "-y", "-q", cwd=tmp_path, timeout=300)
+        assert done.returncode == 0, done.stdout + done.stderr
+        yield deb
+    finally:
+        purged = sh("dpkg", "--purge", DEB_PACKAGE, cwd=tmp_path)
+        if not account_existed:  # Debian keeps system accounts on purge; the test does not
+            sh("userdel", DEB_PACKAGE, cwd=tmp_path)
+            sh("groupdel", DEB_PACKAGE, cwd=tmp_path)
+    assert purged.returncode == 0, purged.stdout + purged.stderr
+    for left in ("/opt/classroom-agent", "/etc/classroom-agent", "/var/lib/classroom-agent"):
+        assert not Path(left).exists(), f"{left} is left after dpkg --purge"
+    assert not INSTALLED_UNIT.exists()
+
+
+def test_the_deb_installs_an_agent_that_checks_its_site_file_and_a_unit_that_verifies(
+    installed_deb: Path, tmp_path: Path
+) -> None:
+    # Postinst ran without systemd as PID 1 (this machine, CI) and made the account.
+    account = sh("id", DEB_PACKAGE, cwd=tmp_path)
+    assert account.returncode == 0, account.stderr
+    assert "(video)" in account.stdout, account.stdout
+    assert "(audio)" in account.stdout, account.stdout
+    state = Path("/var/lib/classroom-agent").stat()
+    assert (state.st_mode & 0o777, state.st_uid) == (0o700, _uid(DEB_PACKAGE))
+
+    checked = sh("classroom-agent", "config", "check", str(SITE_FILE), cwd=tmp_path)
+    assert checked.returncode == 0, checked.stdout + checked.stderr
+    assert "ok (room central-school.room-101" in checked.stdout
+
+    # The kits are found in /usr/share/classroom-agent, and every shipped kit is listed.
+    found = sh(
+        "/opt/classroom-agent/.venv/bin/python",
+        "-c",
+        "from agent.config.profiles import available_profiles as a; "
+        "print('\\n'.join(str(p) for p in a().values()))",
+        cwd=tmp_path,
+    )
+    assert found.returncode == 0, found.stderr
+    shipped = sorted(p.name for p in (REPO / "firmware-profiles").glob("*.yaml"))
+    assert sorted(Path(line).name for line in found.stdout.split()) == shipped
+    assert {str(Path(line).parent) for line in found.stdout.split()} == {
+        "/usr/share/classroom-agent/firmware-profiles"
+    }
+    listed = sh("classroom-agent", "profiles", cwd=tmp_path)
+    assert listed.returncode == 0, listed.stderr
+    for name in shipped:
+        assert Path(name).stem in listed.stdout
+
+    # Every Exec*= binary of the installed unit exists, so verify checks it unmodified.
+    for line in INSTALLED_UNIT.read_text(encoding="utf-8").splitlines():
+        match = re.match(r"^Exec\w+=[-@:+!]*(\S+)", line)
+        if match:
+            assert os.access(match.group(1), os.X_OK), line
+    verified = sh(
+        "systemd-analyze",
+        "verify",
+        "--man=no",
+        "--generators=no",
+        str(INSTALLED_UNIT),
+        cwd=tmp_path,
+    )
+    assert verified.stderr == "", verified.stderr
+    assert verified.returncode == 0, verified.stdout
+    assert Path("/usr/lib/systemd/user/classroom-kiosk.service").is_file()
+
+
+def _uid(name: str) -> int:
+    return pwd.getpwnam(name).pw_uid
