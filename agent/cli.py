@@ -28,24 +28,16 @@ from agent.config import (
 )
 from agent.config.loader import read_yaml_file
 from agent.config.profiles import check_profile_file, detect_profile
+from agent.config.sources import ConfigSources, add_config_options
 from agent.dashboard import add_dashboard_parser
 from agent.panel.cli import add_lesson_parser
 
-DEFAULT_SITE_FILE = Path("/etc/classroom-agent/agent.yaml")
 EXIT_OK, EXIT_FAILURE, EXIT_CONFIG = 0, 1, 2
 SECRET_KEYS = ("password", "credential")
 
 
-def _site_files(given: Sequence[Path] | None) -> list[Path]:
-    if given:
-        return list(given)
-    if DEFAULT_SITE_FILE.exists():
-        return [DEFAULT_SITE_FILE]
-    raise ConfigError.single("", f"no site file: pass --config FILE or create {DEFAULT_SITE_FILE}")
-
-
 def _load(args: argparse.Namespace) -> LoadedConfig:
-    return load_config(_site_files(args.config), profile=args.profile)
+    return ConfigSources.from_args(args).load()
 
 
 def _flatten(value: Any, prefix: str = "") -> list[tuple[str, Any]]:
@@ -141,7 +133,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     loaded = _load(args)
     log_cfg = loaded.config.logging
     setup_logging(args.log_level or log_cfg.level, args.log_format or log_cfg.format)
-    return run_daemon(loaded, site_files=_site_files(args.config), profile=args.profile)
+    return run_daemon(loaded, ConfigSources.from_args(args))
 
 
 def cmd_selftest(args: argparse.Namespace) -> int:
@@ -173,15 +165,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"classroom-agent {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
 
-    def with_config(p: argparse.ArgumentParser) -> None:
-        p.add_argument(
-            "--config",
-            "-c",
-            type=Path,
-            action="append",
-            help=f"site file (repeatable, later wins; default {DEFAULT_SITE_FILE})",
-        )
-        p.add_argument("--profile", help="hardware profile name (default: from config, or auto)")
+    with_config = add_config_options
 
     run = sub.add_parser("run", help="run the daemon")
     with_config(run)

@@ -28,7 +28,7 @@ from aiohttp.http_exceptions import HttpProcessingError
 from aiohttp.log import server_logger
 from aiohttp.typedefs import Middleware
 
-from agent.stream.signalling import RejectionLog
+from agent.logs import RejectionLog
 
 LOOPBACK_NAMES = frozenset({"localhost", "127.0.0.1", "::1"})
 CSP = (

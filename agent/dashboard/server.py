@@ -33,11 +33,12 @@ from typing import Any
 
 from aiohttp import WSCloseCode, WSMsgType, web
 
-from agent import __version__
+from agent import __version__, locales
 from agent.config.models import IdentityConfig
+from agent.contracts import FleetTopics
 from agent.dashboard.config import DashboardConfig
 from agent.dashboard.model import FleetModel
-from agent.stream.signalling import RejectionLog
+from agent.logs import RejectionLog
 from agent.sync import Message, MqttLink, Subscription
 from agent.web import expected_hosts, guard, request_logger, same_origin
 
@@ -193,12 +194,12 @@ class DashboardServer:
     # -- MQTT ---------------------------------------------------------------------------
 
     async def _subscribe(self, tasks: asyncio.TaskGroup) -> None:
-        p = self.prefix
+        fleet = FleetTopics(self.prefix)
         filters = (
-            (f"{p}/+/+/state", 1, STATE_QUEUE),
-            (f"{p}/lesson/+", 1, STATE_QUEUE),
-            (f"{p}/+/+/alert", 1, TELEMETRY_QUEUE),
-            (f"{p}/+/+/health", 0, TELEMETRY_QUEUE),
+            (fleet.state_all, 1, STATE_QUEUE),
+            (fleet.lesson_all, 1, STATE_QUEUE),
+            (fleet.alert_all, 1, TELEMETRY_QUEUE),
+            (fleet.health_all, 0, TELEMETRY_QUEUE),
         )
         # "Ready" means subscribed (SUBACKs in): nothing published after it is missed.
         # A broker that is down at start delays that by at most SUBSCRIBE_WAIT_S.
@@ -361,11 +362,13 @@ class DashboardServer:
         app.router.add_get("/api/stats", self._stats)
         app.router.add_get("/api/ws", self._websocket)
         app.router.add_static("/static/", STATIC_DIR, follow_symlinks=False)
+        locales.add_routes(app)
         app.on_shutdown.append(self._close_clients)
         return app
 
     async def _index(self, request: web.Request) -> web.StreamResponse:
-        return web.FileResponse(STATIC_DIR / "index.html")
+        # The texts travel inside the page (--language decides, or the browser).
+        return locales.page_response(STATIC_DIR / "index.html", self.config.language)
 
     async def _fleet(self, request: web.Request) -> web.Response:
         snapshot = self._snapshot()

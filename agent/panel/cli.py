@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from agent.config.models import AgentConfig
+from agent.config.sources import ConfigSources, add_config_options
 from agent.panel.client import PanelClient, PanelUnavailable
 from agent.panel.server import panel_url, token_path
 
@@ -50,8 +51,7 @@ def add_lesson_parser(sub: Any) -> None:
     lesson = sub.add_parser(
         "lesson", help="start or end this room's lesson (the panel's button), or show it"
     )
-    lesson.add_argument("--config", "-c", type=Path, action="append", help="site file(s)")
-    lesson.add_argument("--profile", help="hardware profile name")
+    add_config_options(lesson)
     lesson.add_argument("--url", help="panel URL (default: from stream.panel_bind/panel_port)")
     lesson.add_argument("--token-file", type=Path, help="token for a panel on another host")
     lesson.add_argument("--json", action="store_true", help="print the API's JSON answer")
@@ -67,13 +67,11 @@ def add_lesson_parser(sub: Any) -> None:
 
 
 def cmd_lesson(args: Any) -> int:
-    from agent.cli import _load
-
     token: str | None = None
     url = args.url
     config: AgentConfig | None = None
     if url is None or args.lesson_command == "watch-url":
-        config = _load(args).config
+        config = ConfigSources.from_args(args).load().config
         url = url or panel_url(config.stream.panel_bind, config.stream.panel_port)
     if args.token_file is not None:
         token = args.token_file.read_text(encoding="utf-8").strip()

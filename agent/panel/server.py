@@ -34,11 +34,19 @@ from typing import Annotated, Any, Literal
 from aiohttp import web
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from agent import locales
 from agent.capture import AudioHub
-from agent.config.models import DEVICE_ID_PATTERN, AgentConfig, IdentityConfig, StreamConfig
+from agent.config.models import (
+    DEVICE_ID_PATTERN,
+    AgentConfig,
+    IdentityConfig,
+    StreamConfig,
+    UiConfig,
+)
+from agent.logs import RejectionLog
 from agent.panel.viewers import FrameBoard, Picture, ViewerRefused, Viewers
 from agent.stream import JoinState, LessonConflict, LessonHost, StreamService
-from agent.stream.signalling import MAX_MESSAGE_BYTES, RejectionLog
+from agent.stream.signalling import MAX_MESSAGE_BYTES
 from agent.web import expected_hosts, guard, is_loopback, request_logger, same_origin
 
 log = logging.getLogger(__name__)
@@ -176,8 +184,10 @@ class PanelServer:
         token: str,
         board: FrameBoard | None = None,
         audio: AudioHub | None = None,
+        ui: UiConfig | None = None,
     ) -> None:
         self.stream = stream
+        self.ui = ui or UiConfig()
         self.config = config
         self.identity = identity
         self.board = board
@@ -258,11 +268,13 @@ class PanelServer:
         app.router.add_post("/api/hand/lower", self._json(LowerHandRequest, self._lower_hand))
         app.router.add_post("/api/view", self._json(ViewRequest, self._view))
         app.router.add_static("/static/", STATIC_DIR, follow_symlinks=False)
+        locales.add_routes(app)
         return app
 
     def _page(self, name: str) -> Callable[[web.Request], Awaitable[web.StreamResponse]]:
         async def page(request: web.Request) -> web.StreamResponse:
-            return web.FileResponse(STATIC_DIR / name)
+            # The texts travel inside the page (ui.language decides, or the browser).
+            return locales.page_response(STATIC_DIR / name, self.ui.language)
 
         return page
 

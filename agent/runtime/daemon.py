@@ -25,8 +25,7 @@ import contextlib
 import logging
 import signal
 import time
-from collections.abc import Mapping, Sequence
-from pathlib import Path
+from collections.abc import Mapping
 from typing import Any
 
 from agent import __version__
@@ -39,7 +38,8 @@ from agent.capture import (
     open_audio_source,
     open_video_source,
 )
-from agent.config import AgentConfig, ConfigError, LoadedConfig, load_config
+from agent.config import AgentConfig, ConfigError, LoadedConfig
+from agent.config.sources import ConfigSources
 from agent.health import ProcessMetrics
 from agent.runtime.composition import PARTS, HealthSource, Inputs, Part, Plan, plan
 from agent.runtime.sdnotify import Notifier, WatchdogService
@@ -254,12 +254,9 @@ class Agent:
 
 
 class Daemon:
-    def __init__(
-        self, loaded: LoadedConfig, site_files: Sequence[Path], profile: str | None
-    ) -> None:
+    def __init__(self, loaded: LoadedConfig, sources: ConfigSources) -> None:
         self.loaded = loaded
-        self.site_files = list(site_files)
-        self.profile = profile
+        self.sources = sources
         self.notifier = Notifier.from_environment()
         self._stop = asyncio.Event()
         self._reload = asyncio.Event()
@@ -390,7 +387,7 @@ class Daemon:
     async def _validate(self) -> LoadedConfig | None:
         """The new config from the site files, or None (rejected, the reason logged)."""
         try:
-            candidate = load_config(self.site_files, profile=self.profile)
+            candidate = self.sources.load()
             await asyncio.to_thread(preflight_media_files, candidate.config)
         except (ConfigError, CaptureError) as exc:
             # Keep the last good state: the running agent is untouched.
@@ -483,9 +480,9 @@ class Daemon:
         return EXIT_FAILURE
 
 
-def run_daemon(loaded: LoadedConfig, site_files: Sequence[Path], profile: str | None) -> int:
+def run_daemon(loaded: LoadedConfig, sources: ConfigSources) -> int:
     """Run until SIGTERM/SIGINT; the exit code tells systemd whether to restart."""
-    daemon = Daemon(loaded, site_files, profile)
+    daemon = Daemon(loaded, sources)
     with contextlib.suppress(KeyboardInterrupt):
         return asyncio.run(daemon.main())
     return EXIT_OK

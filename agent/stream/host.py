@@ -35,6 +35,7 @@ from functools import partial
 from typing import Any, Literal
 
 from agent.capture import AudioHub
+from agent.logs import RejectionLog
 from agent.stream.announcement import (
     BYE_TIMEOUT_S,
     Announcement,
@@ -49,7 +50,6 @@ from agent.stream.peer import IceSettings, PeerSession, describe_error
 from agent.stream.presence import Presence, watch_presence
 from agent.stream.signalling import (
     LessonInbox,
-    RejectionLog,
     Signal,
     Signalling,
     SignalType,

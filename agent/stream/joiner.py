@@ -17,6 +17,7 @@ from typing import Any
 
 from agent.backoff import backoff_delay
 from agent.capture import AudioHub
+from agent.logs import RejectionLog
 from agent.stream.announcement import (
     BYE_TIMEOUT_S,
     Announcement,
@@ -29,7 +30,6 @@ from agent.stream.peer import IceSettings, PeerSession, describe_error, first_do
 from agent.stream.presence import Presence, watch_presence
 from agent.stream.signalling import (
     LessonInbox,
-    RejectionLog,
     Signalling,
     SignalType,
     new_attempt_id,

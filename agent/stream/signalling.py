@@ -35,13 +35,14 @@ import json
 import logging
 import re
 import secrets
-import time
 from collections import Counter
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 from dataclasses import dataclass
 from enum import StrEnum
 from typing import Any
 
+from agent import contracts
+from agent.logs import REJECTION_KEYS, RejectionLog
 from agent.sync import Message, MqttLink
 
 log = logging.getLogger(__name__)
@@ -49,12 +50,11 @@ log = logging.getLogger(__name__)
 PROTOCOL_VERSION = 1
 MAX_MESSAGE_BYTES = 64 * 1024
 INBOX_SIZE = 32
-_LESSON_ID = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
-_DEVICE_ID = re.compile(r"^[a-z0-9][a-z0-9_-]{0,62}\.[a-z0-9][a-z0-9_-]{0,62}$")
 _ATTEMPT = re.compile(r"^[A-Za-z0-9_-]{1,32}$")
 _FIELDS = frozenset({"v", "lesson_id", "type", "sdp", "attempt", "up"})
-REJECTION_WINDOW_S = 60.0
-REJECTION_KEYS = 256  # (sender, code) windows kept; a flood of new senders evicts the oldest
+# The patterns are the contracts' (one definition for every layer), named here too.
+is_device_id = contracts.is_device_id
+is_lesson_id = contracts.is_lesson_id
 
 
 class SignalType(StrEnum):
@@ -81,14 +81,6 @@ class Signal:
     sdp: str | None
     attempt: str | None = None  # the joining attempt (None: an older agent, "current")
     up: bool | None = None  # hand raised (HAND only)
-
-
-def is_device_id(value: str) -> bool:
-    return bool(_DEVICE_ID.match(value))
-
-
-def is_lesson_id(value: str) -> bool:
-    return bool(_LESSON_ID.match(value))
 
 
 def is_attempt_id(value: str) -> bool:
@@ -186,87 +178,6 @@ def parse_signal(
     elif up is not None:
         raise SignalRejected("fields", f"{kind} carries no 'up'")
     return Signal(sender, recipient, lesson_id, kind, sdp, attempt, up)
-
-
-@dataclass(slots=True)
-class _Window:
-    opened: float
-    suppressed: int = 0
-
-
-class RejectionLog:
-    """Logs rejections so that a misbehaving sender cannot flood the journal.
-
-    The first rejection per (sender, code) logs at WARNING and opens a ``window_s``
-    window; repeats inside it are only counted. The count is summarised ("... and 37
-    more from X in the last 60 s") by :meth:`flush` once the window has passed, or
-    with the next rejection after it. At most ``max_keys`` windows are kept (the
-    oldest is summarised and dropped first), so many senders cannot grow it either.
-    """
-
-    def __init__(
-        self,
-        logger: logging.Logger,
-        what: str,
-        *,
-        window_s: float = REJECTION_WINDOW_S,
-        max_keys: int = REJECTION_KEYS,
-        clock: Callable[[], float] = time.monotonic,
-    ) -> None:
-        self._log = logger
-        self.what = what
-        self.window_s = window_s
-        self.max_keys = max_keys
-        self.clock = clock
-        self._windows: dict[tuple[str, str], _Window] = {}
-        self.logged = 0
-        self.suppressed = 0
-
-    def note(
-        self, sender: str, code: str, text: str, *, fields: dict[str, Any] | None = None
-    ) -> bool:
-        """Record one rejection; True if it was logged, False if only counted."""
-        key = (sender, code)
-        now = self.clock()
-        window = self._windows.get(key)
-        if window is not None and now - window.opened < self.window_s:
-            window.suppressed += 1
-            self.suppressed += 1
-            return False
-        if window is not None:
-            self._summarise(key, window)
-            del self._windows[key]
-        elif len(self._windows) >= self.max_keys:
-            self.flush()
-            if len(self._windows) >= self.max_keys:
-                oldest = next(iter(self._windows))
-                self._summarise(oldest, self._windows.pop(oldest))
-        self._windows[key] = _Window(now)
-        self.logged += 1
-        extra = {"fields": {"sender": sender, "code": code, "reason": text, **(fields or {})}}
-        self._log.warning("%s from %s: %s", self.what, sender, text, extra=extra)
-        return True
-
-    def flush(self) -> None:
-        """Summarise and forget the windows that have passed."""
-        now = self.clock()
-        for key, window in list(self._windows.items()):
-            if now - window.opened >= self.window_s:
-                self._summarise(key, window)
-                del self._windows[key]
-
-    def _summarise(self, key: tuple[str, str], window: _Window) -> None:
-        if window.suppressed:
-            sender, code = key
-            self._log.warning(
-                "... and %d more %ss (%s) from %s in the last %.0f s",
-                window.suppressed,
-                self.what,
-                code,
-                sender,
-                self.window_s,
-                extra={"fields": {"sender": sender, "code": code, "count": window.suppressed}},
-            )
 
 
 class LessonInbox:
