@@ -9,6 +9,7 @@ checkout by accident. Third-party dependencies come from the project's own virtu
 from __future__ import annotations
 
 import asyncio
+import importlib.metadata
 import os
 import pwd
 import re
@@ -78,6 +79,11 @@ def build_wheel(out: Path) -> Path:
     A copy, because setuptools reuses an existing ``build/`` folder: files dropped from the
     package data would still reach the wheel from an earlier build. No index, no download.
     """
+    backend = importlib.metadata.version("setuptools")
+    assert int(backend.split(".")[0]) >= 77, (
+        f"setuptools {backend} cannot build this project ([build-system] asks for >=77): "
+        "run scripts/setup.sh, which installs the dev extra"
+    )
     source = out / "source"
     shutil.copytree(REPO, source, symlinks=True, ignore=shutil.ignore_patterns(*NOT_SOURCE))
     subprocess.run(
@@ -190,8 +196,13 @@ def fetch(url: str) -> tuple[int, str, bytes]:
 
 
 async def test_the_installed_agent_runs_and_its_panel_serves_its_page(
-    installed: Installed, mosquitto: BrokerUnderTest, tmp_path: Path
+    installed: Installed,
+    mosquitto: BrokerUnderTest,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
+    for name in ("PYTHONPATH", "PYTHONHOME", "CLASSROOM_AGENT_PROFILES"):
+        monkeypatch.delenv(name, raising=False)  # the daemon inherits the environment
     main_room = {"groups": [{"group": "music", "role": "main", "receivers": ["school1.room2"]}]}
     config: dict[str, Any] = site_config(mosquitto, tmp_path, identity=main_room)
     daemon = Daemon(tmp_path, config, python=str(installed.python), cwd=installed.cwd)
@@ -275,6 +286,8 @@ def installed_deb(tmp_path: Path) -> Iterator[Path]:
         if done.returncode != 0 and "dependency problems" in done.stderr:
             done = sh("apt-get", "install", "-f", "-y", "-q", cwd=tmp_path, timeout=300)
         assert done.returncode == 0, done.stdout + done.stderr
+        # Without systemd as PID 1 the maintainer scripts leave systemctl alone.
+        assert "systemctl" not in done.stdout + done.stderr, done.stdout + done.stderr
         yield deb
     finally:
         purged = sh("dpkg", "--purge", DEB_PACKAGE, cwd=tmp_path)
