@@ -189,6 +189,12 @@ def test_the_installed_agent_lists_and_checks_the_shipped_profiles(installed: In
     assert checked.returncode == 0, checked.stderr
     assert checked.stdout.strip() == f"{profile}: ok (hardware profile virtual)"
 
+    # The fleet broker's config template comes with the package too.
+    broker = installed.run("broker", "config", "--port", "18883")
+    assert broker.returncode == 0, broker.stderr
+    assert "require_certificate true" in broker.stdout
+    assert "listener 18883" in broker.stdout
+
 
 def fetch(url: str) -> tuple[int, str, bytes]:
     with urllib.request.urlopen(url, timeout=10) as response:
