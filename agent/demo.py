@@ -28,6 +28,7 @@ import yaml
 
 from agent.broker import MosquittoBroker
 from agent.config.models import BrokerConfig, IdentityConfig
+from agent.contracts import ContractError, DeviceState, FleetTopics
 from agent.dashboard import DashboardConfig
 from agent.dashboard.server import DashboardServer
 from agent.panel import PanelClient, PanelUnavailable
@@ -46,6 +47,7 @@ ROOMS = [
 ]
 MAX_ROOMS = len(ROOMS)
 PANEL_PORT = 8470  # the main room's panel; receiving rooms' kiosks follow
+FLEET = FleetTopics(BrokerConfig.model_fields["topic_prefix"].get_default())
 
 
 @dataclass
@@ -53,6 +55,7 @@ class RoomView:
     device: str
     role: str
     state: dict[str, Any] = field(default_factory=dict)
+    current: DeviceState | None = None  # the state message in force (contracts' order)
     health: dict[str, Any] = field(default_factory=dict)
     health_at: float = 0.0
     live_at: float | None = None  # when the main room's panel first showed this room live
@@ -262,8 +265,8 @@ class Demo:
     async def _watch(self, monitor: MqttLink) -> None:
         await monitor.wait_connected()
         async with (
-            monitor.subscribe("edu/+/+/state") as states,
-            monitor.subscribe("edu/+/+/health", qos=0) as health,
+            monitor.subscribe(FLEET.state_all) as states,
+            monitor.subscribe(FLEET.health_all, qos=0) as health,
         ):
             await asyncio.gather(self._consume(states, "state"), self._consume(health, "health"))
 
@@ -281,7 +284,15 @@ class Demo:
         except ValueError:
             return
         if kind == "state":
-            view.state = data
+            if not isinstance(data, dict):
+                return
+            try:
+                state = DeviceState.parse(data)
+            except ContractError:
+                return
+            if state.newer_than(view.current):
+                view.current = state
+                view.state = data
         else:
             view.health = data
             view.health_at = time.monotonic()

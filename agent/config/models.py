@@ -16,10 +16,13 @@ from typing import Annotated, Literal, Self
 
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator, model_validator
 
-# Top-level topic names that are not sites: edu/lesson/{group}, edu/rtc/{from}/{to}.
-RESERVED_SITES = frozenset({"lesson", "rtc"})
-SLUG_PATTERN = r"^[a-z0-9][a-z0-9_-]{0,62}$"
-DEVICE_ID_PATTERN = r"^[a-z0-9][a-z0-9_-]{0,62}\.[a-z0-9][a-z0-9_-]{0,62}$"
+from agent import contracts
+
+# Defined once in agent.contracts (every layer reads them); named here for the config.
+RESERVED_SITES = contracts.RESERVED_SITES
+SLUG_PATTERN = contracts.SLUG_PATTERN
+DEVICE_ID_PATTERN = contracts.DEVICE_ID_PATTERN
+
 Slug = Annotated[
     str,
     Field(

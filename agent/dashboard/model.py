@@ -29,7 +29,6 @@ Rules that are easy to get wrong:
 from __future__ import annotations
 
 import bisect
-import datetime as dt
 import json
 import logging
 import math
@@ -41,7 +40,8 @@ from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from agent.config.models import RESERVED_SITES, SLUG_PATTERN
+from agent import contracts
+from agent.contracts import RESERVED_SITES, ContractError, DeviceState, StateOrder, is_device_id
 
 logger = logging.getLogger(__name__)
 
@@ -50,12 +50,11 @@ MAX_TEXT = 300  # alert messages, subjects: enough for a person, not a flood
 MAX_CLEARED_REMEMBERED = 128  # cleared alert ids kept per room (order of events)
 MAX_LIST = 500  # entries read from any list in a payload
 DELAY_SAMPLES = 4096
-STATUSES = ("online", "offline")
-SEVERITIES = ("warning", "critical")
+STATUSES = contracts.STATUSES
+SEVERITIES = contracts.SEVERITIES
 KINDS = ("state", "health", "alert", "lesson", "topic")
 
-_SLUG = re.compile(SLUG_PATTERN)
-_DEVICE = re.compile(r"^[a-z0-9][a-z0-9_-]{0,62}\.[a-z0-9][a-z0-9_-]{0,62}$")
+_SLUG = re.compile(contracts.SLUG_PATTERN)
 
 
 class BadPayload(ValueError):
@@ -99,17 +98,7 @@ def _section(data: Mapping[str, Any], name: str) -> Mapping[str, Any]:
     return value
 
 
-def _iso_epoch(value: Any) -> float | None:
-    """Epoch seconds of an ISO time (``...Z`` or with an offset), None if it is not one."""
-    if not isinstance(value, str) or len(value) > 40:
-        return None
-    try:
-        parsed = dt.datetime.fromisoformat(value.replace("Z", "+00:00"))
-    except ValueError:
-        return None
-    if parsed.tzinfo is None:
-        parsed = parsed.replace(tzinfo=dt.UTC)
-    return parsed.timestamp()
+_iso_epoch = contracts.iso_epoch
 
 
 def _round(value: float | None, digits: int = 1) -> float | None:
@@ -251,6 +240,7 @@ class Room:
     room: str
     name: str | None = None
     status: str | None = None  # online | offline | None (no state seen yet)
+    state: DeviceState | None = None  # the state message in force (contracts' order)
     key: tuple[float, int] | None = None  # (boot epoch, seq) of the current state
     seq: int | None = None
     reason: str | None = None
@@ -549,47 +539,40 @@ class FleetModel:
 
     def _apply_state(self, room: Room, data: Mapping[str, Any], retained: bool) -> bool:
         self._check_device(room, data)
-        status = data.get("status")
-        if status not in STATUSES:
-            raise BadPayload(f"status must be 'online' or 'offline', got {str(status)[:40]!r}")
-        seq = _int(data.get("seq"))
-        if seq is None or seq < 0:
-            raise BadPayload("seq must be a non-negative integer")
-        boot = _iso_epoch(data.get("boot_time"))
-        key = (boot if boot is not None else 0.0, seq)
-        if room.key is not None:
-            if key < room.key:
-                self.stats.stale_states += 1
-                return False  # a late will of an earlier connection
-            if key == room.key:
-                if status == room.status:
-                    return False  # the same state again (retained copy after a reconnect)
-                if status == "online":
-                    self.stats.stale_states += 1
-                    return False  # that connection already ended
+        try:
+            state = DeviceState.parse(data)
+        except ContractError as exc:
+            raise BadPayload(str(exc)) from None
+        order = state.order(room.state)
+        if order is StateOrder.SAME:
+            return False  # the same state again (retained copy after a reconnect)
+        if order is StateOrder.STALE:
+            self.stats.stale_states += 1
+            return False  # a late will of an earlier connection, or a birth that ended
+        status, seq, key = state.status, state.seq, state.key
         now = self.wall()
         if status == "online":
-            since = _iso_epoch(data.get("connected_at"))
+            since = _iso_epoch(state.connected_at)
             exact = since is not None or not retained
             room.online_mono = self.monotonic()
             room.reason = None
         else:
-            since = _iso_epoch(data.get("disconnected_at"))
+            since = _iso_epoch(state.disconnected_at)
             exact = since is not None or not retained
-            room.reason = _text(data.get("reason"), 80)
+            room.reason = state.reason
             room.online_mono = None
         if since is None:
             since = now if exact else self.started
         room.status = status
+        room.state = state
         room.key = key
         room.seq = seq
         room.since = since
         room.since_exact = exact
-        room.version = _text(data.get("version"), 40) or room.version
-        room.profile = _text(data.get("profile"), 60) or room.profile
-        name = _text(data.get("display_name"), 80)
-        if name:
-            room.name = name
+        room.version = state.version or room.version
+        room.profile = state.profile or room.profile
+        if state.display_name:
+            room.name = state.display_name
         room.stale = False if status == "offline" else room.stale
         return True
 
@@ -678,7 +661,7 @@ class FleetModel:
             raise BadPayload("stream.peers must be an object")
         peers = []
         for device, stats in list(peers_value.items())[:MAX_LIST]:
-            if not isinstance(stats, Mapping) or not _DEVICE.match(str(device)):
+            if not isinstance(stats, Mapping) or not is_device_id(str(device)):
                 continue
             peers.append(
                 Peer(
@@ -788,7 +771,7 @@ class FleetModel:
         main = data.get("main")
         if not lesson_id:
             raise BadPayload("lesson_id must be a non-empty string")
-        if not isinstance(main, str) or not _DEVICE.match(main):
+        if not isinstance(main, str) or not is_device_id(main):
             raise BadPayload("main must be a device id (site.room)")
         if data.get("group", group) != group:
             raise BadPayload("group differs from the topic's")
@@ -796,7 +779,7 @@ class FleetModel:
         def devices(name: str) -> tuple[str, ...]:
             value = data.get(name, [])
             if not isinstance(value, list) or not all(
-                isinstance(v, str) and _DEVICE.match(v) for v in value
+                isinstance(v, str) and is_device_id(v) for v in value
             ):
                 raise BadPayload(f"{name} must be a list of device ids")
             return tuple(dict.fromkeys(value[:MAX_LIST]))

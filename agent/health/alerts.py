@@ -32,10 +32,10 @@ from enum import StrEnum
 from typing import Any, Literal
 
 from agent.config.models import HealthConfig
+from agent.contracts import ActiveAlertEntry, Alert
 
 log = logging.getLogger(__name__)
 
-ALERT_SCHEMA_VERSION = 1
 Snapshot = Mapping[str, Any]
 
 
@@ -95,19 +95,18 @@ class AlertEvent:
 
     def to_message(self, device: str, *, delayed: bool = False) -> dict[str, Any]:
         """The alert topic's JSON (docs/contracts.md); ``delayed`` is set by the store."""
-        return {
-            "v": ALERT_SCHEMA_VERSION,
-            "id": self.id,
-            "device": device,
-            "rule": self.rule,
-            "severity": self.severity.value,
-            "state": self.state,
-            "since": round(self.since, 3),
-            "at": round(self.at, 3),
-            "message": self.message,
-            "delayed": delayed,
-            "details": dict(self.details),
-        }
+        return Alert(
+            id=self.id,
+            device=device,
+            rule=self.rule,
+            severity="critical" if self.severity is Severity.CRITICAL else "warning",
+            state=self.state,
+            since=self.since,
+            at=self.at,
+            message=self.message,
+            delayed=delayed,
+            details=self.details,
+        ).to_dict()
 
 
 @dataclass(frozen=True)
@@ -119,12 +118,12 @@ class ActiveAlert:
     message: str
     details: Mapping[str, Any]
 
-    def summary(self) -> dict[str, Any]:
+    def summary(self) -> ActiveAlertEntry:
         """An entry of the health message's ``alerts.active``."""
         return {
             "id": self.id,
             "rule": self.rule,
-            "severity": self.severity.value,
+            "severity": "critical" if self.severity is Severity.CRITICAL else "warning",
             "since": round(self.since, 3),
             "message": self.message,
         }

@@ -31,6 +31,7 @@ from pathlib import Path
 from typing import Any
 
 from agent.config.models import HealthConfig
+from agent.contracts import HEALTH_SCHEMA_VERSION
 from agent.health.alerts import AlertEngine, AlertEvent
 from agent.health.system import SystemMetrics
 from agent.sync import LinkError, MqttLink
@@ -38,7 +39,6 @@ from agent.sync.store import OutboxError, ReliablePublisher
 
 log = logging.getLogger(__name__)
 
-HEALTH_SCHEMA_VERSION = 1
 ACTIVE_ALERTS_KEY = "alerts.active"
 Sections = Callable[[], dict[str, Any]]
 _OWNED = frozenset({"v", "ts", "n", "device", "system", "mqtt", "alerts"})

@@ -8,6 +8,7 @@ import logging
 import time
 from collections.abc import Callable
 
+from agent.contracts import ContractError, DeviceState, StateOrder
 from agent.sync import MqttLink, Topics
 
 log = logging.getLogger(__name__)
@@ -27,8 +28,8 @@ class Presence:
 
     ``online`` is None until a message arrives (the ACL may not let us read it: then we
     never hold back). A Last Will that arrives late, after a newer birth, is stale and
-    ignored: messages are ordered by (``boot_time``, ``seq``), because ``seq`` restarts
-    with the process.
+    ignored, as is a copy of a birth whose connection has ended: the one newer-than rule
+    of `DeviceState.order` (``boot_time``, then ``seq``, which restarts with the process).
     """
 
     def __init__(self, device: str) -> None:
@@ -40,7 +41,7 @@ class Presence:
         self.changed = asyncio.Event()
         self.messages = 0
         self.display_name: str | None = None  # from its birth message, for the panel
-        self._latest_online: tuple[str, int] | None = None
+        self._current: DeviceState | None = None
 
     @property
     def offline(self) -> bool:
@@ -56,32 +57,29 @@ class Presence:
             return False
         if not isinstance(data, dict):
             return False
-        status = data.get("status")
-        seq = data.get("seq", 0)
-        boot = data.get("boot_time", "")
-        key = (
-            boot if isinstance(boot, str) else "",
-            seq if isinstance(seq, int) and not isinstance(seq, bool) else 0,
-        )
         self.known.set()
-        name = data.get("display_name")
-        if status == "online" and isinstance(name, str) and name.strip():
-            self.display_name = name.strip()[:80]
-        if status == "online":
-            if self._latest_online is None or key >= self._latest_online:
-                self._latest_online = key
-            online: bool | None = True
-        elif status == "offline":
-            if self._latest_online is not None and key < self._latest_online:
+        try:
+            state: DeviceState | None = DeviceState.parse(data, lenient_seq=True)
+        except ContractError:
+            state = None  # cleared or unreadable: unknown, never a reason to hold back
+        online: bool | None = None
+        if state is not None:
+            order = state.order(self._current)
+            if order is StateOrder.STALE:
                 log.debug(
-                    "stale Last Will of %s ignored (%s < %s)", self.device, key, self._latest_online
+                    "stale state of %s ignored (%s, %s < %s)",
+                    self.device,
+                    state.status,
+                    state.key,
+                    self._current.key if self._current is not None else None,
                 )
                 return False
-            online = False
-            reason = data.get("reason")
-            self.reason = reason[:80] if isinstance(reason, str) else ""
-        else:
-            online = None
+            self._current = state
+            online = state.online
+            if state.online and state.display_name:
+                self.display_name = state.display_name
+            if not state.online:
+                self.reason = state.reason or ""
         if online is self.online:
             return False
         self.online = online

@@ -29,13 +29,13 @@ from collections.abc import Awaitable, Callable, Coroutine, Mapping
 from dataclasses import dataclass
 from typing import Any
 
+from agent.contracts import MAX_REQUEST_ID_CHARS, CommandRequest, CommandResult
 from agent.sync.link import MqttLink
 from agent.sync.messages import LinkError, Message, PublishRejected
 
 log = logging.getLogger(__name__)
 
-RESULT_SCHEMA_VERSION = 1
-MAX_ID_CHARS = 64
+MAX_ID_CHARS = MAX_REQUEST_ID_CHARS
 DEFAULT_MAX_REQUEST_BYTES = 16 * 1024
 DEFAULT_TIMEOUT_S = 120.0
 RESULT_PUBLISH_TIMEOUT_S = 10.0
@@ -281,10 +281,11 @@ class CommandService:
                 "retained command refused: publish commands with retain=false, or the "
                 "device would run it again at every reconnect",
             )
-        unknown = sorted(set(request) - {"id", "args"})
+        unknown = sorted(set(request) - CommandRequest.FIELDS)
         if unknown:
             raise _WithId(request_id, f"unknown request field(s) {', '.join(unknown)}")
-        return request_id, request.get("args")
+        parsed = CommandRequest(request_id, request.get("args"))
+        return parsed.id, parsed.args
 
     async def _execute(
         self, command: _Command, request_id: str, args: CommandArgs, result_topic: str
@@ -338,15 +339,7 @@ class CommandService:
         result: Mapping[str, Any] | None = None,
         error: str | None = None,
     ) -> None:
-        payload = {
-            "v": RESULT_SCHEMA_VERSION,
-            "id": request_id,
-            "command": name,
-            "ok": ok,
-            "result": dict(result) if ok and result is not None else None,
-            "error": None if ok else error,
-            "at": round(time.time(), 3),
-        }
+        payload = CommandResult(request_id, name, ok, result, error).to_dict()
         try:
             async with asyncio.timeout(RESULT_PUBLISH_TIMEOUT_S):
                 await self._link.publish(topic, payload, qos=1)

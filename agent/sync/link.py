@@ -55,6 +55,7 @@ from paho.mqtt.packettypes import PacketTypes
 
 from agent.backoff import backoff_delay
 from agent.config.models import BROKER_URL_PATTERN, BrokerConfig, IdentityConfig
+from agent.contracts import DeviceState, StateStatus, iso_time
 from agent.sync.connection import (
     Connection,
     Outcome,
@@ -540,21 +541,31 @@ class MqttLink:
 
     # -- payloads ---------------------------------------------------------------------
 
-    def _state_payload(self, status: str, seq: int, **extra: str) -> dict[str, Any]:
-        payload: dict[str, Any] = {
-            "status": status,
-            "device": self.identity.device_id,
-            "site": self.identity.site,
-            "room": self.identity.room,
-            "version": self.software_version,
-            "profile": self.profile_name,
-            "boot_time": self.boot_time.isoformat(timespec="seconds").replace("+00:00", "Z"),
-        }
-        if self.identity.display_name:
-            payload["display_name"] = self.identity.display_name
-        payload.update(extra)
-        payload["seq"] = seq
-        return payload
+    def _state_payload(
+        self,
+        status: StateStatus,
+        seq: int,
+        *,
+        reason: str | None = None,
+        connected_at: str | None = None,
+        disconnected_at: str | None = None,
+    ) -> dict[str, Any]:
+        # boot_time in milliseconds: an agent restarted within the same second (a
+        # reload, a test) must still order after its previous run (DeviceState.order).
+        return DeviceState(
+            status=status,
+            seq=seq,
+            boot_time=iso_time(self.boot_time),
+            device=self.identity.device_id,
+            site=self.identity.site,
+            room=self.identity.room,
+            version=self.software_version,
+            profile=self.profile_name,
+            display_name=self.identity.display_name,
+            connected_at=connected_at,
+            disconnected_at=disconnected_at,
+            reason=reason,
+        ).to_dict()
 
     # -- subscriptions ----------------------------------------------------------------
 
