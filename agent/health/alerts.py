@@ -31,7 +31,7 @@ from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import Any, Literal
 
-from agent.config.models import HealthConfig
+from agent.config.models import AgentConfig, HealthConfig
 from agent.contracts import ActiveAlertEntry, Alert
 
 log = logging.getLogger(__name__)
@@ -328,6 +328,7 @@ class AlertEngine:
     ) -> None:
         self.clear_after_s = config.alert_clear_s
         chosen = default_rules(config, in_lesson) if rules is None else list(rules)
+        self._in_lesson = in_lesson if rules is None else None
         self._tracks = {rule.name: _Track(rule) for rule in chosen}
         self._clock = clock
         self._wall = wall_clock
@@ -336,6 +337,16 @@ class AlertEngine:
     @property
     def rules(self) -> list[Rule]:
         return [track.rule for track in self._tracks.values()]
+
+    def reconfigure(self, config: AgentConfig) -> None:
+        """New thresholds in place: raised alerts stay raised, with their ids and timers."""
+        self.clear_after_s = config.health.alert_clear_s
+        if self._in_lesson is None:
+            return  # custom rules (tests): nothing derived from the config
+        for rule in default_rules(config.health, self._in_lesson):
+            track = self._tracks.get(rule.name)
+            if track is not None:
+                track.rule = rule
 
     def active(self) -> list[ActiveAlert]:
         """The raised alerts not yet cleared, oldest first."""

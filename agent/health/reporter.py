@@ -23,6 +23,7 @@ config reload keeps one incident id for one continuous condition.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import time
@@ -30,12 +31,11 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from agent.config.models import HealthConfig
+from agent.config.models import AgentConfig, HealthConfig
 from agent.contracts import HEALTH_SCHEMA_VERSION
 from agent.health.alerts import AlertEngine, AlertEvent
 from agent.health.system import SystemMetrics
-from agent.sync import LinkError, MqttLink
-from agent.sync.store import OutboxError, ReliablePublisher
+from agent.sync import LinkError, MqttLink, OutboxError, ReliablePublisher
 
 log = logging.getLogger(__name__)
 
@@ -70,6 +70,7 @@ class HealthReporter:
         self.system = system if system is not None else SystemMetrics(Path("/"))
         self.alerts = alerts if alerts is not None else AlertEngine(config)
         self.publisher = publisher
+        self._rescheduled = asyncio.Event()
         self._n = 0
         self._restored = False
         self.last_message: dict[str, Any] | None = None
@@ -116,6 +117,12 @@ class HealthReporter:
                 log.debug("health not sent: %s", exc)
         return message
 
+    def reconfigure(self, config: AgentConfig) -> None:
+        """A new ``health.interval_s`` takes effect at once: the next tick comes now."""
+        if config.health.interval_s != self._interval:
+            self._interval = config.health.interval_s
+            self._rescheduled.set()
+
     async def run(self) -> None:
         loop = asyncio.get_running_loop()
         next_at = loop.time()
@@ -124,7 +131,12 @@ class HealthReporter:
             # Fixed-rate schedule: a slow tick does not drift the period; after a long
             # stall (a suspended machine) skip the missed ticks rather than burst.
             next_at = max(next_at + self._interval, loop.time())
-            await asyncio.sleep(next_at - loop.time())
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(next_at - loop.time()):
+                    await self._rescheduled.wait()
+            if self._rescheduled.is_set():
+                self._rescheduled.clear()
+                next_at = loop.time()
 
     async def _send_alert(self, event: AlertEvent) -> None:
         payload = event.to_message(self._link.identity.device_id)
