@@ -11,6 +11,7 @@ APT_PACKAGES=(
   portaudio19-dev                        # PyAudio (microphones)
   openssl                                # device certificates
   systemd                                # systemd-analyze, to check the service unit
+  fonts-noto-cjk                         # Chinese text on the panel, kiosk and dashboard pages
 )
 if [ "${1:-}" = "--test" ]; then
   APT_PACKAGES+=(chromium coturn)        # headless browser for the web pages' tests; TURN relay test

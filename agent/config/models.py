@@ -516,6 +516,20 @@ class HardwareConfig(StrictModel):
     )
 
 
+UiLanguage = Literal["auto", "zh-CN", "en"]
+UI_LANGUAGE_DESCRIPTION = (
+    "Language of the local pages (teacher panel, kiosk, watch page, dashboard): 'zh-CN' "
+    "or 'en'; 'auto' follows the browser's preferred languages (a Chinese kiosk browser "
+    "gets Chinese, anything else English). Texts live in agent/locales/<language>.json"
+)
+
+
+class UiConfig(StrictModel):
+    """What the people in the room read: the pages' language."""
+
+    language: UiLanguage = Field(default="auto", description=UI_LANGUAGE_DESCRIPTION)
+
+
 class AgentConfig(StrictModel):
     identity: IdentityConfig = Field(description="Who this device is")
     hardware: HardwareConfig = Field(default_factory=HardwareConfig, description="Hardware kit")
@@ -529,3 +543,4 @@ class AgentConfig(StrictModel):
     supervisor: SupervisorConfig = Field(
         default_factory=SupervisorConfig, description="Service restarts, shutdown, state"
     )
+    ui: UiConfig = Field(default_factory=UiConfig, description="The local pages' language")

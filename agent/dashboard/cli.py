@@ -9,11 +9,11 @@ import logging
 import signal
 import sys
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, get_args
 
 from agent.broker import BrokerError, MosquittoBroker
 from agent.config.errors import ConfigError
-from agent.config.models import BrokerConfig
+from agent.config.models import BrokerConfig, UiLanguage
 from agent.dashboard.config import DEFAULT_BROKER_URL, DashboardConfig, dashboard_config
 from agent.logs import setup_logging
 from agent.sync import LinkConfigError
@@ -50,6 +50,12 @@ def add_dashboard_parser(subparsers: Any) -> argparse.ArgumentParser:
         "--allow-host", action="append", default=[], help="extra Host name to answer (repeat)"
     )
     parser.add_argument(
+        "--language",
+        choices=get_args(UiLanguage),
+        default="auto",
+        help="language of the page: zh-CN, en, or auto (the browser's; default)",
+    )
+    parser.add_argument(
         "--simulate",
         type=int,
         default=0,
@@ -74,7 +80,11 @@ def config_from_args(args: argparse.Namespace) -> DashboardConfig:
             tls.update(cert_file=args.tls_cert, key_file=args.tls_key)
         broker["tls"] = tls
     return dashboard_config(
-        broker=broker, bind=args.bind, port=args.port, allowed_hosts=args.allow_host
+        broker=broker,
+        bind=args.bind,
+        port=args.port,
+        allowed_hosts=args.allow_host,
+        language=args.language,
     )
 
 

@@ -7,7 +7,7 @@ from typing import Any, Self
 from pydantic import Field, ValidationError, model_validator
 
 from agent.config.errors import ConfigError, issues_from_validation
-from agent.config.models import BrokerConfig, StrictModel
+from agent.config.models import UI_LANGUAGE_DESCRIPTION, BrokerConfig, StrictModel, UiLanguage
 
 DEFAULT_BROKER_URL = "mqtt://127.0.0.1:1883"
 
@@ -64,6 +64,7 @@ class DashboardConfig(StrictModel):
     max_rooms: int = Field(
         default=5000, ge=1, le=100_000, description="Rooms tracked at most (memory bound)"
     )
+    language: UiLanguage = Field(default="auto", description=UI_LANGUAGE_DESCRIPTION)
     client_id: str | None = Field(
         default=None,
         pattern=r"^[a-z0-9][a-z0-9_-]{0,62}$",

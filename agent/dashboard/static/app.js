@@ -7,22 +7,39 @@
 "use strict";
 
 (() => {
+  const t = I18N.t;
+  const tn = I18N.tn;
+  // Catalogue keys (agent/locales/*.json), written out so the catalogue check sees them.
   const RULES = {
-    camera_lost: "Camera lost",
-    camera_frozen: "Camera frozen",
-    camera_black: "Camera black",
-    mic_silent: "Mic silent",
-    disk_full: "Disk full",
-    temperature_high: "Too hot",
-    broker_unreachable: "Broker unreachable",
-    clock_unsynced: "Clock unsynced",
+    camera_lost: "dash.rule.camera_lost",
+    camera_frozen: "dash.rule.camera_frozen",
+    camera_black: "dash.rule.camera_black",
+    mic_silent: "dash.rule.mic_silent",
+    disk_full: "dash.rule.disk_full",
+    temperature_high: "dash.rule.temperature_high",
+    broker_unreachable: "dash.rule.broker_unreachable",
+    clock_unsynced: "dash.rule.clock_unsynced",
   };
   const STATUS_TEXT = {
-    online: "Online",
-    offline: "Offline",
-    shutdown: "Shut down",
-    stale: "Stale",
-    unknown: "No state",
+    online: "dash.status.online",
+    offline: "dash.status.offline",
+    shutdown: "dash.status.shutdown",
+    stale: "dash.status.stale",
+    unknown: "dash.status.unknown",
+  };
+  const DEVICE_TEXT = { // agent.capture.DeviceState, for the camera and the microphone
+    ok: "dash.device.ok",
+    starting: "dash.device.starting",
+    degraded: "dash.device.degraded",
+    lost: "dash.device.lost",
+    stopped: "dash.device.stopped",
+  };
+  const deviceText = (state) => (DEVICE_TEXT[state] ? t(DEVICE_TEXT[state]) : state);
+  const QUALITY_TEXT = {
+    good: "dash.quality.good",
+    fair: "dash.quality.fair",
+    poor: "dash.quality.poor",
+    unknown: "dash.quality.unknown",
   };
   const FILTERS = ["all", "online", "offline", "stale", "alerts", "lesson"];
 
@@ -60,33 +77,24 @@
     if (node.title !== title) node.title = title;
   }
 
-  function duration(seconds) {
-    const s = Math.max(0, Math.floor(seconds));
-    if (s < 60) return `${s} s`;
-    const m = Math.floor(s / 60);
-    if (m < 60) return `${m} min`;
-    const h = Math.floor(m / 60);
-    if (h < 48) return `${h} h ${m % 60} min`;
-    return `${Math.floor(h / 24)} d ${h % 24} h`;
-  }
+  const duration = I18N.duration;
 
   // Formatting with toLocale*String builds a formatter per call: far too slow for
-  // 500 rows, so build them once.
-  const TIME = new Intl.DateTimeFormat(undefined, { hour: "2-digit", minute: "2-digit" });
-  const DAY = new Intl.DateTimeFormat(undefined, { month: "short", day: "numeric" });
-  const SECONDS = new Intl.DateTimeFormat(undefined, { hour: "2-digit", minute: "2-digit", second: "2-digit" });
+  // 500 rows, so build them once, in the page's language.
+  const TIME = I18N.dateTime({ hour: "2-digit", minute: "2-digit" });
+  const DAY_TIME = I18N.dateTime({ month: "short", day: "numeric", hour: "2-digit", minute: "2-digit" });
+  const SECONDS = I18N.dateTime({ hour: "2-digit", minute: "2-digit", second: "2-digit" });
 
   function clockTime(epoch) {
     const d = new Date(epoch * 1000);
-    const time = TIME.format(d);
     if (Date.now() - d.getTime() < 12 * 3600 * 1000 && d.getDate() === new Date().getDate()) {
-      return time;
+      return TIME.format(d);
     }
-    return `${DAY.format(d)} ${time}`;
+    return DAY_TIME.format(d);
   }
 
   function fixed(value, digits) {
-    return typeof value === "number" ? value.toFixed(digits) : null;
+    return typeof value === "number" ? I18N.number(value, digits) : null;
   }
 
   function statusOf(room) {
@@ -207,14 +215,15 @@
       site.section.hidden = visible === 0;
       const counts = site.countsEl;
       counts.replaceChildren();
-      counts.append(`${total} room${total === 1 ? "" : "s"} · ${online} online`);
-      if (stale) counts.append(" · ", el("span", "warn", `${stale} stale`));
-      if (offline) counts.append(" · ", el("span", "bad", `${offline} offline`));
-      if (alerts) counts.append(" · ", el("span", "bad", `${alerts} alert${alerts === 1 ? "" : "s"}`));
+      counts.append(`${tn("dash.school.rooms", total)} · ${t("dash.school.online", { n: I18N.number(online) })}`);
+      if (stale) counts.append(" · ", el("span", "warn", t("dash.school.stale", { n: I18N.number(stale) })));
+      if (offline) counts.append(" · ", el("span", "bad", t("dash.school.offline", { n: I18N.number(offline) })));
+      if (alerts) counts.append(" · ", el("span", "bad", tn("dash.school.alerts", alerts)));
     }
     for (const entry of rows.values()) if (!entry.tr.hidden) visibleRooms += 1;
     $("rooms-empty").hidden = visibleRooms > 0 || rows.size === 0;
-    setText($("shown"), rows.size ? `${visibleRooms} of ${rows.size} rooms shown` : "");
+    setText($("shown"), rows.size
+      ? t("dash.rooms.shown", { shown: I18N.number(visibleRooms), total: I18N.number(rows.size) }) : "");
   }
 
   function refreshFilterCounts() {
@@ -230,7 +239,7 @@
       if (inLesson(room)) counts.lesson += 1;
     }
     for (const span of document.querySelectorAll(".seg .n")) {
-      setText(span, String(counts[span.dataset.n]));
+      setText(span, I18N.number(counts[span.dataset.n]));
     }
   }
 
@@ -315,15 +324,16 @@
     let text = "";
     let title = "";
     if (st === "stale" && room.health) {
-      text = `no health for ${duration(serverNow() - room.health.received)}`;
-      title = `last health ${clockTime(room.health.received)}`;
+      text = t("dash.since.no_health_for", { age: duration(serverNow() - room.health.received) });
+      title = t("dash.since.last_health", { time: clockTime(room.health.received) });
     } else if (st === "stale") {
-      text = "no health yet";
+      text = t("dash.since.no_health_yet");
     } else if (room.since) {
       const age = duration(serverNow() - room.since);
-      text = room.since_exact ? `for ${age}` : `for ≥ ${age}`;
-      title = `${room.since_exact ? "since" : "since before"} ${clockTime(room.since)}`;
-      if (room.reason && st !== "online") title += ` (${room.reason})`;
+      const time = clockTime(room.since);
+      text = t(room.since_exact ? "dash.since.for" : "dash.since.for_at_least", { age });
+      title = t(room.since_exact ? "dash.since.since" : "dash.since.since_before", { time });
+      if (room.reason && st !== "online") title = t("dash.since.with_reason", { text: title, reason: room.reason });
     }
     setText(entry.cells.since, text);
     setTitle(entry.cells.since, title);
@@ -336,8 +346,9 @@
     entry.tr.dataset.status = st;
     setClass(entry.tr, st === "offline" || st === "shutdown" ? "is-offline" : st === "stale" ? "is-stale" : "");
     setClass(c.pill, `st st-${st}`);
-    setText(c.statusText, STATUS_TEXT[st]);
-    setTitle(c.pill, st === "offline" ? `Offline: ${room.reason || "connection lost"}` : "");
+    setText(c.statusText, t(STATUS_TEXT[st]));
+    setTitle(c.pill, st === "offline"
+      ? t("dash.status.offline_reason", { reason: room.reason || t("dash.status.connection_lost") }) : "");
     renderSince(entry);
     setText(c.name, room.name || room.room);
     setTitle(c.name, room.name ? `${room.name} (${room.id})` : room.id);
@@ -348,31 +359,33 @@
     } else {
       const cam = h.camera || "?";
       const camCls = cam === "ok" ? "v-ok" : cam === "degraded" || cam === "starting" ? "v-warn" : "v-bad";
-      const camText = cam === "ok" ? "OK" : cam.charAt(0).toUpperCase() + cam.slice(1);
-      figure(c.camera, camText, h.fps !== null ? `${fixed(h.fps, 1)} fps` : "", camCls,
-        h.camera_reason ? `camera ${cam}: ${h.camera_reason}` : `camera ${cam}`);
+      const camText = deviceText(cam);
+      figure(c.camera, camText, h.fps !== null ? t("dash.camera.fps", { fps: fixed(h.fps, 1) }) : "", camCls,
+        h.camera_reason
+          ? t("dash.camera.title_reason", { state: camText, reason: h.camera_reason })
+          : t("dash.camera.title", { state: camText }));
       const micCls = h.mic && h.mic !== "ok" ? "v-bad" : h.clipping ? "v-warn" : "";
-      const micText = h.mic && h.mic !== "ok" ? h.mic : fixed(h.mic_dbfs, 0);
+      const micText = h.mic && h.mic !== "ok" ? deviceText(h.mic) : fixed(h.mic_dbfs, 0);
       figure(c.mic, micText, h.mic && h.mic !== "ok" ? "" : "dBFS", micCls,
-        h.clipping ? "clipping" : `microphone ${h.mic || "?"}`);
+        h.clipping ? t("dash.mic.clipping") : t("dash.mic.title", { state: h.mic ? deviceText(h.mic) : "?" }));
       figure(c.cpu, fixed(h.cpu_percent, 0), "%", level(h.cpu_percent, 85, 95),
-        typeof h.memory_percent === "number" ? `memory ${fixed(h.memory_percent, 0)} %` : "");
+        typeof h.memory_percent === "number" ? t("dash.cpu.memory", { percent: fixed(h.memory_percent, 0) }) : "");
       figure(c.temp, fixed(h.temperature_c, 0), "°C", level(h.temperature_c, 75, 85));
       figure(c.disk, fixed(h.disk_percent, 0), "%", level(h.disk_percent, 85, 90),
-        typeof h.disk_free_mb === "number" ? `${(h.disk_free_mb / 1024).toFixed(1)} GB free` : "");
+        typeof h.disk_free_mb === "number" ? t("dash.disk.free", { gb: fixed(h.disk_free_mb / 1024, 1) }) : "");
       figure(c.rtt, fixed(h.broker_rtt_ms, 0), "ms", level(h.broker_rtt_ms, 200, 1000),
-        h.queued ? `${h.queued} messages waiting to be sent` : "");
+        h.queued ? tn("dash.rtt.queued", h.queued) : "");
       const offset = h.clock_offset_s;
-      let clockText = "Synced", clockCls = "v-ok", clockTitle = "NTP synchronised";
+      let clockText = t("dash.clock.synced"), clockCls = "v-ok", clockTitle = t("dash.clock.synced_title");
       if (h.clock_synced === false) {
-        clockText = "Unsynced"; clockCls = "v-warn"; clockTitle = "not NTP synchronised";
+        clockText = t("dash.clock.unsynced"); clockCls = "v-warn"; clockTitle = t("dash.clock.unsynced_title");
       } else if (h.clock_synced === null) {
-        clockText = "Unknown"; clockCls = ""; clockTitle = "NTP status unknown";
+        clockText = t("dash.clock.unknown"); clockCls = ""; clockTitle = t("dash.clock.unknown_title");
       }
       if (typeof offset === "number" && Math.abs(offset) >= 5 && st !== "stale") {
         clockText = `${offset > 0 ? "−" : "+"}${duration(Math.abs(offset))}`;
         clockCls = "v-warn";
-        clockTitle = `room clock differs from the dashboard's by about ${duration(Math.abs(offset))}`;
+        clockTitle = t("dash.clock.offset_title", { offset: duration(Math.abs(offset)) });
       }
       figure(c.clock, clockText, "", clockCls, clockTitle);
     }
@@ -388,11 +401,14 @@
           const chip = el("span", `chip chip-${alert.severity}`);
           chip.dataset.rule = alert.rule;
           chip.append(
-            el("b", "", alert.severity === "critical" ? "CRIT" : "WARN"),
-            RULES[alert.rule] || alert.rule.replace(/_/g, " "),
+            el("b", "", t(alert.severity === "critical" ? "dash.alert.critical" : "dash.alert.warning")),
+            RULES[alert.rule] ? t(RULES[alert.rule]) : alert.rule.replace(/_/g, " "),
           );
-          const since = alert.since ? ` since ${clockTime(alert.since)}` : "";
-          chip.title = `${alert.severity}: ${alert.message || alert.rule}${since}${alert.delayed ? " (delivered late)" : ""}`;
+          const severity = t(alert.severity === "critical" ? "dash.alert.critical_word" : "dash.alert.warning_word");
+          let title = t("dash.alert.title", { severity, message: alert.message || alert.rule });
+          if (alert.since) title = t("dash.alert.title_since", { text: title, time: clockTime(alert.since) });
+          if (alert.delayed) title = t("dash.alert.title_late", { text: title });
+          chip.title = title;
           chips.append(chip);
         }
         c.alerts.replaceChildren(chips);
@@ -407,8 +423,8 @@
         c.lesson.replaceChildren(el("span", "none", "–"));
         c.lesson.title = "";
       } else {
-        const subject = lesson.subject || lesson.group || "lesson";
-        const role = lesson.role === "main" ? "Main" : lesson.joined ? "Joined" : "Not joined";
+        const subject = lesson.subject || lesson.group || t("dash.lesson.default_subject");
+        const role = t(lesson.role === "main" ? "dash.lesson.main" : lesson.joined ? "dash.lesson.joined" : "dash.lesson.not_joined");
         c.lesson.replaceChildren(el("span", `badge${lesson.joined ? "" : " not-joined"}`, `${role} · ${subject}`));
         c.lesson.title = `${lesson.group || ""} ${lesson.lesson_id || ""}`.trim();
       }
@@ -448,20 +464,23 @@
   // -- header and lessons -------------------------------------------------------------
 
   function applyCounts(counts) {
-    setText($("k-rooms"), String(counts.rooms));
-    setText($("k-schools"), `${sites.size} school${sites.size === 1 ? "" : "s"}`);
-    setText($("k-online"), String(counts.online));
-    setText($("k-online-note"), counts.rooms ? `${Math.round((100 * (counts.online + counts.stale)) / counts.rooms)} % connected` : "");
-    setText($("k-offline"), String(counts.offline));
+    const n = I18N.number;
+    setText($("k-rooms"), n(counts.rooms));
+    setText($("k-schools"), tn("dash.kpi.schools", sites.size));
+    setText($("k-online"), n(counts.online));
+    setText($("k-online-note"), counts.rooms
+      ? t("dash.kpi.connected", { percent: n(Math.round((100 * (counts.online + counts.stale)) / counts.rooms)) }) : "");
+    setText($("k-offline"), n(counts.offline));
     $("k-offline").parentElement.classList.toggle("zero", counts.offline === 0);
-    setText($("k-offline-note"), counts.unknown ? `${counts.unknown} without state` : "Last Will or shutdown");
-    setText($("k-stale"), String(counts.stale));
+    setText($("k-offline-note"), counts.unknown
+      ? t("dash.kpi.without_state", { n: n(counts.unknown) }) : t("dash.kpi.offline_note"));
+    setText($("k-stale"), n(counts.stale));
     $("k-stale").parentElement.classList.toggle("zero", counts.stale === 0);
-    setText($("k-alerts"), String(counts.alerts));
+    setText($("k-alerts"), n(counts.alerts));
     $("k-alerts").parentElement.classList.toggle("zero", counts.alerts === 0);
-    setText($("k-alerts-note"), `${counts.critical} critical · ${counts.warning} warning`);
-    setText($("k-lessons"), String(counts.lessons_live));
-    setText($("k-lessons-note"), `${counts.rooms_in_lesson} rooms taking part`);
+    setText($("k-alerts-note"), t("dash.kpi.alerts_note", { critical: n(counts.critical), warning: n(counts.warning) }));
+    setText($("k-lessons"), n(counts.lessons_live));
+    setText($("k-lessons-note"), tn("dash.kpi.rooms_taking_part", counts.rooms_in_lesson));
   }
 
   function roomLabel(id) {
@@ -483,8 +502,10 @@
       a.group.localeCompare(b.group, undefined, { numeric: true }));
     const issues = ordered.filter((lesson) => trouble(lesson) >= 2).length;
     const note = $("lessons-note");
-    note.replaceChildren(`${shown.length} live${filter.school ? ` with ${filter.school}` : ""}`);
-    if (issues) note.append(" · ", el("span", "bad", `${issues} with stream problems`));
+    note.replaceChildren(filter.school
+      ? t("dash.lessons.live_with", { n: I18N.number(shown.length), school: filter.school })
+      : t("dash.lessons.live", { n: I18N.number(shown.length) }));
+    if (issues) note.append(" · ", el("span", "bad", t("dash.lessons.problems", { n: I18N.number(issues) })));
     for (const lesson of ordered) {
       const tr = el("tr");
       tr.dataset.group = lesson.group;
@@ -495,7 +516,7 @@
       main.append(el("span", "", lesson.main_name || lesson.main));
       if (lesson.main_name) main.append(el("span", "lesson-site", lesson.main.split(".")[0]));
       main.title = lesson.main;
-      if (!lesson.main_online) main.append(" ", el("span", "missing", "(offline)"));
+      if (!lesson.main_online) main.append(" ", el("span", "missing", t("dash.lessons.main_offline")));
       tr.append(main);
       const expected = lesson.expected.length;
       const joined = lesson.joined.length;
@@ -505,16 +526,16 @@
       const fill = el("i");
       fill.style.width = `${expected ? Math.round((100 * joined) / expected) : 0}%`;
       meter.append(fill);
-      bar.append(meter, `${joined} / ${expected}`);
+      bar.append(meter, `${I18N.number(joined)} / ${I18N.number(expected)}`);
       joinedCell.append(bar);
       const missing = lesson.expected.filter((d) => !lesson.joined.includes(d));
       if (missing.length) {
-        joinedCell.title = `not joined: ${missing.map(roomLabel).join(", ")}`;
-        joinedCell.append(" ", el("span", "missing", `${missing.length} missing`));
+        joinedCell.title = t("dash.lessons.not_joined", { rooms: missing.map(roomLabel).join(t("common.list_separator")) });
+        joinedCell.append(" ", el("span", "missing", t("dash.lessons.missing", { n: I18N.number(missing.length) })));
       }
       tr.append(joinedCell);
       const quality = el("td");
-      const label = { good: "Good", fair: "Fair", poor: "Poor", unknown: "Unknown" }[lesson.quality] || lesson.quality;
+      const label = QUALITY_TEXT[lesson.quality] ? t(QUALITY_TEXT[lesson.quality]) : lesson.quality;
       quality.append(el("span", `q q-${lesson.quality}`, label));
       if (lesson.quality_detail) quality.append(el("span", "q-detail", lesson.quality_detail));
       tr.append(quality);
@@ -526,7 +547,7 @@
     body.replaceChildren(fragment);
     $("lessons-empty").hidden = ordered.length > 0;
     $("lessons-empty").textContent = filter.school && lessons.size
-      ? `No live lesson involves ${filter.school}.` : "No lesson is live right now.";
+      ? t("dash.lessons.none_with", { school: filter.school }) : t("dash.lessons.none");
     tickLessons();
   }
 
@@ -534,21 +555,21 @@
     for (const cell of document.querySelectorAll("#lessons-body .started")) {
       const started = Number(cell.dataset.started);
       setText(cell, started ? duration(serverNow() - started) : "–");
-      if (started) setTitle(cell, `started ${clockTime(started)}`);
+      if (started) setTitle(cell, t("dash.lessons.started", { time: clockTime(started) }));
     }
   }
 
   function applyBroker(broker) {
     const banner = $("banner");
-    setText($("broker-url"), `Broker ${broker.url}`);
+    setText($("broker-url"), t("dash.broker.url", { url: broker.url }));
     if (broker.connected) {
       banner.hidden = true;
     } else if (!broker.ever_connected) {
       banner.hidden = false;
-      setText(banner, `Connecting to the broker ${broker.url}…`);
+      setText(banner, t("dash.broker.connecting", { url: broker.url }));
     } else {
       banner.hidden = false;
-      setText(banner, `The dashboard lost its connection to the broker (${broker.url}) at ${clockTime(broker.since)}: the figures below are frozen until it is back.`);
+      setText(banner, t("dash.broker.lost", { url: broker.url, time: clockTime(broker.since) }));
     }
   }
 
@@ -594,7 +615,7 @@
 
   function tickUpdated() {
     if (!lastMessage) return;
-    setText($("updated"), `Updated ${SECONDS.format(new Date(lastMessage))}`);
+    setText($("updated"), t("dash.updated", { time: SECONDS.format(new Date(lastMessage)) }));
   }
 
   function connect() {
@@ -602,14 +623,14 @@
     socket = new WebSocket(`${scheme}://${location.host}/api/ws`);
     socket.addEventListener("open", () => {
       retry = 0;
-      setConn("live", "Live");
+      setConn("live", t("dash.conn.live"));
     });
     socket.addEventListener("message", onMessage);
     socket.addEventListener("close", () => {
       socket = null;
       const delay = Math.min(10000, 500 * 2 ** retry) * (0.5 + Math.random() / 2);
       retry += 1;
-      setConn("down", "Reconnecting…");
+      setConn("down", t("dash.conn.reconnecting"));
       setTimeout(connect, delay);
     });
   }
@@ -645,7 +666,7 @@
     $("lessons-toggle").addEventListener("click", (e) => {
       const open = e.target.getAttribute("aria-expanded") !== "true";
       e.target.setAttribute("aria-expanded", String(open));
-      e.target.textContent = open ? "Hide" : "Show";
+      e.target.textContent = t(open ? "dash.lessons.hide" : "dash.lessons.show");
       $("lessons-wrap").hidden = !open;
     });
     window.addEventListener("hashchange", () => {

@@ -3,6 +3,7 @@
 // lesson full screen. State comes from GET /api/status once a second.
 
 const $ = (id) => document.getElementById(id);
+const t = I18N.t;
 const tiles = new Map(); // room id -> {element, viewer}
 let status = null;
 let selfViewer = null;
@@ -31,19 +32,40 @@ function chosenGroup() {
 }
 
 function since(seconds) {
-  const s = Math.max(0, Math.round(Date.now() / 1000 - seconds));
-  if (s < 60) return s + " s";
-  return Math.floor(s / 60) + " min";
+  return I18N.duration(Date.now() / 1000 - seconds);
+}
+
+// The states the agent reports, in words (the badge's class keeps the state itself).
+const ROOM_STATES = {
+  joining: "panel.room_state.joining",
+  live: "panel.room_state.live",
+  reconnecting: "panel.room_state.reconnecting",
+  gone: "panel.room_state.gone",
+};
+const JOIN_STATES = {
+  waiting: "kiosk.state.waiting",
+  joining: "kiosk.state.joining",
+  live: "kiosk.state.live",
+  reconnecting: "kiosk.state.reconnecting",
+};
+// The joiner's reasons the kiosk has words for; others show the plain slate.
+const REASONS = {
+  "main room offline": "kiosk.main_offline",
+  "no connection to the broker": "kiosk.no_broker",
+};
+
+function stateText(keys, state) {
+  return keys[state] ? t(keys[state]) : state;
 }
 
 function figures(f) {
   // The room's link as its peer connection reports it (health topic, same figures).
   if (!f || f.state !== "connected") return "";
   const parts = [];
-  if (f.fps != null) parts.push(Math.round(f.fps) + " fps");
-  if (f.rtt_ms != null) parts.push(Math.round(f.rtt_ms) + " ms");
-  if (f.loss_percent != null) parts.push(f.loss_percent.toFixed(1) + " % loss");
-  if (f.layer && f.layer !== "high") parts.push(f.layer + " layer");
+  if (f.fps != null) parts.push(t("panel.figures.fps", { fps: I18N.number(f.fps) }));
+  if (f.rtt_ms != null) parts.push(t("panel.figures.rtt", { ms: I18N.number(f.rtt_ms) }));
+  if (f.loss_percent != null) parts.push(t("panel.figures.loss", { percent: I18N.number(f.loss_percent, 1) }));
+  if (f.layer && f.layer !== "high") parts.push(t("panel.figures.low_layer"));
   return parts.join(" · ");
 }
 
@@ -54,11 +76,14 @@ function tileFor(room) {
   element.className = "tile";
   element.dataset.room = room;
   element.innerHTML =
-    '<video autoplay muted playsinline></video>' +
-    '<button class="hand" type="button" hidden title="Lower hand">&#9995;</button>' +
+    '<video autoplay muted playsinline></video><div class="tile-slate"></div>' +
+    '<button class="hand" type="button" hidden></button>' +
     '<figcaption><span class="name"></span><span class="figures"></span>' +
     '<span class="badge"></span></figcaption>';
   element.querySelector(".name").textContent = room;
+  // Words, not an emoji: a stock kiosk has no colour-emoji font (it would show a box).
+  element.querySelector(".hand").textContent = t("panel.hand_raised");
+  element.querySelector(".hand").title = t("panel.lower_hand");
   element.querySelector(".hand").addEventListener("click", () => {
     post("/api/hand/lower", { room: room }).catch((e) => say(e.message, true));
   });
@@ -83,23 +108,28 @@ function renderHosting(host) {
   $("hosting").hidden = false;
   const live = host && host.lesson;
   const button = $("lesson-button");
-  button.textContent = live ? "End lesson" : "Start lesson";
+  button.textContent = t(live ? "panel.end_lesson" : "panel.start_lesson");
   button.classList.toggle("start", !live);
   button.classList.toggle("end", Boolean(live));
   button.disabled = busy;
   $("subject").disabled = Boolean(live);
   $("lesson-info").textContent = live
-    ? "Live: " + (host.lesson.subject || host.group) + " · " + since(host.lesson.started_at)
-    : "No lesson";
+    ? t("panel.live_info", { subject: host.lesson.subject || host.group, since: since(host.lesson.started_at) })
+    : t("panel.no_lesson");
   const rooms = live ? host.rooms : {};
   dropTiles(new Set(Object.keys(rooms)));
   for (const [room, info] of Object.entries(rooms)) {
     const tile = tileFor(room);
     tile.element.dataset.state = info.state;
     const badge = tile.element.querySelector(".badge");
-    badge.textContent = info.state;
+    badge.textContent = stateText(ROOM_STATES, info.state);
     badge.className = "badge " + info.state;
     tile.element.querySelector(".hand").hidden = !info.hand_up;
+    // Until the room's picture is live, the page says why in the page's language (the
+    // placeholder picture the agent sends is drawn in ASCII only).
+    const tileSlate = tile.element.querySelector(".tile-slate");
+    tileSlate.textContent = stateText(ROOM_STATES, info.state);
+    tileSlate.hidden = info.state === "live";
     tile.element.querySelector(".figures").textContent = figures(info.figures);
     tile.element.querySelector(".name").textContent = info.name || room;
   }
@@ -109,22 +139,26 @@ function renderHosting(host) {
 function renderJoining(join) {
   $("joining").hidden = false;
   const badge = $("join-state");
-  badge.textContent = join.state;
+  badge.textContent = stateText(JOIN_STATES, join.state);
   badge.className = "badge " + join.state;
   const slate = $("slate");
   const texts = {
-    waiting: join.reason || "Waiting for the lesson",
-    joining: "Joining the lesson...",
-    reconnecting: "Reconnecting...",
+    waiting: t(REASONS[join.reason] || "kiosk.waiting"),
+    joining: t("kiosk.joining"),
+    reconnecting: t("kiosk.reconnecting"),
   };
   slate.textContent = texts[join.state] || "";
+  slate.dataset.state = join.state;
   slate.hidden = join.state === "live";
-  $("hand-button").textContent = join.hand_up ? "Lower hand" : "Raise hand";
+  $("hand-button").textContent = t(join.hand_up ? "kiosk.lower_hand" : "kiosk.raise_hand");
   $("hand-button").disabled = !join.lesson;
   if (!status.hosting.length) {
-    $("lesson-info").textContent = join.lesson
-      ? "Lesson from " + join.lesson.main + (join.lesson.subject ? ": " + join.lesson.subject : "")
-      : "No lesson";
+    const lesson = join.lesson;
+    $("lesson-info").textContent = !lesson
+      ? t("panel.no_lesson")
+      : lesson.subject
+        ? t("kiosk.lesson_from_subject", { main: lesson.main, subject: lesson.subject })
+        : t("kiosk.lesson_from", { main: lesson.main });
   }
   if (!lessonViewer) lessonViewer = keepWatching("lesson", $("lesson-video"), {});
 }
@@ -132,16 +166,16 @@ function renderJoining(join) {
 function renderControls(controls) {
   const camera = $("mute-camera");
   camera.setAttribute("aria-pressed", String(controls.camera_muted));
-  camera.textContent = controls.camera_muted ? "Camera off" : "Camera on";
+  camera.textContent = t(controls.camera_muted ? "panel.camera_off" : "panel.camera_on");
   const microphone = $("mute-microphone");
   microphone.setAttribute("aria-pressed", String(controls.microphone_muted));
-  microphone.textContent = controls.microphone_muted ? "Microphone off" : "Microphone on";
+  microphone.textContent = t(controls.microphone_muted ? "panel.microphone_off" : "panel.microphone_on");
 }
 
 function render() {
   if (!status) return;
   $("room-name").textContent = status.name;
-  document.title = status.name + " · panel";
+  document.title = t("panel.page_title", { room: status.name });
   const select = $("group");
   if (select.options.length !== status.hosting.length) {
     select.innerHTML = "";
@@ -160,7 +194,7 @@ async function refresh() {
     status = await response.json();
     render();
   } catch (error) {
-    $("lesson-info").textContent = "Agent not answering";
+    $("lesson-info").textContent = t("panel.agent_down");
   }
 }
 
@@ -184,7 +218,7 @@ document.addEventListener("keydown", (event) => {
       pressButton();
     } else {
       endArmedUntil = Date.now() + 3000;
-      say("Press the same key again to end the lesson");
+      say(t("panel.press_again"));
     }
   }
 });
@@ -197,10 +231,10 @@ async function pressButton() {
   try {
     if (host.lesson) {
       await post("/api/lesson/end", { group: host.group });
-      say("Lesson ended");
+      say(t("panel.lesson_ended"));
     } else {
       const result = await post("/api/lesson/start", { group: host.group, subject: $("subject").value });
-      say("Lesson " + result.lesson_id + " started: rooms join by themselves");
+      say(t("panel.lesson_started", { id: result.lesson_id }));
     }
   } catch (error) {
     say(error.message, true);

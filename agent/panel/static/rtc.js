@@ -49,7 +49,7 @@ function keepWatching(source, video, options, onState) {
   let pc = null;
   let stopped = false;
   let timer = null;
-  const report = (state) => { if (onState) onState(state); };
+  const report = (state, detail) => { if (onState) onState(state, detail); };
   async function connect() {
     if (stopped) return;
     try {
@@ -59,7 +59,7 @@ function keepWatching(source, video, options, onState) {
         if (["failed", "closed"].includes(pc.connectionState)) retry();
       });
     } catch (error) {
-      report("error: " + error.message);
+      report("error", error.message);
       retry();
     }
   }

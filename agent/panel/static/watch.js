@@ -11,9 +11,23 @@ fetch("/api/status", { headers: authHeaders(token) })
   .then((s) => { if (s.name) document.getElementById("room-name").textContent = s.name; })
   .catch(() => {});
 
-keepWatching("lesson", video, { audio: true, token: token }, (s) => { state.textContent = s; });
+// RTCPeerConnection.connectionState, in words.
+const STATES = {
+  new: "watch.state.new",
+  connecting: "watch.state.connecting",
+  connected: "watch.state.connected",
+  disconnected: "watch.state.disconnected",
+  failed: "watch.state.failed",
+  closed: "watch.state.closed",
+};
+
+keepWatching("lesson", video, { audio: true, token: token }, (s, detail) => {
+  state.dataset.state = s;
+  if (s === "error") state.textContent = I18N.t("watch.error", { error: detail });
+  else state.textContent = STATES[s] ? I18N.t(STATES[s]) : s;
+});
 
 document.getElementById("unmute").addEventListener("click", () => {
   video.muted = !video.muted;
-  document.getElementById("unmute").textContent = video.muted ? "Sound on" : "Sound off";
+  document.getElementById("unmute").textContent = I18N.t(video.muted ? "watch.sound_on" : "watch.sound_off");
 });
