@@ -12,8 +12,8 @@ listen on loopback and have no login of their own. Three rules keep them safe:
 Anyone who can reach the port can send a malformed request (no or an empty ``Host``, a
 garbage request line): aiohttp answers 400 and would log an ERROR with a traceback for
 each. :func:`request_logger` turns those into one rate-limited warning line per client
-(the signalling's `RejectionLog`), and :func:`guard` notes refused ``Host`` names there
-too; a handler's own crash still logs its traceback.
+(`agent.logs.RejectionLog`, as for signalling), and :func:`guard` notes refused ``Host``
+names there too; a handler's own crash still logs its traceback.
 """
 
 from __future__ import annotations

@@ -11,13 +11,12 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import AsyncIterator
 
 import pytest
 
 from agent.dashboard import DashboardConfig
 from agent.dashboard.server import DashboardServer
-from agent.stream.signalling import RejectionLog
+from agent.logs import RejectionLog
 from tests.brokers import DASHBOARD, BrokerUnderTest
 from tests.rooms import MAIN, room
 
@@ -43,7 +42,8 @@ async def raw_request(port: int, request: bytes) -> int:
         with contextlib.suppress(ConnectionError):
             await writer.wait_closed()
     parts = status_line.split()
-    assert len(parts) >= 2 and parts[0].startswith(b"HTTP/"), status_line
+    assert len(parts) >= 2, status_line
+    assert parts[0].startswith(b"HTTP/"), status_line
     return int(parts[1])
 
 
@@ -61,7 +61,9 @@ def check_logged_once(caplog: pytest.LogCaptureFixture, rejections: RejectionLog
         r.getMessage() for r in records if r.levelno >= logging.ERROR
     ]
     assert not [r for r in records if r.exc_info or "Traceback" in r.getMessage()]
-    warnings = [r for r in records if r.levelno == logging.WARNING and "bad request" in r.getMessage()]
+    warnings = [
+        r for r in records if r.levelno == logging.WARNING and "bad request" in r.getMessage()
+    ]
     assert len(warnings) == 1, [r.getMessage() for r in warnings]
     assert "\n" not in warnings[0].getMessage()
     assert rejections.logged == 1
