@@ -201,3 +201,10 @@ async def test_the_dashboard_serves_its_language_and_the_lookup() -> None:
         assert script.headers["Content-Type"].startswith("text/javascript")
         assert script.headers["Content-Security-Policy"] == CSP
         assert "const I18N" in await script.text()
+
+
+def test_the_daemon_gives_the_panel_its_language() -> None:
+    from agent.runtime.composition import PARTS
+
+    [panel] = [part for part in PARTS if part.name == "panel"]
+    assert "ui" in panel.reads  # a reload that changes ui.language rebuilds the panel

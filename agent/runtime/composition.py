@@ -192,6 +192,7 @@ def _panel(host: Host) -> PanelServer | None:
         token=load_or_create_token(token_path(config)),
         board=stream.board,
         audio=capture.audio,
+        ui=config.ui,
     )
 
 
@@ -248,7 +249,7 @@ PARTS: tuple[Part, ...] = (
     ),
     Part(
         "panel",
-        ("stream", "identity", "supervisor.state_dir"),
+        ("stream", "identity", "supervisor.state_dir", "ui"),
         _panel,
         needs=("stream", "capture"),
         live=True,
