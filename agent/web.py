@@ -88,6 +88,7 @@ class _RequestLogger(logging.LoggerAdapter[logging.Logger]):
             reason = (str(exc.message).strip().splitlines() or [""])[0]
             self.rejections.note(sender, "bad-request", f"{exc.code}: {reason}")
             return
+        kwargs.setdefault("stacklevel", 2)  # the record names aiohttp's line, not this one
         super().log(level, msg, *args, **kwargs)
 
     def process(self, msg: Any, kwargs: MutableMapping[str, Any]) -> tuple[Any, Any]:

@@ -13,10 +13,12 @@ import contextlib
 import logging
 
 import pytest
+from aiohttp import web
 
 from agent.dashboard import DashboardConfig
 from agent.dashboard.server import DashboardServer
 from agent.logs import RejectionLog
+from agent.web import LOOPBACK_NAMES, guard, request_logger
 from tests.brokers import DASHBOARD, BrokerUnderTest
 from tests.rooms import MAIN, room
 
@@ -112,3 +114,34 @@ async def test_the_dashboard_refuses_malformed_requests_with_one_warning(
         task.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await task
+
+
+async def test_a_handlers_own_crash_still_logs_its_traceback(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """Only malformed requests are turned into warnings: a bug is still an ERROR."""
+
+    async def broken(request: web.Request) -> web.StreamResponse:
+        raise RuntimeError("a bug in a handler")
+
+    rejections = RejectionLog(logging.getLogger(__name__), "bad request")
+    app = web.Application(middlewares=[guard(LOOPBACK_NAMES, rejections)])
+    app.router.add_get("/", broken)
+    runner = web.AppRunner(
+        app, access_log=None, logger=request_logger(rejections), handle_signals=False
+    )
+    await runner.setup()
+    try:
+        site = web.TCPSite(runner, "127.0.0.1", 0)
+        await site.start()
+        port = int(runner.addresses[0][1])
+        caplog.set_level(logging.DEBUG, logger="aiohttp")
+        request = f"GET / HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\n\r\n".encode()
+        assert await raw_request(port, request) == 500
+        errors = [r for r in caplog.records if r.levelno >= logging.ERROR]
+        assert len(errors) == 1
+        assert errors[0].exc_info is not None
+        assert errors[0].pathname.endswith("web_protocol.py")  # aiohttp's line, not ours
+        assert rejections.logged == 0
+    finally:
+        await runner.cleanup()
