@@ -243,6 +243,28 @@ async def panel_pages(browser: Any, main: Room, room2: Room) -> None:
     taiwan = await page_in(browser, "zh-TW", main.panel.watch_url())
     assert await taiwan.page.title() == ZH["watch.title"]
 
+    # The main classroom's agent dies mid-lesson (no goodbye: the broker publishes its Last
+    # Will): the receiving room's kiosk says so, in Chinese.
+    await main.host.start_lesson()
+    await until(kiosk.page, "document.getElementById('slate').hidden", within=30, what="live")
+    conn = main.link._conn
+    assert conn is not None
+    assert main.link_task is not None
+    conn.abort()
+    main.link_task.cancel()
+    for task in main.tasks:
+        task.cancel()
+    await until(
+        kiosk.page,
+        "!document.getElementById('slate').hidden && "
+        f"document.getElementById('slate').textContent === {ZH['kiosk.main_offline']!r}",
+        within=15,
+        what="主讲教室离线 on the kiosk",
+    )
+    assert await kiosk.text("#join-state") == ZH["kiosk.state.waiting"]
+    await kiosk.page.screenshot(path=str(ARTIFACTS / "kiosk-main-offline-zh-CN.png"))
+    await kiosk.check("zh-CN", room2.panel.url)
+
 
 async def check_the_dashboard(browser: Any, mosquitto: BrokerUnderTest) -> None:
     specs, groups = fleet_layout(16, per_school=4, live_every=2)
