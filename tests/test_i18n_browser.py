@@ -331,6 +331,18 @@ async def check_the_dashboard(browser: Any, mosquitto: BrokerUnderTest) -> None:
             re.fullmatch(r"已持续 (≥ )?(\d+ (天|小时) )?\d+ (秒|分钟|小时)", s) for s in since
         ), since
         assert re.fullmatch(r"显示 \d+ / \d+ 间教室", await page.text("#shown"))
+        await until(
+            page.page,
+            "[...document.querySelectorAll('#lessons-body .q-detail')]"
+            ".some((n) => n.textContent.includes('帧/秒'))",
+            within=15,
+            what="a lesson's stream figures",
+        )
+        detail = await page.page.evaluate(
+            "[...document.querySelectorAll('#lessons-body .q-detail')]"
+            ".map((n) => n.textContent).find((text) => text.includes('帧/秒'))"
+        )
+        assert re.fullmatch(r"丢包 [\d.]+% · 延迟 \d+ 毫秒 · \d+ 帧/秒", detail), detail
         await page.page.screenshot(path=str(ARTIFACTS / "dashboard-zh-CN.png"))
         await page.check("zh-CN", server.url)
 

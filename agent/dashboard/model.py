@@ -928,6 +928,8 @@ class FleetModel:
             "state": lesson.state,
             "quality": quality,
             "quality_detail": detail,
+            # The same worst-peer figures as numbers: the page words them in its language.
+            "quality_figures": worst_figures(peers),
         }
 
 
@@ -956,17 +958,26 @@ GOOD = {"loss_percent": 2.0, "rtt_ms": 150.0, "fps_min": 20.0}
 FAIR = {"loss_percent": 5.0, "rtt_ms": 300.0, "fps_min": 12.0}
 
 
-def lesson_quality(peers: Iterable[Peer]) -> tuple[str, str]:
-    """``(good|fair|poor|unknown, "loss 0.4 %, rtt 35 ms, 25 fps")`` over the worst peer."""
+def worst_figures(peers: Iterable[Peer]) -> dict[str, float | None]:
+    """The worst peer's ``loss_percent``, ``rtt_ms`` and ``fps`` (None: nobody reported it)."""
     peers = list(peers)
     loss = [p.loss_percent for p in peers if p.loss_percent is not None]
     rtt = [p.rtt_ms for p in peers if p.rtt_ms is not None]
     fps = [p.fps for p in peers if p.fps is not None]
-    if not (loss or rtt or fps):
+    return {
+        "loss_percent": max(loss) if loss else None,
+        "rtt_ms": max(rtt) if rtt else None,
+        "fps": min(fps) if fps else None,
+    }
+
+
+def lesson_quality(peers: Iterable[Peer]) -> tuple[str, str]:
+    """``(good|fair|poor|unknown, "loss 0.4 %, rtt 35 ms, 25 fps")`` over the worst peer."""
+    peers = list(peers)
+    worst = worst_figures(peers)
+    worst_loss, worst_rtt, worst_fps = worst["loss_percent"], worst["rtt_ms"], worst["fps"]
+    if worst_loss is None and worst_rtt is None and worst_fps is None:
         return "unknown", "no stream statistics yet" if peers else "no peers"
-    worst_loss = max(loss) if loss else None
-    worst_rtt = max(rtt) if rtt else None
-    worst_fps = min(fps) if fps else None
 
     def within(limits: Mapping[str, float]) -> bool:
         return (

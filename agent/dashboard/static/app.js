@@ -537,7 +537,8 @@
       const quality = el("td");
       const label = QUALITY_TEXT[lesson.quality] ? t(QUALITY_TEXT[lesson.quality]) : lesson.quality;
       quality.append(el("span", `q q-${lesson.quality}`, label));
-      if (lesson.quality_detail) quality.append(el("span", "q-detail", lesson.quality_detail));
+      const detail = qualityDetail(lesson);
+      if (detail) quality.append(el("span", "q-detail", detail));
       tr.append(quality);
       const started = el("td", "started num");
       started.dataset.started = lesson.started_at || "";
@@ -549,6 +550,18 @@
     $("lessons-empty").textContent = filter.school && lessons.size
       ? t("dash.lessons.none_with", { school: filter.school }) : t("dash.lessons.none");
     tickLessons();
+  }
+
+  function qualityDetail(lesson) {
+    // The worst peer's figures, worded in the page's language (the server's
+    // quality_detail is English).
+    const f = lesson.quality_figures;
+    if (!f) return lesson.quality_detail || "";
+    const parts = [];
+    if (typeof f.loss_percent === "number") parts.push(t("dash.quality.loss", { percent: fixed(f.loss_percent, 1) }));
+    if (typeof f.rtt_ms === "number") parts.push(t("dash.quality.rtt", { ms: fixed(f.rtt_ms, 0) }));
+    if (typeof f.fps === "number") parts.push(t("dash.quality.fps", { fps: fixed(f.fps, 0) }));
+    return parts.length ? parts.join(" · ") : t("dash.quality.no_figures");
   }
 
   function tickLessons() {
