@@ -245,6 +245,10 @@ async def panel_pages(browser: Any, main: Room, room2: Room) -> None:
 
     # The main classroom's agent dies mid-lesson (no goodbye: the broker publishes its Last
     # Will): the receiving room's kiosk says so, in Chinese.
+    # Only the kiosk stays open: a page of the main room would keep offering to watch it
+    # while it goes.
+    for page in (panel, watch, english, forced, french, taiwan):
+        await page.page.context.close()
     await main.host.start_lesson()
     await until(kiosk.page, "document.getElementById('slate').hidden", within=30, what="live")
     conn = main.link._conn
