@@ -14,8 +14,9 @@ import socket
 import ssl
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import paho.mqtt.client as mqtt
 from paho.mqtt.enums import MQTTErrorCode
@@ -29,11 +30,9 @@ from agent.sync.messages import (
     LinkError,
     PublishRejected,
     SubscribeRejected,
+    Traffic,
 )
 from agent.sync.routing import Filter
-
-if TYPE_CHECKING:
-    from agent.sync.link import MqttLink
 
 logger = logging.getLogger(__name__)
 
@@ -79,9 +78,19 @@ class Connection:
     """One paho client and its socket, driven by the event loop (see module doc)."""
 
     def __init__(
-        self, link: MqttLink, client: mqtt.Client, loop: asyncio.AbstractEventLoop
+        self,
+        client: mqtt.Client,
+        loop: asyncio.AbstractEventLoop,
+        *,
+        url: str,
+        traffic: Traffic,
+        connected: asyncio.Event,
+        on_message: Callable[[mqtt.MQTTMessage], None],
     ) -> None:
-        self.link = link
+        self.url = url
+        self.traffic = traffic
+        self.connected = connected  # the link's gate: closed here the moment we are
+        self.on_message = on_message
         self.client = client
         self.loop = loop
         self.connack: asyncio.Future[tuple[ReasonCode, Properties | None]] = loop.create_future()
@@ -152,7 +161,7 @@ class Connection:
         if self.established:
             # Close the gate now, not when run() gets to it: publishes in between
             # must count as dropped / raise LinkDown rather than vanish.
-            self.link._connected.clear()
+            self.connected.clear()
         if not self.closed.done():
             self.closed.set_result(None)
 
@@ -254,7 +263,7 @@ class Connection:
             self._resolve_closed()
 
     def _on_message(self, client: mqtt.Client, userdata: Any, msg: mqtt.MQTTMessage) -> None:
-        self.link._route(msg)
+        self.on_message(msg)
 
     def _on_publish(
         self,
@@ -267,7 +276,7 @@ class Connection:
         pending = self.pending.pop(mid, None)
         if pending is None:
             return  # QoS 0 (written to the socket) or a publish nobody waits for
-        self.link._publish_rtt_ms = (time.monotonic() - pending.started) * 1000.0
+        self.traffic.publish_rtt_ms = (time.monotonic() - pending.started) * 1000.0
         if pending.future.done():
             return
         if reason.is_failure:
@@ -299,7 +308,7 @@ class Connection:
         if text.startswith("Sending PINGREQ"):
             self._ping_sent = time.monotonic()
         elif text.startswith("Received PINGRESP") and self._ping_sent is not None:
-            self.link._ping_rtt_ms = (time.monotonic() - self._ping_sent) * 1000.0
+            self.traffic.ping_rtt_ms = (time.monotonic() - self._ping_sent) * 1000.0
             self._ping_sent = None
         logger.debug("paho: %s", text)
 
@@ -312,12 +321,10 @@ class Connection:
         props = json_properties(PacketTypes.PUBLISH) if is_json else None
         info = self.client.publish(topic, data, qos=qos, retain=retain, properties=props)
         if info.rc == MQTTErrorCode.MQTT_ERR_NO_CONN:
-            raise LinkDown(
-                f"connection to {self.link.url} is closing; publish to {topic!r} not sent"
-            )
+            raise LinkDown(f"connection to {self.url} is closing; publish to {topic!r} not sent")
         if info.rc != MQTTErrorCode.MQTT_ERR_SUCCESS:
             raise LinkError(f"publish to {topic!r} failed: {mqtt.error_string(info.rc)}")
-        self.link._published += 1
+        self.traffic.published += 1
         if qos == 0:
             return None
         future: asyncio.Future[None] = self.loop.create_future()

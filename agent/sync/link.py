@@ -75,6 +75,7 @@ from agent.sync.messages import (
     Message,
     Payload,
     SubscribeRejected,
+    Traffic,
     encode_payload,
 )
 from agent.sync.routing import Filter, Subscription
@@ -175,12 +176,9 @@ class MqttLink:
         self._connects = 0
         self._disconnects = 0
         self._last_error: str | None = None
-        self._published = 0
         self._received = 0
         self._dropped_publishes = 0
-        self._dropped_messages = 0
-        self._publish_rtt_ms: float | None = None
-        self._ping_rtt_ms: float | None = None
+        self._traffic = Traffic()
         self._outage_since: float | None = None
         self._outage_kind: str | None = None
         self._outage_attempts = 0
@@ -248,12 +246,12 @@ class MqttLink:
             connects=self._connects,
             disconnects=self._disconnects,
             last_error=self._last_error,
-            published=self._published,
+            published=self._traffic.published,
             received=self._received,
             dropped_publishes=self._dropped_publishes,
-            dropped_messages=self._dropped_messages,
-            publish_rtt_ms=self._publish_rtt_ms,
-            ping_rtt_ms=self._ping_rtt_ms,
+            dropped_messages=self._traffic.dropped_messages,
+            publish_rtt_ms=self._traffic.publish_rtt_ms,
+            ping_rtt_ms=self._traffic.ping_rtt_ms,
         )
 
     def _load_credentials(self, previous: Credentials | None) -> Credentials:
@@ -305,7 +303,14 @@ class MqttLink:
         client = self._new_client(seq)
         # Callbacks are installed before connect() so that an error paho meets while
         # sending CONNECT (on the connect thread) is still recorded.
-        conn = Connection(self, client, asyncio.get_running_loop())
+        conn = Connection(
+            client,
+            asyncio.get_running_loop(),
+            url=self.url,
+            traffic=self._traffic,
+            connected=self._connected,
+            on_message=self._route,
+        )
         try:
             await connect_in_thread(client, self._host, self._port, self.broker.keepalive_s)
         except ssl.SSLCertVerificationError as exc:

@@ -3,12 +3,9 @@
 from __future__ import annotations
 
 import json
-import logging
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass
 from typing import Any
-
-logger = logging.getLogger(__name__)
 
 Payload = bytes | bytearray | str | Mapping[str, Any]
 
@@ -61,6 +58,17 @@ class Message:
     def json(self) -> Any:
         """The payload parsed as JSON (raises ``ValueError`` if it is not JSON)."""
         return json.loads(self.payload)
+
+
+@dataclass
+class Traffic:
+    """Figures that outlive one connection: each connection and subscription adds to the
+    link's one instance, and `LinkStats` reports them."""
+
+    published: int = 0
+    dropped_messages: int = 0  # received, then dropped from a full subscription queue
+    publish_rtt_ms: float | None = None  # last QoS 1 publish -> PUBACK
+    ping_rtt_ms: float | None = None  # last PINGREQ -> PINGRESP
 
 
 @dataclass(frozen=True)

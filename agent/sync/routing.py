@@ -7,20 +7,12 @@ share it; MQTT 5 subscription identifiers route each message to its filters.
 from __future__ import annotations
 
 import asyncio
-import logging
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from types import TracebackType
-from typing import TYPE_CHECKING, Self
+from typing import Protocol, Self
 
-from agent.sync.messages import (
-    Message,
-)
-
-if TYPE_CHECKING:
-    from agent.sync.link import MqttLink
-
-logger = logging.getLogger(__name__)
+from agent.sync.messages import Message, Traffic
 
 
 def validate_filter(topic_filter: str) -> None:
@@ -37,6 +29,16 @@ def validate_filter(topic_filter: str) -> None:
 
 
 # -- subscriptions ----------------------------------------------------------------------
+
+
+class SubscriptionOwner(Protocol):
+    """What a `Subscription` needs from the link that made it (`MqttLink`)."""
+
+    _traffic: Traffic
+
+    async def _add_subscription(self, sub: Subscription) -> None: ...
+
+    def _remove_subscription(self, sub: Subscription) -> None: ...
 
 
 class Subscription:
@@ -56,7 +58,7 @@ class Subscription:
     (``Message.retain`` is set on them).
     """
 
-    def __init__(self, link: MqttLink, topic_filter: str, qos: int, maxsize: int) -> None:
+    def __init__(self, link: SubscriptionOwner, topic_filter: str, qos: int, maxsize: int) -> None:
         validate_filter(topic_filter)
         if qos not in (0, 1, 2):
             raise ValueError(f"qos must be 0, 1 or 2, got {qos}")
@@ -99,7 +101,7 @@ class Subscription:
         if self._queue.full():
             self._queue.get_nowait()
             self.dropped += 1
-            self._link._dropped_messages += 1
+            self._link._traffic.dropped_messages += 1
         self._queue.put_nowait(message)
 
 
