@@ -24,6 +24,7 @@ from dataclasses import dataclass
 from enum import StrEnum
 from typing import Any, Protocol, runtime_checkable
 
+from agent.aio import first_done
 from agent.backoff import backoff_delay
 
 log = logging.getLogger(__name__)
@@ -157,14 +158,7 @@ class Supervisor:
         if not isinstance(service, Startable):
             await slot.gate.wait()
             return not slot.failed_once.is_set()
-        started = asyncio.ensure_future(service.wait_ready())
-        failed = asyncio.ensure_future(slot.failed_once.wait())
-        try:
-            await asyncio.wait({started, failed}, return_when=asyncio.FIRST_COMPLETED)
-        finally:
-            for future in (started, failed):
-                future.cancel()
-            await asyncio.gather(started, failed, return_exceptions=True)
+        await first_done(service.wait_ready(), slot.failed_once.wait())
         return not slot.failed_once.is_set()
 
     async def replace(

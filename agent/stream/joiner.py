@@ -15,6 +15,7 @@ from enum import StrEnum
 from functools import partial
 from typing import Any
 
+from agent.aio import first_done, wait_first
 from agent.backoff import backoff_delay
 from agent.capture import AudioHub
 from agent.logs import RejectionLog
@@ -26,7 +27,7 @@ from agent.stream.announcement import (
 )
 from agent.stream.controls import MediaControls
 from agent.stream.encoder import SharedH264Encoder
-from agent.stream.peer import IceSettings, PeerSession, describe_error, first_done, wait_first
+from agent.stream.peer import IceSettings, PeerSession, describe_error
 from agent.stream.presence import Presence, watch_presence
 from agent.stream.signalling import (
     LessonInbox,

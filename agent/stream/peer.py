@@ -13,13 +13,14 @@ import contextlib
 import dataclasses
 import logging
 import time
-from collections.abc import Awaitable, Coroutine, Sequence
+from collections.abc import Coroutine, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 from aiortc import RTCPeerConnection, RTCRtpSender, RTCSessionDescription
 from aiortc.mediastreams import MediaStreamError, MediaStreamTrack
 
+from agent.aio import wait_first
 from agent.capture import AudioHub
 from agent.config.models import IceServerConfig
 from agent.stream.audio import HubAudioTrack
@@ -391,27 +392,6 @@ async def finish(work: Coroutine[Any, Any, None]) -> None:
     task.result()
 
 
-async def wait_first(
-    *events: asyncio.Event,
-    timeout: float | None = None,  # noqa: ASYNC109
-) -> asyncio.Event | None:
-    """The first of ``events`` to be set (or None after ``timeout``), with no task left."""
-    for event in events:
-        if event.is_set():
-            return event
-    waiters = {asyncio.ensure_future(event.wait()): event for event in events}
-    try:
-        await asyncio.wait(waiters, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
-    finally:
-        for waiter in waiters:
-            waiter.cancel()
-        await asyncio.gather(*waiters, return_exceptions=True)
-    for event in events:
-        if event.is_set():
-            return event
-    return None
-
-
 async def _drain(track: MediaStreamTrack) -> None:
     with contextlib.suppress(MediaStreamError):
         while True:
@@ -433,14 +413,3 @@ async def _guard(coro: Any, what: str) -> None:
 def describe_error(exc: BaseException) -> str:
     text = str(exc)
     return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
-
-
-async def first_done(*waitables: Awaitable[Any], timeout: float | None = None) -> None:  # noqa: ASYNC109
-    """Until the first of ``waitables`` finishes (or ``timeout``), leaving no task behind."""
-    futures = [asyncio.ensure_future(w) for w in waitables]
-    try:
-        await asyncio.wait(futures, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
-    finally:
-        for future in futures:
-            future.cancel()
-        await asyncio.gather(*futures, return_exceptions=True)
