@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import argparse
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 from agent.config import load_config
@@ -35,7 +35,7 @@ class ConfigSources:
 
     site_files: tuple[Path, ...]
     profile: str | None = None  # a hardware profile named on the command line
-    pushed: Layer | None = field(default=None)  # the verified layer IT pushed (none yet)
+    pushed: Layer | None = None  # the verified layer IT pushed (none yet)
 
     @classmethod
     def from_args(cls, args: argparse.Namespace) -> ConfigSources:

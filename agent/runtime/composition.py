@@ -346,8 +346,3 @@ def plan(
             actions[part.name] = "reconfigure" if in_place else "restart"
     live = tuple(part.name for part in parts if part.live and actions.get(part.name) == "restart")
     return Plan(actions, tuple(sorted(changed)), live)
-
-
-def config_paths_changed(old: AgentConfig, new: AgentConfig) -> list[str]:
-    """The top-level sections that differ (for the journal)."""
-    return [name for name in AgentConfig.model_fields if getattr(old, name) != getattr(new, name)]

@@ -25,7 +25,7 @@ import contextlib
 import logging
 import signal
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 from agent import __version__
@@ -119,7 +119,7 @@ class Agent:
         self.parts = parts
         self.process = ProcessMetrics()
         # Filled in by the daemon once the supervisor exists.
-        self.service_states: Any = dict
+        self.service_states: Callable[[], dict[str, str]] = dict
         self._objects: dict[str, Any] = {}
         for part in parts:
             self._objects[part.name] = part.build(self)
@@ -263,8 +263,7 @@ class Daemon:
         self._supervisor: Supervisor | None = None
         self._broker: MosquittoBroker | None = None
         self.agent: Agent | None = None
-        self.applied = asyncio.Event()  # set after each reload that changed something
-        self._announced_wait = False  # the journal said a reload waits for the lesson
+        self._announced: LoadedConfig | None = None  # the config said to wait for the lesson
 
     async def main(self) -> int:
         loop = asyncio.get_running_loop()
@@ -406,11 +405,11 @@ class Daemon:
 
         The one path for every config change: the site files on SIGHUP, a pushed profile.
         """
-        moving_to_embedded = candidate.config.broker.url is None and self._broker is None
-        url = EMBEDDED if moving_to_embedded else self._planned_url(candidate.config)
+        url = self._planned_url(candidate.config)
+        moving_to_embedded = url == EMBEDDED
         change = agent.plan(candidate, url)
         if change.live and agent.in_lesson():
-            if not self._announced_wait:
+            if self._announced is not candidate:  # once per new config, not per recheck
                 log.warning(
                     "configuration is valid; applying it when the live lesson ends: %s "
                     "(the lesson runs on %s)",
@@ -418,13 +417,13 @@ class Daemon:
                     ", ".join(change.live),
                     extra={"fields": {"changed": list(change.changed)}},
                 )
-                self._announced_wait = True
-            self.notifier.ready()
-            self.notifier.status(
-                f"new configuration waits for the lesson to end ({', '.join(change.live)})"
-            )
+                self._announced = candidate
+                self.notifier.ready()
+                self.notifier.status(
+                    f"new configuration waits for the lesson to end ({', '.join(change.live)})"
+                )
             return candidate
-        self._announced_wait = False
+        self._announced = None
         started = time.monotonic()
         try:
             if moving_to_embedded:
@@ -454,7 +453,6 @@ class Daemon:
             extra={"fields": {"layers": self.loaded.layers, "changed": list(change.changed)}},
         )
         self.notifier.ready()
-        self.applied.set()
         return None
 
     def _planned_url(self, config: AgentConfig) -> str | None:
