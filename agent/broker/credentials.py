@@ -30,7 +30,6 @@ from __future__ import annotations
 import argparse
 import datetime as dt
 import grp
-import ipaddress
 import os
 import secrets
 import sys
@@ -41,13 +40,12 @@ from typing import Any, TextIO
 
 import yaml
 from cryptography import x509
-from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import ec
-from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+from cryptography.x509.oid import NameOID
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from agent.broker.acl import hash_password, render_acl
-from agent.broker.pki import CertPair, make_ca, new_key, write_cert, write_key
+from agent.broker.pki import CertPair, make_ca, sign_certificate, write_cert, write_key
 from agent.config.models import SLUG_PATTERN, IdentityConfig
 from agent.health.discovery import HA_DISCOVERY_PREFIX
 from agent.resources import shipped
@@ -255,32 +253,15 @@ def issue_certificate(
     """
     ca_cert, ca_key = _load_ca(directory)
     now = now or dt.datetime.now(dt.UTC)
-    key = new_key()
-    usage = ExtendedKeyUsageOID.SERVER_AUTH if server_names else ExtendedKeyUsageOID.CLIENT_AUTH
-    builder = (
-        x509.CertificateBuilder()
-        .subject_name(_name(common_name))
-        .issuer_name(ca_cert.subject)
-        .public_key(key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now - dt.timedelta(hours=1))
-        .not_valid_after(now + dt.timedelta(days=days))
-        .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
-        .add_extension(x509.ExtendedKeyUsage([usage]), critical=False)
-        .add_extension(
-            x509.AuthorityKeyIdentifier.from_issuer_public_key(ca_key.public_key()),
-            critical=False,
-        )
+    cert, key = sign_certificate(
+        ca_cert,
+        ca_key,
+        common_name,
+        not_before=now - dt.timedelta(hours=1),
+        not_after=now + dt.timedelta(days=days),
+        server_names=server_names,
+        name=_name(common_name),
     )
-    if server_names:
-        alt: list[x509.GeneralName] = []
-        for entry in server_names:
-            try:
-                alt.append(x509.IPAddress(ipaddress.ip_address(entry)))
-            except ValueError:
-                alt.append(x509.DNSName(entry))
-        builder = builder.add_extension(x509.SubjectAlternativeName(alt), critical=False)
-    cert = builder.sign(ca_key, hashes.SHA256())
     pair = CertPair(cert=out.with_suffix(".pem"), key=out.with_suffix(".key"))
     write_key(pair.key, key)
     write_cert(pair.cert, cert)

@@ -11,6 +11,7 @@ from __future__ import annotations
 import datetime as dt
 import ipaddress
 import os
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -102,15 +103,19 @@ def sign_certificate(
     ca_key: ec.EllipticCurvePrivateKey,
     common_name: str,
     *,
-    server: bool,
     not_before: dt.datetime,
     not_after: dt.datetime,
+    server_names: Sequence[str] = (),
+    name: x509.Name | None = None,
 ) -> tuple[x509.Certificate, ec.EllipticCurvePrivateKey]:
+    """A certificate of ``ca_cert`` and its new key: a server certificate for
+    ``server_names`` (host names and IP addresses), else a client one, CN =
+    ``common_name``."""
     key = new_key()
-    usage = ExtendedKeyUsageOID.SERVER_AUTH if server else ExtendedKeyUsageOID.CLIENT_AUTH
+    usage = ExtendedKeyUsageOID.SERVER_AUTH if server_names else ExtendedKeyUsageOID.CLIENT_AUTH
     builder = (
         x509.CertificateBuilder()
-        .subject_name(_name(common_name))
+        .subject_name(name or _name(common_name))
         .issuer_name(ca_cert.subject)
         .public_key(key.public_key())
         .serial_number(x509.random_serial_number())
@@ -122,17 +127,14 @@ def sign_certificate(
             x509.AuthorityKeyIdentifier.from_issuer_public_key(ca_key.public_key()), critical=False
         )
     )
-    if server:
-        builder = builder.add_extension(
-            x509.SubjectAlternativeName(
-                [
-                    x509.DNSName("localhost"),
-                    x509.IPAddress(ipaddress.ip_address("127.0.0.1")),
-                    x509.IPAddress(ipaddress.ip_address("::1")),
-                ]
-            ),
-            critical=False,
-        )
+    if server_names:
+        alt: list[x509.GeneralName] = []
+        for entry in server_names:
+            try:
+                alt.append(x509.IPAddress(ipaddress.ip_address(entry)))
+            except ValueError:
+                alt.append(x509.DNSName(entry))
+        builder = builder.add_extension(x509.SubjectAlternativeName(alt), critical=False)
     return builder.sign(ca_key, hashes.SHA256()), key
 
 

@@ -31,6 +31,7 @@ from pathlib import Path
 from agent.broker.pki import CertPair, make_ca, save_pair, sign_certificate, write_cert, write_key
 
 DEFAULT_DEVICE_IDS = ("school1.room1", "school1.room2")
+SERVER_NAMES = ("localhost", "127.0.0.1", "::1")  # the test broker listens on loopback
 
 
 @dataclass(frozen=True)
@@ -76,7 +77,12 @@ def make_test_pki(
     write_key(out / "ca.key", ca_key)
 
     server_cert, server_key = sign_certificate(
-        ca_cert, ca_key, "localhost", server=True, not_before=valid_from, not_after=valid_to
+        ca_cert,
+        ca_key,
+        "localhost",
+        server_names=SERVER_NAMES,
+        not_before=valid_from,
+        not_after=valid_to,
     )
     server = save_pair(out, "server", server_cert, server_key)
 
@@ -85,7 +91,7 @@ def make_test_pki(
         if not device_id or "/" in device_id or device_id.startswith("."):
             raise ValueError(f"device id {device_id!r} cannot be used as a file name")
         cert, key = sign_certificate(
-            ca_cert, ca_key, device_id, server=False, not_before=valid_from, not_after=valid_to
+            ca_cert, ca_key, device_id, not_before=valid_from, not_after=valid_to
         )
         clients[device_id] = save_pair(out, device_id, cert, key)
 
@@ -93,7 +99,6 @@ def make_test_pki(
         ca_cert,
         ca_key,
         "expired.device",
-        server=False,
         not_before=now - dt.timedelta(days=30),
         not_after=now - dt.timedelta(days=1),
     )
@@ -106,7 +111,6 @@ def make_test_pki(
         rogue_ca_cert,
         rogue_ca_key,
         first_device,  # same CN as a real device: only the issuer gives it away
-        server=False,
         not_before=valid_from,
         not_after=valid_to,
     )
