@@ -31,11 +31,10 @@ from tests.test_stream_rejoin import (
     GROUP,
     MAIN,
     ROOM2,
-    both_online,
+    go_live,
     joined,
     new_daemon,
     room_config,
-    start_lesson,
     stream_state,
 )
 
@@ -151,10 +150,7 @@ async def test_a_health_change_during_a_live_lesson_applies_at_once_and_nobody_l
         async with observing(mosquitto, f"{prefix}/#") as it:
             await main.start()
             await room2.start()
-            await both_online(it, prefix)
-            await start_lesson(it, prefix)
-            await it.wait_for(lesson_topic, lambda m: ROOM2 in joined(m), within=30)
-            await it.wait_for(room2_health, lambda m: stream_state(m) == "live", within=30)
+            await go_live(it, prefix)
             offers_before = len(it.received(offers))
             assert offers_before >= 1
 

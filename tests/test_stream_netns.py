@@ -31,11 +31,10 @@ from tests.test_stream_rejoin import (
     GROUP,
     MAIN,
     ROOM2,
-    both_online,
+    go_live,
     joined,
     newer,
     room_config,
-    start_lesson,
     stream_state,
 )
 
@@ -120,10 +119,7 @@ async def test_room_behind_a_link_down_for_30_s_is_live_again_within_5_s(
         async with observing(broker, f"{prefix}/#") as it:
             await main.start()
             await room2.start()
-            await both_online(it, prefix)
-            await start_lesson(it, prefix)
-            await it.wait_for(lesson_topic, lambda m: ROOM2 in joined(m), within=30)
-            await it.wait_for(health, lambda m: stream_state(m) == "live", within=30)
+            await go_live(it, prefix)
 
             before = len(it.received(lesson_topic))
             cut = time.monotonic()

@@ -94,6 +94,15 @@ async def both_online(it: MqttObserver, prefix: str, seen: dict[str, int] | None
         await it.wait_for(topic, online, within=30)
 
 
+async def go_live(it: MqttObserver, prefix: str) -> None:
+    """Both rooms online, the button pressed, and the receiving room joined and live."""
+    await both_online(it, prefix)
+    await start_lesson(it, prefix)
+    await it.wait_for(f"{prefix}/lesson/{GROUP}", lambda m: ROOM2 in joined(m), within=30)
+    health = f"{prefix}/school1/room2/health"
+    await it.wait_for(health, lambda m: stream_state(m) == "live", within=30)
+
+
 def new_daemon(tmp_path: Path, name: str, config: dict[str, Any]) -> Daemon:
     folder = tmp_path / name
     folder.mkdir()
