@@ -57,6 +57,19 @@ async def burst(port: int) -> dict[str, set[int]]:
     return statuses
 
 
+async def refused_with_one_warning(
+    port: int, caplog: pytest.LogCaptureFixture, rejections: RejectionLog, logger: str
+) -> None:
+    """A burst of every bad request: each refused (400/421), one warning in all."""
+    caplog.clear()
+    caplog.set_level(logging.DEBUG, logger="aiohttp")
+    caplog.set_level(logging.DEBUG, logger=logger)
+    statuses = await burst(port)
+    for kind, seen in statuses.items():
+        assert seen <= {400, 421}, (kind, seen)
+    check_logged_once(caplog, rejections)
+
+
 def check_logged_once(caplog: pytest.LogCaptureFixture, rejections: RejectionLog) -> None:
     records = caplog.records
     assert not [r for r in records if r.levelno >= logging.ERROR], [
@@ -79,13 +92,7 @@ async def test_the_panel_refuses_malformed_requests_with_one_warning(
         panel = main.panel
         assert panel is not None
         port = int(panel.url.rstrip("/").rsplit(":", 1)[1])
-        caplog.clear()
-        caplog.set_level(logging.DEBUG, logger="aiohttp")
-        caplog.set_level(logging.DEBUG, logger="agent.panel")
-        statuses = await burst(port)
-        for kind, seen in statuses.items():
-            assert seen <= {400, 421}, (kind, seen)
-        check_logged_once(caplog, panel.bad_requests)
+        await refused_with_one_warning(port, caplog, panel.bad_requests, "agent.panel")
         # A good request still gets through (and logs nothing).
         request = f"GET /api/status HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\n\r\n".encode()
         assert await raw_request(port, request) in (200, 401)
@@ -101,13 +108,7 @@ async def test_the_dashboard_refuses_malformed_requests_with_one_warning(
         async with asyncio.timeout(20):
             await server.wait_ready()
         port = int(server.url.rstrip("/").rsplit(":", 1)[1])
-        caplog.clear()
-        caplog.set_level(logging.DEBUG, logger="aiohttp")
-        caplog.set_level(logging.DEBUG, logger="agent.dashboard")
-        statuses = await burst(port)
-        for kind, seen in statuses.items():
-            assert seen <= {400, 421}, (kind, seen)
-        check_logged_once(caplog, server.bad_requests)
+        await refused_with_one_warning(port, caplog, server.bad_requests, "agent.dashboard")
         request = f"GET / HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\n\r\n".encode()
         assert await raw_request(port, request) == 200
     finally:
