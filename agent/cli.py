@@ -16,21 +16,23 @@ from typing import Any
 import yaml
 
 from agent import __version__
-from agent.broker.credentials import add_broker_parser
+from agent.broker import add_broker_parser
 from agent.config import (
     AgentConfig,
     ConfigError,
+    ConfigSources,
     HostFacts,
     LoadedConfig,
+    add_config_options,
     available_profiles,
+    check_profile_file,
+    detect_profile,
     load_config,
     load_profile_file,
+    read_yaml_file,
 )
-from agent.config.loader import read_yaml_file
-from agent.config.profiles import check_profile_file, detect_profile
-from agent.config.sources import ConfigSources, add_config_options
 from agent.dashboard import add_dashboard_parser
-from agent.panel.cli import add_lesson_parser
+from agent.panel import add_lesson_parser
 
 EXIT_OK, EXIT_FAILURE, EXIT_CONFIG = 0, 1, 2
 SECRET_KEYS = ("password", "credential")
@@ -137,7 +139,7 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 def cmd_selftest(args: argparse.Namespace) -> int:
-    from agent.health.selftest import run_selftest_cli
+    from agent.health import run_selftest_cli
     from agent.logs import setup_logging
 
     loaded = _load(args)

@@ -27,10 +27,9 @@ from typing import Any, TextIO
 import yaml
 
 from agent.broker import MosquittoBroker
-from agent.config.models import BrokerConfig, IdentityConfig
+from agent.config import BrokerConfig, IdentityConfig
 from agent.contracts import ContractError, DeviceState, FleetTopics
-from agent.dashboard import DashboardConfig
-from agent.dashboard.server import DashboardServer
+from agent.dashboard import DashboardConfig, DashboardServer
 from agent.panel import PanelClient, PanelUnavailable
 from agent.sync import Message, MqttLink
 

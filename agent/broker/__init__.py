@@ -7,14 +7,21 @@ Mosquitto files for a fleet; ``credentials`` is the ``classroom-agent broker`` c
 """
 
 from agent.broker.acl import render_acl, render_password_file
+from agent.broker.credentials import add_broker_parser
 from agent.broker.embedded import BrokerError, BrokerTls, MosquittoBroker
-from agent.broker.pki import CertPair
+from agent.broker.pki import CertPair, make_ca, save_pair, sign_certificate, write_cert, write_key
 
 __all__ = [
     "BrokerError",
     "BrokerTls",
     "CertPair",
     "MosquittoBroker",
+    "add_broker_parser",
+    "make_ca",
     "render_acl",
     "render_password_file",
+    "save_pair",
+    "sign_certificate",
+    "write_cert",
+    "write_key",
 ]

@@ -57,9 +57,9 @@ import re
 import secrets
 from collections.abc import Iterable, Mapping
 
-from agent.config.models import IdentityConfig, LessonRole
+from agent.config import IdentityConfig, LessonRole
 from agent.contracts import FleetTopics, Topics
-from agent.health.discovery import HA_COMPONENTS, HA_DISCOVERY_PREFIX, ha_node_id
+from agent.health import HA_COMPONENTS, HA_DISCOVERY_PREFIX, ha_node_id
 
 _USER_RE = re.compile(r"^[^:\s#+/]+$")
 PBKDF2_ITERATIONS = 101  # Mosquitto 2.0's default for $7$ hashes

@@ -46,8 +46,8 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from agent.broker.acl import hash_password, render_acl
 from agent.broker.pki import CertPair, make_ca, sign_certificate, write_cert, write_key
-from agent.config.models import SLUG_PATTERN, IdentityConfig
-from agent.health.discovery import HA_DISCOVERY_PREFIX
+from agent.config import SLUG_PATTERN, IdentityConfig
+from agent.health import HA_DISCOVERY_PREFIX
 from agent.resources import shipped
 
 DEFAULT_DIR = Path("/etc/mosquitto/classroom")

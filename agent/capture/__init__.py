@@ -7,10 +7,16 @@ and reopen it with backoff. ``capture`` knows nothing of streaming or sensing.
 """
 
 from agent.capture._native import quiet_audio_libraries
-from agent.capture.audio import AudioSource, open_audio_source
+from agent.capture.audio import (
+    AudioDeviceError,
+    AudioSource,
+    close_pyaudio,
+    open_audio_source,
+    start_pyaudio,
+)
 from agent.capture.devices import CameraInfo, DeviceInventory, MicrophoneInfo, list_devices
 from agent.capture.errors import CaptureError
-from agent.capture.frames import AudioChunk, AudioFormat, Frame, VideoMode
+from agent.capture.frames import AudioChunk, AudioFormat, Frame, Image, VideoMode
 from agent.capture.hub import (
     AudioConsumerStats,
     AudioHub,
@@ -30,6 +36,7 @@ from agent.capture.video import VideoSource, open_video_source
 __all__ = [
     "AudioChunk",
     "AudioConsumerStats",
+    "AudioDeviceError",
     "AudioFormat",
     "AudioHub",
     "AudioSource",
@@ -44,16 +51,19 @@ __all__ = [
     "Frame",
     "FrameHub",
     "FrameSubscription",
+    "Image",
     "MicrophoneInfo",
     "Stamp",
     "StateChange",
     "VideoMode",
     "VideoSource",
     "VideoStats",
+    "close_pyaudio",
     "draw_stamp",
     "list_devices",
     "open_audio_source",
     "open_video_source",
     "quiet_audio_libraries",
     "read_stamp",
+    "start_pyaudio",
 ]

@@ -22,7 +22,7 @@ from agent.capture._native import quiet_audio_libraries
 from agent.capture.errors import CaptureError
 from agent.capture.frames import AudioFormat, Samples
 from agent.capture.pacing import Pacer
-from agent.config.models import AudioConfig
+from agent.config import AudioConfig
 
 log = logging.getLogger(__name__)
 

@@ -38,7 +38,7 @@ from agent.capture.audio import AudioSource
 from agent.capture.errors import CaptureError
 from agent.capture.frames import AudioChunk, AudioFormat, Frame, Image, Samples, VideoMode
 from agent.capture.video import VideoSource
-from agent.config.models import CaptureConfig
+from agent.config import CaptureConfig
 
 log = logging.getLogger(__name__)
 

@@ -21,7 +21,7 @@ from agent.capture.errors import CaptureError
 from agent.capture.frames import Image, VideoMode
 from agent.capture.pacing import Pacer
 from agent.capture.stamp import Stamp, draw_stamp, stamp_height
-from agent.config.models import VideoConfig
+from agent.config import VideoConfig
 
 log = logging.getLogger(__name__)
 

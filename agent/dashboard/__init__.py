@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Any
 from agent.dashboard.cli import add_dashboard_parser, config_from_args, run_dashboard
 from agent.dashboard.config import DashboardConfig, dashboard_config
 from agent.dashboard.model import Changes, FleetModel, ModelStats, lesson_quality
-from agent.testkit.simulate import GroupSpec, RoomSpec, SimFleet, SimRoom, fleet_layout
+from agent.testkit import GroupSpec, RoomSpec, SimFleet, SimRoom, fleet_layout
 
 if TYPE_CHECKING:
     from agent.dashboard.server import DashboardError, DashboardServer, serve_dashboard

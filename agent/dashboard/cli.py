@@ -12,12 +12,11 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, get_args
 
 from agent.broker import BrokerError, MosquittoBroker
-from agent.config.errors import ConfigError
-from agent.config.models import BrokerConfig, UiLanguage
+from agent.config import BrokerConfig, ConfigError, UiLanguage
 from agent.dashboard.config import DEFAULT_BROKER_URL, DashboardConfig, dashboard_config
 from agent.logs import setup_logging
 from agent.sync import LinkConfigError
-from agent.testkit.simulate import SimFleet, fleet_layout
+from agent.testkit import SimFleet, fleet_layout
 
 if TYPE_CHECKING:
     from agent.dashboard.server import DashboardServer

@@ -6,8 +6,14 @@ from typing import Any, Self
 
 from pydantic import Field, ValidationError, model_validator
 
-from agent.config.errors import ConfigError, issues_from_validation
-from agent.config.models import UI_LANGUAGE_DESCRIPTION, BrokerConfig, StrictModel, UiLanguage
+from agent.config import (
+    UI_LANGUAGE_DESCRIPTION,
+    BrokerConfig,
+    ConfigError,
+    StrictModel,
+    UiLanguage,
+    issues_from_validation,
+)
 
 DEFAULT_BROKER_URL = "mqtt://127.0.0.1:1883"
 

@@ -34,7 +34,7 @@ from typing import Any
 from aiohttp import WSCloseCode, WSMsgType, web
 
 from agent import __version__, locales
-from agent.config.models import IdentityConfig
+from agent.config import IdentityConfig
 from agent.contracts import FleetTopics
 from agent.dashboard.config import DashboardConfig
 from agent.dashboard.model import FleetModel

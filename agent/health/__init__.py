@@ -17,12 +17,20 @@ from agent.health.alerts import (
     Severity,
     default_rules,
 )
-from agent.health.discovery import HomeAssistantDiscovery
+from agent.health.discovery import (
+    HA_COMPONENTS,
+    HA_DISCOVERY_PREFIX,
+    HomeAssistantDiscovery,
+    ha_node_id,
+)
 from agent.health.prometheus import MetricsServer
 from agent.health.reporter import HealthReporter
+from agent.health.selftest import SelftestThresholds, run_selftest_cli, selftest_handler
 from agent.health.system import ProcessMetrics, SystemMetrics
 
 __all__ = [
+    "HA_COMPONENTS",
+    "HA_DISCOVERY_PREFIX",
     "ActiveAlert",
     "AlertEngine",
     "AlertEvent",
@@ -32,7 +40,11 @@ __all__ = [
     "Observation",
     "ProcessMetrics",
     "Rule",
+    "SelftestThresholds",
     "Severity",
     "SystemMetrics",
     "default_rules",
+    "ha_node_id",
+    "run_selftest_cli",
+    "selftest_handler",
 ]

@@ -31,7 +31,7 @@ from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import Any, Literal
 
-from agent.config.models import AgentConfig, HealthConfig
+from agent.config import AgentConfig, HealthConfig
 from agent.contracts import ActiveAlertEntry, Alert
 
 log = logging.getLogger(__name__)

@@ -31,9 +31,8 @@ import re
 from dataclasses import dataclass
 from typing import Any
 
-from agent.config.models import IdentityConfig
-from agent.sync import LinkError, MqttLink, PublishRejected
-from agent.sync.topics import Topics
+from agent.config import IdentityConfig
+from agent.sync import LinkError, MqttLink, PublishRejected, Topics
 
 log = logging.getLogger(__name__)
 

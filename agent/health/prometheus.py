@@ -27,7 +27,7 @@ from typing import Any
 
 from aiohttp import web
 
-from agent.config.models import IdentityConfig
+from agent.config import IdentityConfig
 
 log = logging.getLogger(__name__)
 

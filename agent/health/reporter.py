@@ -31,7 +31,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from agent.config.models import AgentConfig, HealthConfig
+from agent.config import AgentConfig, HealthConfig
 from agent.contracts import HEALTH_SCHEMA_VERSION
 from agent.health.alerts import AlertEngine, AlertEvent
 from agent.health.system import SystemMetrics

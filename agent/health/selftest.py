@@ -39,13 +39,10 @@ import numpy as np
 
 from agent.capture import AudioChunk, AudioHub, Frame, FrameHub
 from agent.health.system import existing_parent, read_clock_synced
-from agent.sync import LinkError, Message, MqttLink
-from agent.sync.commands import CommandHandler
-from agent.sync.topics import Topics
+from agent.sync import CommandHandler, LinkError, Message, MqttLink, Topics
 
 if TYPE_CHECKING:
-    from agent.config import LoadedConfig
-    from agent.config.models import HealthConfig
+    from agent.config import HealthConfig, LoadedConfig
 
 log = logging.getLogger(__name__)
 

@@ -6,6 +6,7 @@ browsers as WebRTC viewers. ``classroom-agent lesson start|end|status`` uses the
 API (``agent/panel/client.py``).
 """
 
+from agent.panel.cli import add_lesson_parser
 from agent.panel.client import PanelClient, PanelUnavailable
 from agent.panel.server import PanelError, PanelServer, load_or_create_token, token_path
 from agent.panel.viewers import LatestFrameTrack, Picture, ViewerRefused, Viewers
@@ -19,6 +20,7 @@ __all__ = [
     "Picture",
     "ViewerRefused",
     "Viewers",
+    "add_lesson_parser",
     "load_or_create_token",
     "token_path",
 ]

@@ -8,8 +8,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from agent.config.models import AgentConfig
-from agent.config.sources import ConfigSources, add_config_options
+from agent.config import AgentConfig, ConfigSources, add_config_options
 from agent.panel.client import PanelClient, PanelUnavailable
 from agent.panel.server import panel_url, token_path
 

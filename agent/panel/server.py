@@ -36,17 +36,10 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from agent import locales
 from agent.capture import AudioHub
-from agent.config.models import (
-    DEVICE_ID_PATTERN,
-    AgentConfig,
-    IdentityConfig,
-    StreamConfig,
-    UiConfig,
-)
+from agent.config import DEVICE_ID_PATTERN, AgentConfig, IdentityConfig, StreamConfig, UiConfig
 from agent.logs import RejectionLog
 from agent.panel.viewers import FrameBoard, Picture, ViewerRefused, Viewers
-from agent.stream import JoinState, LessonConflict, LessonHost, StreamService
-from agent.stream.signalling import MAX_MESSAGE_BYTES
+from agent.stream import MAX_MESSAGE_BYTES, JoinState, LessonConflict, LessonHost, StreamService
 from agent.web import expected_hosts, guard, is_loopback, request_logger, same_origin
 
 log = logging.getLogger(__name__)

@@ -32,10 +32,16 @@ from aiortc import RTCPeerConnection, RTCRtpSender, RTCSessionDescription
 from aiortc.mediastreams import MediaStreamError, MediaStreamTrack
 
 from agent.capture import AudioHub
-from agent.config.models import IceServerConfig
-from agent.stream import HubAudioTrack, SharedH264Encoder, route_keyframe_requests
-from agent.stream.ice import gather, new_peer_connection
-from agent.stream.peer import finish, h264_preferences
+from agent.config import IceServerConfig
+from agent.stream import (
+    HubAudioTrack,
+    SharedH264Encoder,
+    finish,
+    gather,
+    h264_preferences,
+    new_peer_connection,
+    route_keyframe_requests,
+)
 
 log = logging.getLogger(__name__)
 

@@ -28,15 +28,27 @@ from agent.health import (
     HealthReporter,
     HomeAssistantDiscovery,
     MetricsServer,
+    SelftestThresholds,
     SystemMetrics,
+    selftest_handler,
 )
-from agent.health.selftest import SelftestThresholds, selftest_handler
 from agent.panel import PanelServer, load_or_create_token, token_path
-from agent.stream import ProbeSink, StreamService
-from agent.stream.playback import open_playback
-from agent.stream.sinks import FanOutSink, FrameObserver, LatestFrames
-from agent.sync import CommandService, MqttLink, Outbox, ReliablePublisher
-from agent.sync.commands import callable_handler, ping_handler
+from agent.stream import (
+    FanOutSink,
+    FrameObserver,
+    LatestFrames,
+    ProbeSink,
+    StreamService,
+    open_playback,
+)
+from agent.sync import (
+    CommandService,
+    MqttLink,
+    Outbox,
+    ReliablePublisher,
+    callable_handler,
+    ping_handler,
+)
 
 
 @runtime_checkable

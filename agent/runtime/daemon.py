@@ -38,8 +38,7 @@ from agent.capture import (
     open_audio_source,
     open_video_source,
 )
-from agent.config import AgentConfig, ConfigError, LoadedConfig
-from agent.config.sources import ConfigSources
+from agent.config import AgentConfig, ConfigError, ConfigSources, LoadedConfig
 from agent.health import ProcessMetrics
 from agent.runtime.composition import PARTS, HealthSource, Inputs, Part, Plan, plan
 from agent.runtime.sdnotify import Notifier, WatchdogService

@@ -24,9 +24,10 @@ from agent.stream.encoder import (
 )
 from agent.stream.hooks import route_bitrate_estimates, route_keyframe_requests
 from agent.stream.host import LessonHost, RoomStatus
+from agent.stream.ice import gather, new_peer_connection
 from agent.stream.joiner import JoinState, LessonJoiner
 from agent.stream.layers import LayerControl, LayerPolicy, LayerPolicySettings
-from agent.stream.peer import IceSettings, PeerSession
+from agent.stream.peer import IceSettings, PeerSession, finish, h264_preferences
 from agent.stream.playback import (
     AudioOutput,
     AudioPlayback,
@@ -99,7 +100,11 @@ __all__ = [
     "TrackStats",
     "VideoLayer",
     "WavFileOutput",
+    "finish",
+    "gather",
+    "h264_preferences",
     "low_layer_size",
+    "new_peer_connection",
     "open_playback",
     "parse_signal",
     "route_bitrate_estimates",

@@ -62,9 +62,8 @@ from aiortc.mediastreams import MediaStreamError, MediaStreamTrack
 from agent.capture import Frame, FrameHub
 
 if TYPE_CHECKING:
-    from agent.capture.frames import Image
-    from agent.capture.hub import FrameSubscription
-    from agent.config.models import StreamConfig
+    from agent.capture import FrameSubscription, Image
+    from agent.config import StreamConfig
     from agent.stream.controls import MediaControls
 
 log = logging.getLogger(__name__)

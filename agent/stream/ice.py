@@ -34,7 +34,7 @@ from typing import Any
 
 from aiortc import RTCConfiguration, RTCIceServer, RTCPeerConnection, RTCSessionDescription
 
-from agent.config.models import IceServerConfig
+from agent.config import IceServerConfig
 from agent.stream import hooks
 
 log = logging.getLogger(__name__)

@@ -22,7 +22,7 @@ from aiortc.mediastreams import MediaStreamError, MediaStreamTrack
 
 from agent.aio import wait_first
 from agent.capture import AudioHub
-from agent.config.models import IceServerConfig
+from agent.config import IceServerConfig
 from agent.stream.audio import HubAudioTrack
 from agent.stream.controls import MediaControls
 from agent.stream.encoder import EncodedVideoTrack, SharedH264Encoder

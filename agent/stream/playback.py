@@ -48,9 +48,8 @@ import pyaudio
 from numpy.typing import NDArray
 
 from agent.backoff import backoff_delay
-from agent.capture import DeviceState
-from agent.capture.audio import AudioDeviceError, close_pyaudio, start_pyaudio
-from agent.config.models import PlaybackConfig
+from agent.capture import AudioDeviceError, DeviceState, close_pyaudio, start_pyaudio
+from agent.config import PlaybackConfig
 
 log = logging.getLogger(__name__)
 

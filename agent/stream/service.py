@@ -16,7 +16,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from agent.capture import AudioHub, FrameHub
-from agent.config.models import LessonRole, StreamConfig
+from agent.config import LessonRole, StreamConfig
 from agent.stream import hooks
 from agent.stream.controls import MediaControls
 from agent.stream.encoder import EncoderSettings, SharedH264Encoder

@@ -7,7 +7,13 @@ stats), `Topics` (every topic name), the errors below, `ReliablePublisher` over 
 ``agent.health``; broker administration and the embedded Mosquitto in ``agent.broker``.
 """
 
-from agent.sync.commands import CommandError, CommandService
+from agent.sync.commands import (
+    CommandError,
+    CommandHandler,
+    CommandService,
+    callable_handler,
+    ping_handler,
+)
 from agent.sync.link import MqttLink
 from agent.sync.messages import (
     LinkAuthError,
@@ -32,6 +38,7 @@ from agent.sync.topics import Topics
 
 __all__ = [
     "CommandError",
+    "CommandHandler",
     "CommandService",
     "Delivery",
     "LinkAuthError",
@@ -50,4 +57,6 @@ __all__ = [
     "SubscribeRejected",
     "Subscription",
     "Topics",
+    "callable_handler",
+    "ping_handler",
 ]

@@ -11,7 +11,7 @@ import ssl
 from dataclasses import dataclass
 from pathlib import Path
 
-from agent.config.models import BrokerConfig, IdentityConfig
+from agent.config import BrokerConfig, IdentityConfig
 from agent.sync.messages import (
     LinkConfigError,
 )

@@ -54,7 +54,7 @@ from paho.mqtt.enums import CallbackAPIVersion
 from paho.mqtt.packettypes import PacketTypes
 
 from agent.backoff import backoff_delay
-from agent.config.models import BROKER_URL_PATTERN, BrokerConfig, IdentityConfig
+from agent.config import BROKER_URL_PATTERN, BrokerConfig, IdentityConfig
 from agent.contracts import DeviceState, StateStatus, iso_time
 from agent.sync.connection import (
     Connection,

@@ -28,7 +28,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from agent.broker.pki import CertPair, make_ca, save_pair, sign_certificate, write_cert, write_key
+from agent.broker import CertPair, make_ca, save_pair, sign_certificate, write_cert, write_key
 
 DEFAULT_DEVICE_IDS = ("school1.room1", "school1.room2")
 SERVER_NAMES = ("localhost", "127.0.0.1", "::1")  # the test broker listens on loopback

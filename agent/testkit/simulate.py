@@ -35,7 +35,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from agent.config.models import BrokerConfig, IdentityConfig
+from agent.config import BrokerConfig, IdentityConfig
 from agent.sync import LinkError, MqttLink
 
 logger = logging.getLogger(__name__)
