@@ -283,3 +283,38 @@ async def test_moving_between_the_embedded_broker_and_a_configured_one(
         daemon.process.send_signal(signal.SIGTERM)
         assert await daemon.wait_exit() == 0
     assert "Traceback" not in daemon.log()
+
+
+@pytest.mark.slow
+async def test_a_reload_whose_credentials_the_broker_refuses_keeps_the_old_link(
+    mosquitto: BrokerUnderTest, tmp_path: Path, daemon_factory: Any
+) -> None:
+    """At start, refused credentials exit 2 (test_daemon.py); on reload the new link is on
+    trial: its refusal fails only it, and the running link is put back."""
+    config = site_config(mosquitto, tmp_path)
+    daemon = daemon_factory(config)
+    state = f"{mosquitto.prefix}/school1/room1/state"
+    health = f"{mosquitto.prefix}/school1/room1/health"
+    wrong = tmp_path / "wrong.password"
+    wrong.write_text("not-the-password\n")
+    async with observing(mosquitto, state, health) as observer:
+        await daemon.start()
+        await daemon.wait_notified("READY=1")
+        await observer.wait_for(state, lambda m: m.json()["status"] == "online")
+        daemon.write_config({**config, "broker": {**config["broker"], "password_file": str(wrong)}})
+        assert daemon.process is not None
+        births = len(observer.received(state))
+        daemon.process.send_signal(signal.SIGHUP)
+        await daemon.wait_log("new configuration not applied; keeping the running one")
+        assert "refused the credentials" in daemon.log()
+        # The old link is back: a fresh birth, and health flows again.
+        await observer.wait_for(
+            state,
+            lambda m: m.json()["status"] == "online" and len(observer.received(state)) > births,
+            within=20,
+        )
+        seen = len(observer.received(health))
+        await observer.wait_for(health, lambda m: len(observer.received(health)) > seen + 1)
+        assert daemon.process.returncode is None
+        daemon.process.send_signal(signal.SIGTERM)
+        assert await daemon.wait_exit() == 0

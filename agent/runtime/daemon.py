@@ -226,20 +226,27 @@ class Agent:
             ]
             late = await supervisor.wait_started(started, timeout=START_WAIT_S)
             if not late:
+                supervisor.end_trial(started)
                 return
             reason = f"{', '.join(late)} did not start with the new configuration"
         except Exception as exc:
             log.exception("applying the new configuration failed; putting the old one back")
             reason = f"applying it failed: {exc}"
         # Put the old parts back: their services run again, with the old config.
-        await self._switch(rebuilt, {p.name: old_objects[p.name] for p in rebuilt}, supervisor)
+        old = {p.name: old_objects[p.name] for p in rebuilt}
+        await self._switch(rebuilt, old, supervisor, trial=False)
         self.loaded, self.config, self.profile, self.broker_url = old_state
         for name in change.reconfigures:
             self._objects[name].reconfigure(self.config)
         raise ReloadFailed(reason)
 
     async def _switch(
-        self, rebuilt: list[Part], objects: dict[str, Any], supervisor: Supervisor
+        self,
+        rebuilt: list[Part],
+        objects: dict[str, Any],
+        supervisor: Supervisor,
+        *,
+        trial: bool = True,
     ) -> None:
         """Stop the rebuilt parts' services (dependants first), then start the new ones."""
         for part in reversed(rebuilt):
@@ -249,7 +256,7 @@ class Agent:
         for part in rebuilt:
             self._objects[part.name] = objects[part.name]
             if _is_service(objects[part.name]):
-                await supervisor.replace(objects[part.name].name, objects[part.name])
+                await supervisor.replace(objects[part.name].name, objects[part.name], trial=trial)
 
 
 class Daemon:

@@ -83,6 +83,10 @@ class _Slot:
         self.failed_once = asyncio.Event()  # set by the first failure of this service
         self.gate = asyncio.Event()  # a replacement waits for its predecessor to stop
         self.gate.set()
+        # A replacement on trial (a reload is checking that it starts): an error that is
+        # fatal for the process (refused credentials) fails only this service, so the
+        # reload can put the old one back.
+        self.on_trial = False
 
     def set(self, state: ServiceState) -> None:
         self.state = state
@@ -167,10 +171,12 @@ class Supervisor:
         service: Service | None,
         *,
         grace_s: float = 10.0,
+        trial: bool = False,
     ) -> None:
         """Stop the running service ``name`` (if any) and run ``service`` in its place
         (``None`` removes it). The others keep running; the new one starts only once the
-        old one has stopped (it may need the same port or device)."""
+        old one has stopped (it may need the same port or device). With ``trial``, a fatal
+        error fails only the new service until `end_trial`."""
         if self._group is None:
             raise RuntimeError("the supervisor is not running")
         slot: _Slot | None = None
@@ -178,6 +184,7 @@ class Supervisor:
             if service.name != name:
                 raise ValueError(f"service {service.name!r} cannot replace {name!r}")
             slot = _Slot(service)
+            slot.on_trial = trial
             slot.gate.clear()
             self._slots[name] = slot  # same key: keeps the status order
             new_task = self._group.create_task(self._keep_running(slot), name=f"service:{name}")
@@ -190,6 +197,12 @@ class Supervisor:
             log.error("service %s did not stop within %.1f s", name, grace_s)
         if slot is not None:
             slot.gate.set()
+
+    def end_trial(self, names: Iterable[str]) -> None:
+        """The reload kept these services: from now on their fatal errors stop the process."""
+        for name in names:
+            if name in self._slots:
+                self._slots[name].on_trial = False
 
     async def run(self) -> None:
         """Run every service until cancelled, or until one exhausts its restart budget."""
@@ -223,6 +236,9 @@ class Supervisor:
                 slot.last_error = f"{type(exc).__name__}: {exc}"
                 slot.failed_once.set()
                 slot.set(ServiceState.FAILED)
+                if slot.on_trial:
+                    log.error("service %s cannot start: %s", name, slot.last_error)
+                    return
                 raise
             except Exception as exc:
                 slot.last_error = f"{type(exc).__name__}: {exc}"

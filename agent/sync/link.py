@@ -53,6 +53,7 @@ import paho.mqtt.client as mqtt
 from paho.mqtt.enums import CallbackAPIVersion
 from paho.mqtt.packettypes import PacketTypes
 
+from agent.aio import first_done
 from agent.backoff import backoff_delay
 from agent.config import BROKER_URL_PATTERN, BrokerConfig, IdentityConfig
 from agent.contracts import DeviceState, StateStatus, iso_time
@@ -164,6 +165,9 @@ class MqttLink:
         self._running = False
         self._conn: Connection | None = None
         self._connected = asyncio.Event()
+        # Set once the first attempt has ended either way (connected, or failed in a way
+        # a retry may fix): what "started" means for the link (`wait_ready`).
+        self._tried = asyncio.Event()
         self._credentials: Credentials | None = None
         self._filters: dict[str, Filter] = {}
         self._by_sub_id: dict[int, Filter] = {}
@@ -194,6 +198,12 @@ class MqttLink:
     def seq(self) -> int:
         """Birth sequence number of the current (or last) connection."""
         return self._seq
+
+    async def wait_ready(self) -> None:
+        """Until the first connection attempt has ended: connected, or failed in a way a
+        retry may fix (refused credentials end ``run()`` instead). Not a promise that the
+        broker is up: a room starts and works without it."""
+        await first_done(self._tried.wait(), self._connected.wait())
 
     async def wait_connected(self, timeout: float | None = None) -> None:  # noqa: ASYNC109
         """Wait until the link is connected (birth sent); ``TimeoutError`` after ``timeout``."""
@@ -271,6 +281,8 @@ class MqttLink:
             while True:
                 outcome = await self._connect_and_serve()
                 self._after_attempt(outcome)
+                if outcome.kind != "tls_closed" or self._ever_connected:
+                    self._tried.set()  # a bare TLS close is believed only twice: wait for it
                 if outcome.kind == "lost" and outcome.uptime_s >= STABLE_AFTER_S:
                     attempt = 0
                     outage_since = time.monotonic()
