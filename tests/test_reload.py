@@ -24,6 +24,7 @@ import pytest
 
 from agent.config import build_config
 from agent.config.loader import DEFAULTS_LAYER, Layer
+from agent.panel import PanelClient
 from agent.runtime import Agent
 from tests.brokers import BrokerUnderTest, observing
 from tests.test_daemon import daemon_factory, site_config
@@ -318,3 +319,58 @@ async def test_a_reload_whose_credentials_the_broker_refuses_keeps_the_old_link(
         assert daemon.process.returncode is None
         daemon.process.send_signal(signal.SIGTERM)
         assert await daemon.wait_exit() == 0
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(120)
+async def test_a_mixed_change_applies_its_harmless_part_now_and_the_rest_after_the_lesson(
+    mosquitto: BrokerUnderTest, tmp_path: Path, daemon_factory: Any
+) -> None:
+    main_room = {"groups": [{"group": "music", "role": "main", "receivers": ["school1.room2"]}]}
+    daemon = daemon_factory(site_config(mosquitto, tmp_path, identity=main_room))
+    health = f"{mosquitto.prefix}/school1/room1/health"
+    async with observing(mosquitto, health) as observer:
+        await daemon.start()
+        await daemon.wait_notified("READY=1")
+        await daemon.wait_log("teacher panel at ")
+        found = re.search(r"teacher panel at (http://[0-9.:]+/)", daemon.log())
+        assert found is not None, daemon.log()
+        panel = PanelClient(found.group(1))
+        started = await asyncio.to_thread(panel.start, None, "Mixed reload")
+        assert started["ok"], started
+
+        daemon.write_config(
+            site_config(
+                mosquitto,
+                tmp_path,
+                identity=main_room,
+                health={"interval_s": 3},
+                capture={"video": {"width": 640, "height": 360, "fps": 15}},
+            )
+        )
+        assert daemon.process is not None
+        daemon.process.send_signal(signal.SIGHUP)
+        await daemon.wait_log("applying it when the live lesson ends")
+        await daemon.wait_log("applied the part of the new configuration the lesson does not")
+        assert "(health)" in daemon.log()
+        # The health part is in force during the lesson; the camera is not changed yet.
+        seen = len(observer.received(health))
+        await observer.wait_for(health, lambda m: len(observer.received(health)) >= seen + 3)
+        recent = observer.received(health)[seen:]
+        gaps = [b.json()["ts"] - a.json()["ts"] for a, b in itertools.pairwise(recent[1:])]
+        assert gaps
+        assert min(gaps) > 2.0, gaps
+        assert all(str(m.json()["capture"]["video"]["mode"]).startswith("320x240") for m in recent)
+        status = await asyncio.to_thread(panel.status)
+        assert status["hosting"][0]["lesson"]["lesson_id"] == started["lesson_id"]
+
+        ended = await asyncio.to_thread(panel.end)
+        assert ended["ok"], ended
+        await observer.wait_for(
+            health,
+            lambda m: str(m.json()["capture"]["video"]["mode"]).startswith("640x360"),
+            within=30,
+        )
+        daemon.process.send_signal(signal.SIGTERM)
+        assert await daemon.wait_exit() == 0
+    assert "Traceback" not in daemon.log()

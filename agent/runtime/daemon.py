@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
 import signal
 import time
@@ -415,6 +416,7 @@ class Daemon:
         moving_to_embedded = url == EMBEDDED
         change = agent.plan(candidate, url)
         if change.live and agent.in_lesson():
+            await self._apply_what_the_lesson_allows(agent, supervisor, candidate)
             if self._announced is not candidate:  # once per new config, not per recheck
                 log.warning(
                     "configuration is valid; applying it when the live lesson ends: %s "
@@ -460,6 +462,37 @@ class Daemon:
         )
         self.notifier.ready()
         return None
+
+    async def _apply_what_the_lesson_allows(
+        self, agent: Agent, supervisor: Supervisor, candidate: LoadedConfig
+    ) -> None:
+        """Apply now the sections of ``candidate`` that the live lesson does not run on
+        (health, alerts, metrics...); the rest waits for the lesson end."""
+        running = agent.config
+        now: dict[str, Any] = {}
+        for name in AgentConfig.model_fields:
+            value = getattr(candidate.config, name)
+            if value == getattr(running, name):
+                continue
+            alone = dataclasses.replace(
+                agent.loaded, config=running.model_copy(update={name: value})
+            )
+            if not agent.plan(alone, agent.broker_url).live:
+                now[name] = value
+        if not now:
+            return
+        partial = dataclasses.replace(agent.loaded, config=running.model_copy(update=now))
+        change = agent.plan(partial, agent.broker_url)
+        try:
+            await agent.apply(change, partial, agent.broker_url, supervisor)
+        except ReloadFailed as exc:
+            log.error("the part of the new configuration that could apply now did not: %s", exc)
+            return
+        log.info(
+            "applied the part of the new configuration the lesson does not run on (%s): %s",
+            ", ".join(now),
+            change.describe(),
+        )
 
     def _planned_url(self, config: AgentConfig) -> str | None:
         if config.broker.url is not None:
