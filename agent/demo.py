@@ -26,7 +26,7 @@ from typing import Any, TextIO
 
 import yaml
 
-from agent.broker import MosquittoBroker
+from agent.broker import LocalCredentials, locked_broker
 from agent.config import BrokerConfig, IdentityConfig
 from agent.contracts import ContractError, DeviceState, FleetTopics
 from agent.dashboard import DashboardConfig, DashboardServer
@@ -46,7 +46,10 @@ ROOMS = [
 ]
 MAX_ROOMS = len(ROOMS)
 PANEL_PORT = 8470  # the main room's panel; receiving rooms' kiosks follow
-FLEET = FleetTopics(BrokerConfig.model_fields["topic_prefix"].get_default())
+PREFIX: str = BrokerConfig.model_fields["topic_prefix"].get_default()
+FLEET = FleetTopics(PREFIX)
+# Read-only users of the demo broker: the demo's own monitor and the dashboard it serves.
+MONITOR, DASHBOARD = "monitor", "dashboard"
 
 
 @dataclass
@@ -65,26 +68,31 @@ class RoomView:
     stop_s: float | None = None
 
 
+def room_identity(room: tuple[str, str, str, str], receivers: list[str]) -> dict[str, Any]:
+    """The ``identity`` section of one demo room (its site file, and the broker's ACL)."""
+    site, name, display, role = room
+    membership: dict[str, Any] = {"group": GROUP, "role": role}
+    if role == "main":
+        membership["receivers"] = receivers
+    return {"site": site, "room": name, "display_name": display, "groups": [membership]}
+
+
 def site_file(
     workdir: Path,
     room: tuple[str, str, str, str],
     broker_url: str,
     receivers: list[str],
     panel_port: int,
+    *,
+    password_file: Path,
 ) -> Path:
-    site, name, display, role = room
-    membership: dict[str, Any] = {"group": GROUP, "role": role}
-    if role == "main":
-        membership["receivers"] = receivers
+    site, name, _, _ = room
     config = {
-        "identity": {
-            "site": site,
-            "room": name,
-            "display_name": display,
-            "groups": [membership],
-        },
+        "identity": room_identity(room, receivers),
         "hardware": {"profile": "virtual"},
-        "broker": {"url": broker_url, "keepalive_s": 5},
+        # Its own password on the demo's broker, which has the fleet's ACL: a room can
+        # speak only as itself, as in a school.
+        "broker": {"url": broker_url, "keepalive_s": 5, "password_file": str(password_file)},
         "capture": {"video": {"width": 640, "height": 360, "fps": 25}},
         "health": {"interval_s": 1},
         # Everything stays on this machine: loopback ICE candidates, no STUN server.
@@ -173,6 +181,8 @@ class Demo:
         self.dashboard_port = dashboard_port
         self.dashboard_url = ""
         self.main = next(f"{s}.{r}" for s, r, _, role in self.rooms if role == "main")
+        self.receivers = [f"{site}.{name}" for site, name, _, role in self.rooms if role != "main"]
+        self.credentials: LocalCredentials  # made with the broker, in run()
         self._tasks: set[asyncio.Task[None]] = set()
         self.panels_text = ""
 
@@ -195,10 +205,22 @@ class Demo:
         loop = asyncio.get_running_loop()
         for signum in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(signum, self._stop.set)
-        async with MosquittoBroker() as broker:
-            self.out.write(f"embedded Mosquitto at {broker.url}; files in {self.workdir}\n")
+        locked, self.credentials = locked_broker(
+            [
+                IdentityConfig.model_validate(room_identity(room, self.receivers))
+                for room in self.rooms
+            ],
+            self.workdir / "broker",
+            prefix=PREFIX,
+            readers=[MONITOR, DASHBOARD],
+        )
+        async with locked as broker:
+            self.out.write(
+                f"embedded Mosquitto at {broker.url} (a password per room and the fleet's ACL, "
+                f"in {self.workdir / 'broker'}); files in {self.workdir}\n"
+            )
             monitor = MqttLink(
-                BrokerConfig(url=broker.url),
+                self.credentials.broker_config(MONITOR, broker.url, topic_prefix=PREFIX),
                 IdentityConfig(site="demo", room="monitor"),
                 software_version="demo",
                 profile_name="-",
@@ -206,7 +228,9 @@ class Demo:
             )
             dashboard = DashboardServer(
                 DashboardConfig(
-                    broker=BrokerConfig(url=broker.url),
+                    broker=self.credentials.broker_config(
+                        DASHBOARD, broker.url, topic_prefix=PREFIX
+                    ),
                     port=self.dashboard_port,
                     health_interval_s=1,
                 )
@@ -243,11 +267,17 @@ class Demo:
         logs.mkdir(parents=True, exist_ok=True)
         taken: set[int] = set()
         for index, room in enumerate(self.rooms):
-            receivers = [f"{site}.{name}" for site, name, _, role in self.rooms if role != "main"]
             view = self.views[f"{room[0]}.{room[1]}"]
             view.panel_port = free_port(PANEL_PORT + index, taken)
             taken.add(view.panel_port)
-            path = site_file(self.workdir, room, broker_url, receivers, view.panel_port)
+            path = site_file(
+                self.workdir,
+                room,
+                broker_url,
+                self.receivers,
+                view.panel_port,
+                password_file=self.credentials.password_file(view.device),
+            )
             log_file = (logs / f"{view.device}.log").open("wb")
             view.process = await asyncio.create_subprocess_exec(
                 sys.executable,

@@ -292,9 +292,10 @@ class MqttObserver:
         self._client.on_subscribe = lambda c, u, mid, rcs, p: subscribed.set()
         self._client.connect(self.host, self.port, keepalive=10)
         self._client.loop_start()
-        if not connected.wait(10):
-            raise TimeoutError("observer did not connect")
-        if reasons[0].is_failure:
+        if not connected.wait(10) or reasons[0].is_failure:
+            self._client.loop_stop()  # a refused observer leaves no network thread behind
+            if not reasons:
+                raise TimeoutError("observer did not connect")
             raise ConnectionError(f"observer refused by the broker: {reasons[0]}")
         for topic_filter in filters:
             subscribed.clear()

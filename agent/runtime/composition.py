@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 from typing import Any, Literal, Protocol, runtime_checkable
 
 from agent import __version__
+from agent.broker import embedded_password_file
 from agent.capture import AudioHub, CaptureService, FrameHub, open_audio_source, open_video_source
 from agent.config import AgentConfig
 from agent.health import (
@@ -106,8 +107,17 @@ def _capture(host: Host) -> CaptureService:
 
 def _link(host: Host) -> MqttLink:
     config = host.config
+    broker = config.broker
+    if host.broker_url is not None:  # the embedded broker: this room's generated password
+        broker = broker.model_copy(
+            update={
+                "username": None,
+                "password": None,
+                "password_file": embedded_password_file(config),
+            }
+        )
     return MqttLink(
-        config.broker,
+        broker,
         config.identity,
         software_version=__version__,
         profile_name=host.profile,
@@ -237,7 +247,12 @@ def _metrics(host: Host) -> MetricsServer | None:
 
 PARTS: tuple[Part, ...] = (
     Part("capture", ("capture",), _capture, live=True),
-    Part("mqtt", ("broker", "identity", "runtime.broker_url", "runtime.profile"), _link, live=True),
+    Part(
+        "mqtt",
+        ("broker", "identity", "runtime.broker_url", "runtime.profile", "supervisor.state_dir"),
+        _link,
+        live=True,
+    ),
     Part(
         "publisher",
         ("supervisor.state_dir", "health.store_max_rows"),

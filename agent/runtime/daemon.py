@@ -30,7 +30,7 @@ from collections.abc import Callable, Mapping
 from typing import Any
 
 from agent import __version__
-from agent.broker import MosquittoBroker
+from agent.broker import RoomBroker
 from agent.capture import (
     AudioSource,
     CaptureError,
@@ -53,7 +53,6 @@ EXIT_OK, EXIT_FAILURE, EXIT_CONFIG = 0, 1, 2
 RELOAD_RECHECK_S = 1.0  # how soon a reload held back by a lesson follows its end
 READY_WAIT_S = 20.0  # READY=1 after this long even if a service is still starting
 START_WAIT_S = 15.0  # a reloaded service that has not started by then is rolled back
-EMBEDDED = "embedded"  # a placeholder URL while planning a move to the embedded broker
 
 
 def preflight_media_files(config: AgentConfig) -> None:
@@ -268,7 +267,7 @@ class Daemon:
         self._stop = asyncio.Event()
         self._reload = asyncio.Event()
         self._supervisor: Supervisor | None = None
-        self._broker: MosquittoBroker | None = None
+        self._brokers = RoomBroker()  # the embedded broker, when broker.url is empty
         self.agent: Agent | None = None
         self._announced: LoadedConfig | None = None  # the config said to wait for the lesson
 
@@ -283,23 +282,11 @@ class Daemon:
             log.error("%s", exc)
             return EXIT_CONFIG
         try:
-            return await self._serve(await self._broker_url(self.loaded.config))
+            return await self._serve(await self._brokers.start_for(self.loaded.config))
         finally:
-            if self._broker is not None:
-                await self._broker.stop()
+            await self._brokers.keep_only(None)
             for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
                 loop.remove_signal_handler(signum)
-
-    async def _broker_url(self, config: AgentConfig) -> str | None:
-        """The embedded broker's URL when ``broker.url`` is empty (started if needed)."""
-        if config.broker.url is not None:
-            return None
-        if self._broker is None:
-            broker = MosquittoBroker()
-            await broker.start()
-            self._broker = broker
-            log.info("no broker configured: started the embedded Mosquitto at %s", broker.url)
-        return self._broker.url
 
     async def _serve(self, broker_url: str | None) -> int:
         config = self.loaded.config
@@ -412,8 +399,8 @@ class Daemon:
 
         The one path for every config change: the site files on SIGHUP, a pushed profile.
         """
-        url = self._planned_url(candidate.config)
-        moving_to_embedded = url == EMBEDDED
+        url = self._brokers.url_for(candidate.config)
+        moving_to_embedded = url == RoomBroker.PENDING
         change = agent.plan(candidate, url)
         if change.live and agent.in_lesson():
             await self._apply_what_the_lesson_allows(agent, supervisor, candidate)
@@ -435,25 +422,19 @@ class Daemon:
         started = time.monotonic()
         try:
             if moving_to_embedded:
-                url = await self._broker_url(candidate.config)
+                url = await self._brokers.start_for(candidate.config)
                 change = agent.plan(candidate, url)
             await agent.apply(change, candidate, url, supervisor)
         except ReloadFailed as exc:
             log.error("new configuration not applied; keeping the running one: %s", exc)
-            if moving_to_embedded and self._broker is not None and agent.broker_url is None:
-                await self._broker.stop()
-                self._broker = None
-            self.notifier.ready()
+            await self._reloaded(agent)
             return None
         except Exception as exc:
             log.exception("new configuration not applied: %s", exc)
-            self.notifier.ready()
+            await self._reloaded(agent)
             return None
         self.loaded = candidate
-        if candidate.config.broker.url is not None and self._broker is not None:
-            await self._broker.stop()  # the link has moved to the configured broker
-            self._broker = None
-            log.info("stopped the embedded Mosquitto: broker.url is configured now")
+        await self._brokers.keep_only(agent.broker_url)
         log.info(
             "reloaded configuration in %.3f s: %s",
             time.monotonic() - started,
@@ -494,10 +475,10 @@ class Daemon:
             change.describe(),
         )
 
-    def _planned_url(self, config: AgentConfig) -> str | None:
-        if config.broker.url is not None:
-            return None
-        return self._broker.url if self._broker is not None else EMBEDDED
+    async def _reloaded(self, agent: Agent) -> None:
+        """After a reload that did not apply: only the broker the link uses stays up."""
+        await self._brokers.keep_only(agent.broker_url)
+        self.notifier.ready()
 
     async def _shutdown(self, running: asyncio.Task[None], grace_s: float) -> float:
         started = time.monotonic()
