@@ -14,9 +14,10 @@ from enum import StrEnum
 from pathlib import Path
 from typing import Annotated, Literal, Self
 
-from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator, model_validator
+from pydantic import Field, SecretStr, field_validator, model_validator
 
 from agent import contracts
+from agent.config.base import StrictModel
 
 # Defined once in agent.contracts (every layer reads them); named here for the config.
 RESERVED_SITES = contracts.RESERVED_SITES
@@ -30,12 +31,6 @@ Slug = Annotated[
         description="Lower-case letters, digits, '-' and '_' (it becomes part of MQTT topics)",
     ),
 ]
-
-
-class StrictModel(BaseModel):
-    """Base for every config section: unknown keys are errors, objects are immutable."""
-
-    model_config = ConfigDict(extra="forbid", frozen=True, validate_default=True)
 
 
 class LessonRole(StrEnum):
