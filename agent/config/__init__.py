@@ -6,6 +6,7 @@ command-line options it reads); everything after it uses the typed ``AgentConfig
 
 from __future__ import annotations
 
+from agent.config.base import StrictModel
 from agent.config.errors import ConfigError, ConfigIssue, issues_from_validation
 from agent.config.loader import Layer, LoadedConfig, build_config, read_yaml_file
 from agent.config.models import (
@@ -23,7 +24,6 @@ from agent.config.models import (
     LessonRole,
     PlaybackConfig,
     StreamConfig,
-    StrictModel,
     UiConfig,
     UiLanguage,
     VideoConfig,

@@ -18,9 +18,9 @@ from typing import Any
 
 from pydantic import Field, ValidationError
 
+from agent.config.base import StrictModel
 from agent.config.errors import ConfigError, ConfigIssue, issues_from_validation
 from agent.config.loader import Layer, build_config, read_yaml_file
-from agent.config.models import StrictModel
 from agent.resources import shipped
 
 PROFILES_ENV = "CLASSROOM_AGENT_PROFILES"
