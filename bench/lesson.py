@@ -29,16 +29,23 @@ on a machine), then ``end_lesson()`` and wait for every room to be back in
 stamps (capture wall time in the picture against wall time after decode), video fps
 and audio gaps per room. "main cpu %" is this process (main room + broker client).
 
-``rural`` (``--rural-rooms 2 --rural-seconds 15 --rural-settle 5``): each receiving room in
-a process of its own behind `agent.testkit.impair.impaired` with 60 ms RTT (the main
-room is not impaired: half the delay each way in the room's process), 2 % loss each
-way and a 2 Mbit/s bottleneck with a 200 ms drop-tail queue; MQTT is not impaired.
-Over the window: delivered video fps, glass-to-glass, audio gaps, and the video layer
-the main room sends each room (``PeerSession.describe()["layer"]``, sampled every
-0.5 s). Audio gaps come from the received frames' ``pts`` (the RTP timestamp; aiortc
-conceals nothing): a jump of more than 1.5 frame durations is one gap, the jump minus
-one frame is missing audio; "stalls" are arrival gaps of more than 1.5 frame durations
-(late audio, not lost audio).
+``rural`` (``--rural-rooms 2 --rural-seconds 15 --rural-settle 5 --preset NAME,...``): each
+receiving room in a process of its own behind `agent.testkit.impair.impaired` (the main
+room is not impaired: half the delay each way in the room's process; MQTT is not
+impaired), once per link preset: ``rural-good`` (60 ms RTT, 2 % loss each way, 2 Mbit/s),
+``rural-poor`` (150 ms, 5 %, 1 Mbit/s), ``4g-burst`` (80 ms, 50 ms jitter, Gilbert loss in
+bursts of 4 averaging 3 %, 3 Mbit/s), ``satellite`` (600 ms, 1 %, 2 Mbit/s), every one with
+a 200 ms drop-tail queue; ``--delay --jitter --loss --burst --rate --queue`` change the
+chosen presets (alone: one custom link). Over the window, per room: delivered video fps,
+glass-to-glass, audio missing (% of the window), video stalls (no new picture for more
+than 0.5 s) and the longest, the rate the main room offered the room's link (everything
+that reached the shim inbound, media, retransmissions and RTCP) against the link's rate,
+the bottleneck's queue drops, and the share of time on each video layer the main room
+sends (``PeerSession.describe()["layer"]``, sampled every 0.5 s). Audio gaps come from
+the received frames' ``pts`` (the RTP timestamp; aiortc conceals nothing): a jump of
+more than 1.5 frame durations is one gap, the jump minus one frame is missing audio.
+A Chromium receiving room cannot sit behind the shim: it hooks aioice inside one Python
+process, and Chromium has its own network stack.
 
 ``flow`` (the earlier part 2, not run by default): the same lesson flow with every
 room in this process, once, from ``start_lesson()`` to ``live`` and to the first
@@ -50,6 +57,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import dataclasses
 import fractions
 import multiprocessing
 import multiprocessing.connection
@@ -342,6 +350,7 @@ def _broker_config(url: str) -> BrokerConfig:
 
 MAIN_ROOM = "central.room1"
 RTP_WRAP = 1 << 32
+VIDEO_STALL_S = 0.5  # no new picture for this long: a stall a viewer sees
 
 
 @dataclass
@@ -356,9 +365,23 @@ class Window:
     audio_missing_ms: float = 0.0
     audio_stalls: int = 0  # arrival gaps longer than 1.5 frames (jitter, not loss)
     longest_stall_ms: float = 0.0
+    last_video: float | None = None
+    video_stalls: int = 0  # no new picture for more than VIDEO_STALL_S
+    longest_video_gap_s: float = 0.0
+
+    def video_frame(self, now: float) -> None:
+        self.video_frames += 1
+        gap = now - (self.started if self.last_video is None else self.last_video)
+        if gap > VIDEO_STALL_S:
+            self.video_stalls += 1
+        self.longest_video_gap_s = max(self.longest_video_gap_s, gap)
+        self.last_video = now
 
     def summary(self) -> dict[str, Any]:
-        elapsed = max(1e-6, time.monotonic() - self.started)
+        now = time.monotonic()
+        elapsed = max(1e-6, now - self.started)
+        # A picture that stopped before the window ended is a stall too.
+        tail = now - (self.started if self.last_video is None else self.last_video)
         return {
             "seconds": elapsed,
             "fps": self.video_frames / elapsed,
@@ -368,6 +391,8 @@ class Window:
             "audio_missing_ms": self.audio_missing_ms,
             "audio_stalls": self.audio_stalls,
             "longest_stall_ms": self.longest_stall_ms,
+            "video_stalls": self.video_stalls + (tail > VIDEO_STALL_S),
+            "longest_video_gap_s": max(self.longest_video_gap_s, tail),
         }
 
 
@@ -419,7 +444,7 @@ class RoomSink:
                 if lesson is not None and lesson not in self._seen:
                     self._seen.add(lesson)
                     self._emit(("first", self.room, lesson, now))
-                window.video_frames += 1
+                window.video_frame(now)
                 stamp = read_stamp(luma(frame))
                 if stamp is not None:
                     window.latencies_ms.append((time.time_ns() - stamp.time_ns) / 1e6)
@@ -435,6 +460,7 @@ class RoomsSpec:
     broker_url: str
     impairment: LinkImpairment | None = None
     send_back: bool = True  # each room's own 320x240 camera and microphone, sent back
+    stream: StreamConfig = field(default_factory=StreamConfig)
 
 
 def rooms_process(
@@ -487,7 +513,7 @@ async def _rooms_main(
                     link,
                     video,
                     audio,
-                    StreamConfig(),
+                    spec.stream,
                     host_addresses=LOOPBACK,
                     sink=sink,
                 )
@@ -509,16 +535,19 @@ async def _rooms_main(
                 for link in links:
                     await link.wait_connected()
             events.send(("ready", spec.rooms))
+            shim_mark: dict[str, dict[str, int]] | None = None
             while True:
                 command = await inbox.get()
                 if command == "mark":
                     for sink in sinks.values():
                         sink.window = Window()
+                    shim_mark = None if link_stats is None else link_stats.describe()
                 elif command == "report":
                     summary = {d: s.window.summary() for d, s in sinks.items()}
-                    events.send(
-                        ("report", summary, None if link_stats is None else link_stats.describe())
-                    )
+                    shim = None
+                    if link_stats is not None:
+                        shim = _since(shim_mark, link_stats.describe())
+                    events.send(("report", summary, shim))
                 else:  # "stop", or the parent went away
                     break
         finally:
@@ -526,6 +555,15 @@ async def _rooms_main(
                 task.cancel()
             await asyncio.gather(*tasks, return_exceptions=True)
             asyncio.get_running_loop().remove_reader(commands.fileno())
+
+
+def _since(
+    mark: dict[str, dict[str, int]] | None, now: dict[str, dict[str, int]]
+) -> dict[str, dict[str, int]]:
+    """The shim's counters over the window (``now`` minus ``mark``), per direction."""
+    if mark is None:
+        return now
+    return {way: {k: v - mark[way].get(k, 0) for k, v in d.items()} for way, d in now.items()}
 
 
 def _reader(conn: multiprocessing.connection.Connection) -> asyncio.Queue[Any]:
@@ -558,8 +596,10 @@ class LessonBench:
         *,
         processes: int,
         impairment: LinkImpairment | None = None,
+        stream: StreamConfig | None = None,
     ) -> None:
         self.rooms = [f"rural{i}.room1" for i in range(1, count + 1)]
+        self.stream = stream or StreamConfig()
         self.capture = capture
         self.processes = max(1, min(processes, count))
         self.impairment = impairment
@@ -598,7 +638,7 @@ class LessonBench:
         )
         video = FrameHub(open_video_source(self.capture.video), self.capture)
         audio = AudioHub(open_audio_source(self.capture.audio), self.capture)
-        service = StreamService(link, video, audio, StreamConfig(), host_addresses=LOOPBACK)
+        service = StreamService(link, video, audio, self.stream, host_addresses=LOOPBACK)
         self.host = service.hosts["g1"]
         for coro in (link.run(), video.run(), audio.run(), service.run()):
             self._tasks.append(asyncio.create_task(coro))
@@ -607,7 +647,7 @@ class LessonBench:
         for rooms in groups:
             commands_r, commands_w = ctx.Pipe(duplex=False)
             events_r, events_w = ctx.Pipe(duplex=False)
-            spec = RoomsSpec(tuple(rooms), self.broker.url, self.impairment)
+            spec = RoomsSpec(tuple(rooms), self.broker.url, self.impairment, stream=self.stream)
             process = ctx.Process(
                 target=rooms_process, args=(commands_r, events_w, spec), daemon=True
             )
@@ -769,14 +809,22 @@ class RuralRow:
     joins_s: list[float | None]
     rooms_summary: dict[str, dict[str, Any]]
     layers: dict[str, Any]
-    shims: list[Any]
+    shims: list[Any]  # per room (one room per process), the shim's counters over the window
 
 
 async def measure_rural(
-    count: int, capture: CaptureConfig, impairment: LinkImpairment, settle_s: float, seconds: float
+    count: int,
+    capture: CaptureConfig,
+    impairment: LinkImpairment,
+    settle_s: float,
+    seconds: float,
+    *,
+    stream: StreamConfig | None = None,
 ) -> RuralRow:
     """``count`` rooms, each in its own process behind its own impaired link."""
-    async with LessonBench(count, capture, processes=count, impairment=impairment) as bench:
+    async with LessonBench(
+        count, capture, processes=count, impairment=impairment, stream=stream
+    ) as bench:
         _, times = await bench.start(within=60)
         await asyncio.sleep(settle_s)
         summary, layers, shims = await bench.window(seconds)
@@ -787,11 +835,102 @@ async def measure_rural(
 # -- main -----------------------------------------------------------------------------------
 
 
+def _print_rural(preset: str, row: RuralRow, summary: list[tuple[str, str, str]]) -> None:
+    """One table row per room; the worst room's figures into the summary."""
+    print(
+        f"{'room':<14}{'join s':>7}{'fps':>6}{'g2g p50':>9}{'p95 ms':>8}{'audio miss':>11}"
+        f"{'stalls':>7}{'longest s':>10}{'send kbps':>10}{'link':>6}{'q drops':>8}"
+        "  layer time (share of 0.5 s samples)"
+    )
+    link_kbps = row.impairment.rate_kbps
+    worst: dict[str, float] = {}
+    for index, (room, join) in enumerate(zip(sorted(row.rooms_summary), row.joins_s, strict=False)):
+        data = row.rooms_summary[room]
+        samples = row.layers["samples"].get(room, {})
+        total = max(1, sum(samples.values()))
+        layer_time = ", ".join(f"{k} {100 * v / total:.0f}%" for k, v in sorted(samples.items()))
+        shim = row.shims[index] if index < len(row.shims) and row.shims[index] else {}
+        inbound = shim.get("in", {})
+        send_kbps = 8 * inbound.get("bytes_offered", 0) / 1000 / max(1e-6, data["seconds"])
+        missing = 100 * data["audio_missing_ms"] / (1000 * data["seconds"])
+        p95 = _quantile(data["latencies_ms"], 0.95)
+        print(
+            f"{room:<14}{_fmt(join, '.2f'):>7}{data['fps']:>6.1f}"
+            f"{_fmt(_quantile(data['latencies_ms'], 0.5), '.0f'):>9}{_fmt(p95, '.0f'):>8}"
+            f"{missing:>10.1f}%{data['video_stalls']:>7}{data['longest_video_gap_s']:>10.1f}"
+            f"{send_kbps:>10.0f}{_fmt(link_kbps, '.0f'):>6}{inbound.get('dropped_queue', 0):>8}"
+            f"  {layer_time}",
+            flush=True,
+        )
+        worst["fps"] = min(worst.get("fps", 1e9), data["fps"])
+        worst["p95"] = max(worst.get("p95", 0.0), p95 or 0.0)
+        worst["missing"] = max(worst.get("missing", 0.0), missing)
+        worst["gap"] = max(worst.get("gap", 0.0), data["longest_video_gap_s"])
+    if worst:
+        summary.append(
+            (
+                f"{preset}: worst room fps / g2g p95 / audio missing / longest stall",
+                f"{worst['fps']:.1f} fps / {worst['p95']:.0f} ms / {worst['missing']:.1f} % / "
+                f"{worst['gap']:.1f} s",
+                RURAL_TARGETS.get(preset, ""),
+            )
+        )
+
+
+RURAL_TARGETS = {
+    "rural-poor": "p95 <= 400 ms, >= 15 fps (or audio only), audio <= 1 %",
+    "rural-good": "30 fps, p95 <= 200 ms, audio <= 0.5 %",
+    "4g-burst": "stall <= 2 s, audio <= 2 %",
+    "satellite": "stall <= 2 s, audio <= 2 %",
+}
+
+
 def _fmt(value: float | None, spec: str) -> str:
     return "-" if value is None else format(value, spec)
 
 
-RURAL = LinkImpairment(delay_ms=60, loss=0.02, rate_kbps=2000, queue_ms=200, seed=7)
+PRESETS: dict[str, LinkImpairment] = {
+    # Thin ADSL at a village school: what the project tested first.
+    "rural-good": LinkImpairment(delay_ms=60, loss=0.02, rate_kbps=2000, queue_ms=200, seed=7),
+    # A poor line: the lesson stopped being two-way here (issue 13).
+    "rural-poor": LinkImpairment(delay_ms=150, loss=0.05, rate_kbps=1000, queue_ms=200, seed=7),
+    # 4G: bursty (Gilbert) loss averaging 3 %, 50 ms of jitter.
+    "4g-burst": LinkImpairment(
+        delay_ms=80, jitter_ms=50, loss=0.03, loss_burst=4, rate_kbps=3000, queue_ms=200, seed=7
+    ),
+    # Geostationary satellite: long, mostly clean.
+    "satellite": LinkImpairment(delay_ms=600, loss=0.01, rate_kbps=2000, queue_ms=200, seed=7),
+}
+RURAL = PRESETS["rural-good"]
+
+
+def _impairment(args: argparse.Namespace) -> list[tuple[str, LinkImpairment]]:
+    """The links to run: the named presets, or one built from the options."""
+    custom = {
+        "delay_ms": args.delay,
+        "jitter_ms": args.jitter,
+        "loss": args.loss,
+        "loss_burst": args.burst,
+        "rate_kbps": args.rate,
+        "queue_ms": args.queue,
+    }
+    given = {k: v for k, v in custom.items() if v is not None}
+    links: list[tuple[str, LinkImpairment]] = []
+    for name in args.preset.split(","):
+        if name not in PRESETS:
+            raise SystemExit(f"--preset {name}: unknown; choose from {', '.join(PRESETS)}")
+        links.append((name, dataclasses.replace(PRESETS[name], **given)))
+    if given and not args.preset_given:
+        links = [("custom", dataclasses.replace(PRESETS["rural-good"], **given))]
+    return links
+
+
+def _describe_link(imp: LinkImpairment) -> str:
+    burst = f" (bursts of {imp.loss_burst:g})" if imp.loss_burst > 1 else ""
+    loss = f"{imp.loss:.0%} loss{burst}"
+    jitter = f" ±{imp.jitter_ms / 2:g} ms jitter," if imp.jitter_ms else ""
+    rate = "unlimited" if imp.rate_kbps is None else f"{imp.rate_kbps:g} kbit/s"
+    return f"{imp.delay_ms:g} ms RTT,{jitter} {loss} each way, {rate} (queue {imp.queue_ms:g} ms)"
 
 
 def _parse() -> argparse.Namespace:
@@ -817,9 +956,24 @@ def _parse() -> argparse.Namespace:
     parser.add_argument("--rural-seconds", type=float, default=15.0, help="rural: window")
     parser.add_argument("--rural-settle", type=float, default=5.0, help="rural: before window")
     parser.add_argument(
+        "--preset",
+        default=None,
+        help=f"rural: link presets, comma-separated, from {', '.join(PRESETS)} "
+        "(default: all; rural-good with --quick)",
+    )
+    parser.add_argument("--delay", type=float, help="rural: RTT ms (overrides the preset)")
+    parser.add_argument("--jitter", type=float, help="rural: peak-to-peak RTT jitter ms")
+    parser.add_argument("--loss", type=float, help="rural: loss each way, 0..1")
+    parser.add_argument("--burst", type=float, help="rural: mean loss burst, packets (Gilbert)")
+    parser.add_argument("--rate", type=float, help="rural: bottleneck kbit/s each way")
+    parser.add_argument("--queue", type=float, help="rural: bottleneck queue ms (drop-tail)")
+    parser.add_argument(
         "--quick", action="store_true", help="a short run: 1,3 rooms, 2 starts, short windows"
     )
     args = parser.parse_args()
+    args.preset_given = args.preset is not None
+    if args.preset is None:
+        args.preset = "rural-good" if args.quick else ",".join(PRESETS)
     if args.skip_flow:
         args.sections = "cpu"
     if args.quick:
@@ -925,61 +1079,17 @@ async def main() -> None:
             )
 
     if "rural" in sections:
-        imp = RURAL
-        print(
-            f"\n== rural link: {args.rural_rooms} room(s), each in its own process behind "
-            f"{imp.delay_ms:g} ms RTT, {imp.loss:.0%} loss each way, {imp.rate_kbps:g} kbit/s "
-            f"(queue {imp.queue_ms:g} ms); {args.rural_seconds:g} s window after "
-            f"{args.rural_settle:g} s",
-            flush=True,
-        )
-        row_r = await measure_rural(
-            args.rural_rooms, capture, imp, args.rural_settle, args.rural_seconds
-        )
-        print(
-            f"{'room':<14}{'join s':>7}{'fps':>6}{'g2g p50':>9}{'p95 ms':>8}{'gaps':>6}"
-            f"{'missing ms':>11}{'stalls':>7}{'layer':>8}  layer time (0.5 s samples)"
-        )
-        all_g2g: list[float] = []
-        for room, join in zip(sorted(row_r.rooms_summary), row_r.joins_s, strict=False):
-            data = row_r.rooms_summary[room]
-            all_g2g += data["latencies_ms"]
-            final = row_r.layers["final"].get(room, {})
-            samples = row_r.layers["samples"].get(room, {})
+        for preset, imp in _impairment(args):
             print(
-                f"{room:<14}{_fmt(join, '.2f'):>7}{data['fps']:>6.1f}"
-                f"{_fmt(_quantile(data['latencies_ms'], 0.5), '.0f'):>9}"
-                f"{_fmt(_quantile(data['latencies_ms'], 0.95), '.0f'):>8}"
-                f"{data['audio_gaps']:>6}{data['audio_missing_ms']:>11.0f}"
-                f"{data['audio_stalls']:>7}{final.get('layer')!s:>8}  {samples}"
+                f"\n== {preset}: {args.rural_rooms} room(s), each in its own process behind "
+                f"{_describe_link(imp)}; {args.rural_seconds:g} s window after "
+                f"{args.rural_settle:g} s",
+                flush=True,
             )
-            summary.append(
-                (
-                    f"rural {room}: audio gaps / missing",
-                    f"{data['audio_gaps']} / {data['audio_missing_ms']:.0f} ms in "
-                    f"{data['seconds']:.0f} s ({data['audio_frames']} frames)",
-                    "",
-                )
+            row_r = await measure_rural(
+                args.rural_rooms, capture, imp, args.rural_settle, args.rural_seconds
             )
-            summary.append(
-                (
-                    f"rural {room}: video fps, layer at end",
-                    f"{data['fps']:.1f} fps, {final.get('layer')} "
-                    f"(switches {final.get('layer_switches')}, rtt {final.get('rtt_ms')} ms, "
-                    f"loss {final.get('loss_percent')} %)",
-                    "",
-                )
-            )
-        for shim in row_r.shims:
-            print(f"shim counters: {shim}")
-        summary.append(
-            (
-                "rural glass-to-glass: median / p95",
-                f"{_fmt(_quantile(all_g2g, 0.5), '.0f')} / {_fmt(_quantile(all_g2g, 0.95), '.0f')}"
-                " ms",
-                "",
-            )
-        )
+            _print_rural(preset, row_r, summary)
 
     if "flow" in sections:
         count = max(int(c) for c in args.receivers.split(","))

@@ -117,6 +117,7 @@ class LinkCounters:
     dropped_queue: int = 0
     delayed: int = 0
     bytes_sent: int = 0
+    bytes_offered: int = 0  # everything offered, lost or queued-out included
 
     @property
     def offered(self) -> int:
@@ -129,6 +130,7 @@ class LinkCounters:
             self.dropped_queue + other.dropped_queue,
             self.delayed + other.delayed,
             self.bytes_sent + other.bytes_sent,
+            self.bytes_offered + other.bytes_offered,
         )
 
 
@@ -180,6 +182,8 @@ class ImpairedLink:
                 "dropped_loss": d.counters.dropped_loss,
                 "dropped_queue": d.counters.dropped_queue,
                 "delayed": d.counters.delayed,
+                "bytes_sent": d.counters.bytes_sent,
+                "bytes_offered": d.counters.bytes_offered,
             }
             for way, d in self._ways.items()
         }
@@ -205,6 +209,7 @@ class ImpairedLink:
         if self.closed:
             deliver()
             return
+        way.counters.bytes_offered += size
         if self._lost(way):
             way.counters.dropped_loss += 1
             return
