@@ -33,6 +33,7 @@ from agent.config import (
 )
 from agent.dashboard import add_dashboard_parser
 from agent.panel import add_lesson_parser
+from agent.runtime import add_profile_parser
 
 EXIT_OK, EXIT_FAILURE, EXIT_CONFIG = 0, 1, 2
 SECRET_KEYS = ("password", "credential")
@@ -130,12 +131,13 @@ def cmd_devices(args: argparse.Namespace) -> int:
 
 def cmd_run(args: argparse.Namespace) -> int:
     from agent.logs import setup_logging
-    from agent.runtime import run_daemon
+    from agent.runtime import load_with_profiles, run_daemon
 
-    loaded = _load(args)
-    log_cfg = loaded.config.logging
+    site = _load(args)  # a bad site file is reported before anything else happens
+    log_cfg = site.config.logging
     setup_logging(args.log_level or log_cfg.level, args.log_format or log_cfg.format)
-    return run_daemon(loaded, ConfigSources.from_args(args))
+    loaded, sources, book = load_with_profiles(ConfigSources.from_args(args))
+    return run_daemon(loaded, sources, book)
 
 
 def cmd_selftest(args: argparse.Namespace) -> int:
@@ -203,6 +205,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_broker_parser(sub)
     add_dashboard_parser(sub)
     add_lesson_parser(sub)
+    add_profile_parser(sub)
 
     demo = sub.add_parser("demo", help="run a demo fleet on an embedded broker")
     demo.add_argument("--rooms", type=int, default=3, help="rooms to start (1-8)")

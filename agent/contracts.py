@@ -37,7 +37,7 @@ SLUG_PATTERN = r"^[a-z0-9][a-z0-9_-]{0,62}$"
 DEVICE_ID_PATTERN = r"^[a-z0-9][a-z0-9_-]{0,62}\.[a-z0-9][a-z0-9_-]{0,62}$"
 LESSON_ID_PATTERN = r"^[A-Za-z0-9_-]{1,64}$"
 # Top-level topic names that are not sites: {prefix}/lesson/{group}, {prefix}/rtc/{from}/{to}.
-RESERVED_SITES = frozenset({"lesson", "rtc"})
+RESERVED_SITES = frozenset({"lesson", "rtc", "fleet"})
 
 _SLUG = re.compile(SLUG_PATTERN)
 _DEVICE_ID = re.compile(DEVICE_ID_PATTERN)
@@ -124,6 +124,40 @@ class FleetTopics:
     @property
     def config_reported_all(self) -> str:
         return self._all("config/reported")
+
+    @property
+    def config_keys(self) -> str:
+        """Retained ``keys`` document that replaces the pinned IT keys (signed by a threshold)."""
+        return f"{self.prefix}/fleet/config/keys"
+
+    def config_desired_for(self, layer: str) -> str:
+        """Where IT publishes the profile of one layer (``fleet``, ``school:SITE``,
+        ``group:GROUP``, ``room:SITE.ROOM``); rooms keep theirs under their own topics."""
+        kind, _, name = layer.partition(":")
+        if kind == "fleet" and not name:
+            return f"{self.prefix}/fleet/config/desired"
+        if kind == "school":
+            return f"{self.prefix}/fleet/school/{_slug('site', name)}/config/desired"
+        if kind == "group":
+            return f"{self.prefix}/fleet/group/{_slug('lesson group', name)}/config/desired"
+        if kind == "room":
+            return self.device(name).config_desired
+        raise ContractError(f"unknown profile layer {layer!r}: fleet, school:, group:, room:")
+
+    def layer_of_desired(self, topic: str) -> str | None:
+        """The layer a ``config/desired`` topic belongs to (None: not such a topic)."""
+        levels = topic.split("/")
+        if levels[0] != self.prefix or levels[-2:] != ["config", "desired"]:
+            return None
+        middle = levels[1:-2]
+        if middle == ["fleet"]:
+            return "fleet"
+        if len(middle) == 3 and middle[0] == "fleet" and middle[1] in ("school", "group"):
+            return f"{middle[1]}:{middle[2]}" if is_slug(middle[2]) else None
+        if len(middle) == 2 and middle[0] not in RESERVED_SITES:
+            device = f"{middle[0]}.{middle[1]}"
+            return f"room:{device}" if is_device_id(device) else None
+        return None
 
     @property
     def lesson_all(self) -> str:

@@ -52,7 +52,7 @@ def test_layers_later_wins_and_every_value_knows_its_source(tmp_path: Path) -> N
         IDENTITY + "hardware:\n  profile: celeron-720p\ncapture:\n  video:\n    fps: 15\n",
     )
     pushed = Layer("pushed profile v7", {"capture": {"video": {"fps": 10}}})
-    loaded = load_config([site], pushed=pushed)
+    loaded = load_config([site], pushed=[pushed])
     video = loaded.config.capture.video
     assert (video.source, video.width, video.fps) == ("camera", 1280, 10)
     assert loaded.source_of("capture.video.fps") == "pushed profile v7"

@@ -13,9 +13,13 @@ The scheme (Mosquitto 2.0 ``acl_file`` syntax), for prefix ``edu`` and device
     topic write edu/school1/room1/config/reported
     topic write edu/school1/room1/cmd/+/result
     topic read edu/school1/room1/config/desired
+    topic read edu/fleet/config/desired   # the fleet's, the school's and the key set:
+    topic read edu/fleet/school/school1/config/desired
+    topic read edu/fleet/config/keys
     topic read edu/school1/room1/cmd/+
     topic readwrite edu/school1/room1/probe   # the self-test's broker round trip
     topic readwrite edu/lesson/music      # 'readwrite' for the main room, 'read' otherwise
+    topic read edu/fleet/group/music/config/desired
     topic write homeassistant/sensor/school1_room1/+/config
     topic write homeassistant/binary_sensor/school1_room1/+/config
 
@@ -110,6 +114,10 @@ def device_acl_lines(
         f"topic write {topics.config_reported}",
         f"topic write {topics.cmd_result_filter}",
         f"topic read {topics.config_desired}",
+        # The profiles of every scope it belongs to (signed by IT; see agent.sync.envelope).
+        f"topic read {topics.config_desired_for('fleet')}",
+        f"topic read {topics.config_desired_for(f'school:{identity.site}')}",
+        f"topic read {topics.config_keys}",
         f"topic read {topics.cmd_filter}",
         # The one topic a device both writes and reads: the self-test sends a message
         # there and waits for it to come back through the broker (agent.health.selftest).
@@ -118,6 +126,7 @@ def device_acl_lines(
     for membership in identity.groups:
         access = "readwrite" if membership.role is LessonRole.MAIN else "read"
         lines.append(f"topic {access} {topics.lesson(membership.group)}")
+        lines.append(f"topic read {topics.config_desired_for(f'group:{membership.group}')}")
     if identity.groups:
         # Lesson peers watch each other's online state (a main room's Last Will ends
         # the rooms' attempts); state carries no media and no personal data.

@@ -37,11 +37,20 @@ from agent.config.profiles import (
     load_profile,
     load_profile_file,
 )
-from agent.config.sources import ConfigSources, add_config_options, load_config
+from agent.config.pushed import FORBIDDEN_PROFILE_KEYS, ProfilesConfig
+from agent.config.sources import (
+    ConfigSources,
+    add_broker_client_options,
+    add_config_options,
+    broker_client_fields,
+    load_config,
+    profile_layer,
+)
 
 __all__ = [
     "BROKER_URL_PATTERN",
     "DEVICE_ID_PATTERN",
+    "FORBIDDEN_PROFILE_KEYS",
     "SLUG_PATTERN",
     "UI_LANGUAGE_DESCRIPTION",
     "AgentConfig",
@@ -60,13 +69,16 @@ __all__ = [
     "LessonRole",
     "LoadedConfig",
     "PlaybackConfig",
+    "ProfilesConfig",
     "StreamConfig",
     "StrictModel",
     "UiConfig",
     "UiLanguage",
     "VideoConfig",
+    "add_broker_client_options",
     "add_config_options",
     "available_profiles",
+    "broker_client_fields",
     "build_config",
     "check_profile_file",
     "detect_profile",
@@ -74,5 +86,6 @@ __all__ = [
     "load_config",
     "load_profile",
     "load_profile_file",
+    "profile_layer",
     "read_yaml_file",
 ]

@@ -18,6 +18,7 @@ from pydantic import Field, SecretStr, field_validator, model_validator
 
 from agent import contracts
 from agent.config.base import StrictModel
+from agent.config.pushed import ProfilesConfig
 
 # Defined once in agent.contracts (every layer reads them); named here for the config.
 RESERVED_SITES = contracts.RESERVED_SITES
@@ -539,3 +540,6 @@ class AgentConfig(StrictModel):
         default_factory=SupervisorConfig, description="Service restarts, shutdown, state"
     )
     ui: UiConfig = Field(default_factory=UiConfig, description="The local pages' language")
+    profiles: ProfilesConfig = Field(
+        default_factory=ProfilesConfig, description="Trust for config profiles pushed by IT"
+    )

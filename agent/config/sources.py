@@ -1,5 +1,5 @@
 """Where the effective config comes from: the site files, the hardware profile named on
-the command line, and (with the profiles work) the layer IT pushed, persisted on disk.
+the command line, and the profiles IT pushed (verified, persisted, one layer per scope).
 
 Both command lines (``classroom-agent`` and its ``lesson`` command) and the daemon's
 reload read the config through `ConfigSources`, so the layers are assembled one way.
@@ -9,12 +9,20 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
-from agent.config.errors import ConfigError
-from agent.config.loader import DEFAULTS_LAYER, Layer, LoadedConfig, build_config, file_layer
+from agent.config.errors import ConfigError, ConfigIssue
+from agent.config.loader import (
+    DEFAULTS_LAYER,
+    Layer,
+    LoadedConfig,
+    build_config,
+    file_layer,
+    parse_yaml,
+)
 from agent.config.profiles import (
     HostFacts,
     available_profiles,
@@ -22,20 +30,21 @@ from agent.config.profiles import (
     load_profile,
     load_profile_file,
 )
+from agent.config.pushed import FORBIDDEN_PROFILE_KEYS
 
 
 def load_config(
     site_files: Sequence[Path],
     *,
     profile: str | None = None,
-    pushed: Layer | None = None,
+    pushed: Sequence[Layer] = (),
     facts: HostFacts | None = None,
 ) -> LoadedConfig:
-    """Build the effective config: defaults < hardware profile < site files < pushed profile.
+    """Build the effective config: defaults < hardware profile < site files < pushed layers.
 
     ``profile`` (e.g. from the command line) beats ``hardware.profile`` in the site files;
-    'auto' detects the kit from DMI and USB ids. ``pushed`` is the layer IT pushes over
-    MQTT (signed and persisted by the sync package).
+    'auto' detects the kit from DMI and USB ids. ``pushed`` are the profiles IT pushed over
+    MQTT, verified and in scope order (fleet < school < group < room).
     """
     site_layers = [file_layer(path) for path in site_files]
     chosen = profile
@@ -57,14 +66,12 @@ def load_config(
         chosen, reason = detection.name, f"auto-detected: {detection.reason}"
     hardware_layer = load_profile(chosen).layer()
     layers = [Layer(DEFAULTS_LAYER, {}), hardware_layer, *site_layers]
-    if pushed is not None:
-        layers.append(pushed)
+    layers.extend(pushed)
     loaded = build_config(layers)
     return dataclasses.replace(loaded, profile=chosen, profile_reason=reason)
 
 
 DEFAULT_SITE_FILE = Path("/etc/classroom-agent/agent.yaml")
-PUSHED_FILE_NAME = "pushed-profile.json"  # under supervisor.state_dir, once profiles land
 
 
 def site_files(given: Sequence[Path] | None) -> list[Path]:
@@ -82,7 +89,7 @@ class ConfigSources:
 
     site_files: tuple[Path, ...]
     profile: str | None = None  # a hardware profile named on the command line
-    pushed: Layer | None = None  # the verified layer IT pushed (none yet)
+    pushed: tuple[Layer, ...] = ()  # the verified profiles IT pushed, in scope order
 
     @classmethod
     def from_args(cls, args: argparse.Namespace) -> ConfigSources:
@@ -102,3 +109,80 @@ def add_config_options(parser: argparse.ArgumentParser) -> None:
         help=f"site file (repeatable, later wins; default {DEFAULT_SITE_FILE})",
     )
     parser.add_argument("--profile", help="hardware profile name (default: from config, or auto)")
+
+
+def _paths(data: Mapping[str, Any], prefix: str = "") -> list[str]:
+    paths = []
+    for key, value in data.items():
+        path = f"{prefix}.{key}" if prefix else str(key)
+        paths.append(path)
+        if isinstance(value, Mapping):
+            paths.extend(_paths(value, path))
+    return paths
+
+
+def profile_layer(name: str, payload: bytes) -> Layer:
+    """A verified profile's payload (YAML or JSON) as a config layer.
+
+    `ConfigError` names each problem: not a mapping of sections, or a key a profile may
+    not set. Field values are checked with the other layers (`build_config`).
+    """
+    try:
+        text = payload.decode("utf-8")
+    except UnicodeDecodeError:
+        raise ConfigError.single("", "the profile is not UTF-8 text", name) from None
+    data, lines = parse_yaml(text, name)
+    forbidden = [
+        path
+        for path in _paths(data)
+        if any(path == key or path.startswith(key + ".") for key in FORBIDDEN_PROFILE_KEYS)
+    ]
+    if forbidden:
+        raise ConfigError(
+            [
+                ConfigIssue(
+                    path,
+                    "a pushed profile may not set this (identity, the pinned keys and the "
+                    "state directory come from the site file only); remove it",
+                    name,
+                )
+                for path in forbidden
+                if not any(path.startswith(other + ".") for other in forbidden)
+            ]
+        )
+    return Layer(name=name, data=data, lines=lines)
+
+
+def add_broker_client_options(
+    parser: argparse.ArgumentParser, *, default_url: str | None, user_help: str
+) -> None:
+    """The fleet broker and this tool's credentials, the same on every tool that connects
+    as a person rather than as a device (dashboard, profile push and status)."""
+    parser.add_argument(
+        "--broker",
+        default=default_url,
+        required=default_url is None,
+        help="fleet broker URL, mqtt://host:1883 or mqtts://host:8883"
+        + (f" (default {default_url})" if default_url else ""),
+    )
+    parser.add_argument("--prefix", default="edu", help="topic prefix (default edu)")
+    parser.add_argument("--username", help=user_help)
+    parser.add_argument("--password-file", type=Path, help="file holding that user's password")
+    parser.add_argument("--tls-ca", type=Path, help="CA certificate of the broker (mqtts://)")
+    parser.add_argument("--tls-cert", type=Path, help="client certificate (mutual TLS)")
+    parser.add_argument("--tls-key", type=Path, help="its private key")
+
+
+def broker_client_fields(args: argparse.Namespace) -> dict[str, Any]:
+    """The ``broker`` section those options describe (validated by the caller's model)."""
+    broker: dict[str, Any] = {"url": args.broker, "topic_prefix": args.prefix}
+    if args.username:
+        broker["username"] = args.username
+    if args.password_file:
+        broker["password_file"] = args.password_file
+    if args.tls_ca or args.tls_cert or args.tls_key:
+        tls: dict[str, Any] = {"ca_file": args.tls_ca}
+        if args.tls_cert or args.tls_key:
+            tls.update(cert_file=args.tls_cert, key_file=args.tls_key)
+        broker["tls"] = tls
+    return broker

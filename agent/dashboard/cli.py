@@ -8,11 +8,16 @@ import contextlib
 import logging
 import signal
 import sys
-from pathlib import Path
 from typing import TYPE_CHECKING, Any, get_args
 
 from agent.broker import BrokerError, MosquittoBroker
-from agent.config import BrokerConfig, ConfigError, UiLanguage
+from agent.config import (
+    BrokerConfig,
+    ConfigError,
+    UiLanguage,
+    add_broker_client_options,
+    broker_client_fields,
+)
 from agent.dashboard.config import DEFAULT_BROKER_URL, DashboardConfig, dashboard_config
 from agent.logs import setup_logging
 from agent.sync import LinkConfigError
@@ -32,19 +37,13 @@ def add_dashboard_parser(subparsers: Any) -> argparse.ArgumentParser:
     parser: argparse.ArgumentParser = subparsers.add_parser(
         "dashboard", help="the maintenance dashboard: the fleet's state in a web page"
     )
-    parser.add_argument(
-        "--broker",
-        default=DEFAULT_BROKER_URL,
-        help=f"fleet broker URL (default {DEFAULT_BROKER_URL})",
+    add_broker_client_options(
+        parser,
+        default_url=DEFAULT_BROKER_URL,
+        user_help="broker user, a reader of the fleet ACL (dashboard)",
     )
-    parser.add_argument("--prefix", default="edu", help="topic prefix (default edu)")
     parser.add_argument("--bind", default="127.0.0.1", help="page address (default 127.0.0.1)")
     parser.add_argument("--port", type=int, default=8480, help="page port (default 8480)")
-    parser.add_argument("--username", help="broker user, a reader of the fleet ACL (dashboard)")
-    parser.add_argument("--password-file", type=Path, help="file holding that user's password")
-    parser.add_argument("--tls-ca", type=Path, help="CA certificate of the broker (mqtts://)")
-    parser.add_argument("--tls-cert", type=Path, help="client certificate (mutual TLS)")
-    parser.add_argument("--tls-key", type=Path, help="its private key")
     parser.add_argument(
         "--allow-host", action="append", default=[], help="extra Host name to answer (repeat)"
     )
@@ -68,18 +67,8 @@ def add_dashboard_parser(subparsers: Any) -> argparse.ArgumentParser:
 
 def config_from_args(args: argparse.Namespace) -> DashboardConfig:
     """`DashboardConfig` from the parsed options (`ConfigError` names the bad field)."""
-    broker: dict[str, Any] = {"url": args.broker, "topic_prefix": args.prefix}
-    if args.username:
-        broker["username"] = args.username
-    if args.password_file:
-        broker["password_file"] = args.password_file
-    if args.tls_ca or args.tls_cert or args.tls_key:
-        tls: dict[str, Any] = {"ca_file": args.tls_ca}
-        if args.tls_cert or args.tls_key:
-            tls.update(cert_file=args.tls_cert, key_file=args.tls_key)
-        broker["tls"] = tls
     return dashboard_config(
-        broker=broker,
+        broker=broker_client_fields(args),
         bind=args.bind,
         port=args.port,
         allowed_hosts=args.allow_host,

@@ -34,6 +34,7 @@ from agent.health import (
     selftest_handler,
 )
 from agent.panel import PanelServer, load_or_create_token, token_path
+from agent.runtime.profiles import ProfileListener, ProfileManager
 from agent.stream import (
     FanOutSink,
     FrameObserver,
@@ -82,6 +83,8 @@ class Host(Protocol):
     def health_sections(self) -> dict[str, Any]: ...
 
     def lesson_commands(self) -> Mapping[str, tuple[Any, dict[str, type], float]]: ...
+
+    def profile_manager(self) -> ProfileManager | None: ...
 
 
 @dataclass(frozen=True)
@@ -230,6 +233,15 @@ def _discovery(host: Host) -> HomeAssistantDiscovery | None:
     )
 
 
+def _profiles(host: Host) -> ProfileListener | None:
+    # Pushed profiles: the manager (the daemon's) outlives reloads; its listener follows
+    # the link. No pinned keys: nothing to listen for.
+    manager = host.profile_manager()
+    if manager is None or not host.config.profiles.trusted_keys:
+        return None
+    return ProfileListener(host.part("mqtt"), manager)
+
+
 def _metrics(host: Host) -> MetricsServer | None:
     config = host.config
     if not config.health.metrics_enabled:
@@ -287,6 +299,7 @@ PARTS: tuple[Part, ...] = (
         _discovery,
         needs=("mqtt",),
     ),
+    Part("profiles", ("identity", "profiles"), _profiles, needs=("mqtt",)),
     Part(
         "metrics",
         ("health.metrics_enabled", "health.metrics_bind", "health.metrics_port", "identity"),

@@ -35,17 +35,26 @@ from agent.capture import (
     AudioSource,
     CaptureError,
     CaptureService,
+    DeviceState,
     VideoSource,
     open_audio_source,
     open_video_source,
 )
-from agent.config import AgentConfig, ConfigError, ConfigSources, LoadedConfig
+from agent.config import AgentConfig, ConfigError, ConfigSources, Layer, LoadedConfig
+from agent.contracts import FleetTopics
 from agent.health import ProcessMetrics
 from agent.runtime.composition import PARTS, HealthSource, Inputs, Part, Plan, plan
+from agent.runtime.profiles import ApplyResult, Outcome, ProfileManager
 from agent.runtime.sdnotify import Notifier, WatchdogService
-from agent.runtime.supervisor import Service, ServiceFailed, Supervisor, cancel_and_wait
+from agent.runtime.supervisor import (
+    Service,
+    ServiceFailed,
+    ServiceState,
+    Supervisor,
+    cancel_and_wait,
+)
 from agent.stream import LessonConflict, LessonHost, StreamService
-from agent.sync import CommandError, LinkAuthError, LinkConfigError, MqttLink
+from agent.sync import CommandError, LinkAuthError, LinkConfigError, MqttLink, ProfileBook
 
 log = logging.getLogger(__name__)
 
@@ -53,6 +62,7 @@ EXIT_OK, EXIT_FAILURE, EXIT_CONFIG = 0, 1, 2
 RELOAD_RECHECK_S = 1.0  # how soon a reload held back by a lesson follows its end
 READY_WAIT_S = 20.0  # READY=1 after this long even if a service is still starting
 START_WAIT_S = 15.0  # a reloaded service that has not started by then is rolled back
+CHECK_POLL_S = 0.2  # how often a pushed profile's check looks at what it touched
 
 
 def preflight_media_files(config: AgentConfig) -> None:
@@ -104,14 +114,23 @@ class _Staging:
     def lesson_commands(self) -> Mapping[str, tuple[Any, dict[str, type], float]]:
         return self.agent.lesson_commands()
 
+    def profile_manager(self) -> ProfileManager | None:
+        return self.agent.profile_manager()
+
 
 class Agent:
     """The running parts of one room, built from the composition table."""
 
     def __init__(
-        self, loaded: LoadedConfig, broker_url: str | None, parts: tuple[Part, ...] = PARTS
+        self,
+        loaded: LoadedConfig,
+        broker_url: str | None,
+        parts: tuple[Part, ...] = PARTS,
+        *,
+        profiles: ProfileManager | None = None,
     ) -> None:
         self.loaded = loaded
+        self._profiles = profiles
         self.config = loaded.config
         self.profile = loaded.profile
         self.broker_url = broker_url
@@ -127,6 +146,9 @@ class Agent:
 
     def part(self, name: str) -> Any:
         return self._objects[name]
+
+    def profile_manager(self) -> ProfileManager | None:
+        return self._profiles
 
     @property
     def stream(self) -> StreamService:
@@ -260,16 +282,24 @@ class Agent:
 
 
 class Daemon:
-    def __init__(self, loaded: LoadedConfig, sources: ConfigSources) -> None:
+    def __init__(
+        self, loaded: LoadedConfig, sources: ConfigSources, book: ProfileBook | None = None
+    ) -> None:
         self.loaded = loaded
         self.sources = sources
+        self.profiles = (
+            None
+            if book is None
+            else ProfileManager(book, self, FleetTopics(loaded.config.broker.topic_prefix))
+        )
+        self._apply_lock = asyncio.Lock()
         self.notifier = Notifier.from_environment()
         self._stop = asyncio.Event()
         self._reload = asyncio.Event()
         self._supervisor: Supervisor | None = None
         self._brokers = RoomBroker()  # the embedded broker, when broker.url is empty
         self.agent: Agent | None = None
-        self._announced: LoadedConfig | None = None  # the config said to wait for the lesson
+        self._announced: AgentConfig | None = None  # the config said to wait for the lesson
 
     async def main(self) -> int:
         loop = asyncio.get_running_loop()
@@ -290,10 +320,11 @@ class Daemon:
 
     async def _serve(self, broker_url: str | None) -> int:
         config = self.loaded.config
-        agent = self.agent = Agent(self.loaded, broker_url)
+        agent = self.agent = Agent(self.loaded, broker_url, profiles=self.profiles)
         watchdog = WatchdogService(self.notifier, self._healthy)
+        owned: list[Service] = [watchdog] if self.profiles is None else [watchdog, self.profiles]
         supervisor = self._supervisor = Supervisor(
-            [*agent.services(), watchdog],
+            [*agent.services(), *owned],
             restart_budget=config.supervisor.restart_budget,
             restart_window_s=config.supervisor.restart_window_s,
             fatal=(LinkAuthError, LinkConfigError),
@@ -373,6 +404,8 @@ class Daemon:
                 else:
                     self.notifier.ready()
             if pending is not None:
+                with contextlib.suppress(ConfigError):  # pushed layers may have changed since
+                    pending = self.sources.load()
                 pending = await self.reconfigure(agent, supervisor, pending)
             if pending is None:
                 self.notifier.status(agent.summary())
@@ -395,54 +428,125 @@ class Daemon:
     async def reconfigure(
         self, agent: Agent, supervisor: Supervisor, candidate: LoadedConfig
     ) -> LoadedConfig | None:
-        """Apply ``candidate`` now, or return it when it must wait for the lesson's end.
+        """Apply the site files' ``candidate`` now, or return it when it must wait for the
+        lesson's end (see `apply_config`)."""
+        result = await self.apply_config(candidate, origin="the site files")
+        return candidate if result.outcome is Outcome.WAITING else None
 
-        The one path for every config change: the site files on SIGHUP, a pushed profile.
+    # -- the one path for every config change (ConfigTarget, for pushed profiles) -----------
+
+    def load_with(self, pushed: tuple[Layer, ...]) -> LoadedConfig:
+        return dataclasses.replace(self.sources, pushed=pushed).load()
+
+    def set_pushed(self, pushed: tuple[Layer, ...]) -> None:
+        """The pushed layers now in effect: a SIGHUP reload keeps them."""
+        self.sources = dataclasses.replace(self.sources, pushed=pushed)
+
+    async def apply_config(
+        self, candidate: LoadedConfig, *, origin: str, lesson_may_delay: bool = True
+    ) -> ApplyResult:
+        """Apply ``candidate`` (the site files on SIGHUP, a pushed profile, a rollback).
+
+        Only what it touches changes; a change that would restart what the live lesson
+        runs on waits for its end (``WAITING``, the rest applied at once) unless
+        ``lesson_may_delay`` is false (a rollback puts the last good config back now).
         """
-        url = self._brokers.url_for(candidate.config)
-        moving_to_embedded = url == RoomBroker.PENDING
-        change = agent.plan(candidate, url)
-        if change.live and agent.in_lesson():
-            await self._apply_what_the_lesson_allows(agent, supervisor, candidate)
-            if self._announced is not candidate:  # once per new config, not per recheck
-                log.warning(
-                    "configuration is valid; applying it when the live lesson ends: %s "
-                    "(the lesson runs on %s)",
-                    change.describe(),
-                    ", ".join(change.live),
-                    extra={"fields": {"changed": list(change.changed)}},
+        agent, supervisor = self.agent, self._supervisor
+        if agent is None or supervisor is None:
+            return ApplyResult(Outcome.FAILED, "the agent is not running")
+        async with self._apply_lock:
+            try:
+                await asyncio.to_thread(preflight_media_files, candidate.config)
+            except CaptureError as exc:
+                log.error(
+                    "rejected new configuration; keeping the running one: %s (from %s)", exc, origin
                 )
-                self._announced = candidate
-                self.notifier.ready()
-                self.notifier.status(
-                    f"new configuration waits for the lesson to end ({', '.join(change.live)})"
+                return ApplyResult(Outcome.REJECTED, str(exc))
+            url = self._brokers.url_for(candidate.config)
+            moving_to_embedded = url == RoomBroker.PENDING
+            change = agent.plan(candidate, url)
+            if change.live and agent.in_lesson() and lesson_may_delay:
+                await self._apply_what_the_lesson_allows(agent, supervisor, candidate)
+                reason = (
+                    f"a live lesson runs on {', '.join(change.live)}; the change applies "
+                    "when it ends"
                 )
-            return candidate
-        self._announced = None
-        started = time.monotonic()
-        try:
-            if moving_to_embedded:
-                url = await self._brokers.start_for(candidate.config)
-                change = agent.plan(candidate, url)
-            await agent.apply(change, candidate, url, supervisor)
-        except ReloadFailed as exc:
-            log.error("new configuration not applied; keeping the running one: %s", exc)
-            await self._reloaded(agent)
-            return None
-        except Exception as exc:
-            log.exception("new configuration not applied: %s", exc)
-            await self._reloaded(agent)
-            return None
-        self.loaded = candidate
-        await self._brokers.keep_only(agent.broker_url)
-        log.info(
-            "reloaded configuration in %.3f s: %s",
-            time.monotonic() - started,
-            change.describe(),
-            extra={"fields": {"layers": self.loaded.layers, "changed": list(change.changed)}},
-        )
-        self.notifier.ready()
-        return None
+                if self._announced != candidate.config:  # once per new config
+                    log.warning(
+                        "configuration is valid; applying it when the live lesson ends: %s "
+                        "(the lesson runs on %s; from %s)",
+                        change.describe(),
+                        ", ".join(change.live),
+                        origin,
+                        extra={"fields": {"changed": list(change.changed)}},
+                    )
+                    self._announced = candidate.config
+                    self.notifier.ready()
+                    self.notifier.status(
+                        f"new configuration waits for the lesson to end ({', '.join(change.live)})"
+                    )
+                return ApplyResult(Outcome.WAITING, reason)
+            self._announced = None
+            started = time.monotonic()
+            try:
+                if moving_to_embedded:
+                    url = await self._brokers.start_for(candidate.config)
+                    change = agent.plan(candidate, url)
+                await agent.apply(change, candidate, url, supervisor)
+            except Exception as exc:
+                if not isinstance(exc, ReloadFailed):
+                    log.exception("new configuration not applied: %s", exc)
+                log.error(
+                    "new configuration not applied; keeping the running one: %s (from %s)",
+                    exc,
+                    origin,
+                )
+                await self._reloaded(agent)
+                return ApplyResult(Outcome.FAILED, str(exc))
+            self.loaded = candidate
+            await self._brokers.keep_only(agent.broker_url)
+            log.info(
+                "reloaded configuration in %.3f s: %s (from %s)",
+                time.monotonic() - started,
+                change.describe(),
+                origin,
+                extra={"fields": {"layers": self.loaded.layers, "changed": list(change.changed)}},
+            )
+            self.notifier.ready()
+            return ApplyResult(Outcome.APPLIED, "", tuple(change.restarts), tuple(change.actions))
+
+    async def check_applied(self, result: ApplyResult, timeout_s: float) -> str | None:
+        """Whether what the change touched works: the camera delivers frames (in its new
+        mode), the microphone opens, the link is connected, every restarted service runs.
+        None when it does within ``timeout_s``; otherwise what does not."""
+        deadline = time.monotonic() + timeout_s
+        while True:
+            problems = self._problems(result)
+            if not problems:
+                return None
+            if time.monotonic() >= deadline:
+                return f"after {timeout_s:.0f} s: " + "; ".join(problems)
+            await asyncio.sleep(CHECK_POLL_S)
+
+    def _problems(self, result: ApplyResult) -> list[str]:
+        agent, supervisor = self.agent, self._supervisor
+        if agent is None or supervisor is None:
+            return ["the agent is not running"]
+        problems = []
+        if "capture" in result.restarted:
+            capture: CaptureService = agent.part("capture")
+            for stats in (capture.video.stats(), capture.audio.stats()):
+                if stats.state is not DeviceState.OK:
+                    problems.append(f"{stats.name} is {stats.state.value}: {stats.reason}")
+        if "mqtt" in result.restarted and not agent.link.is_connected:
+            error = agent.link.stats().last_error or "no answer"
+            problems.append(f"the broker {agent.link.url} is not connected ({error})")
+        states = {status.name: status.state for status in supervisor.status()}
+        for name in result.restarted:
+            obj = agent.part(name)
+            if _is_service(obj) and states.get(obj.name) is not ServiceState.RUNNING:
+                problems.append(f"{obj.name} is {states.get(obj.name, 'missing')}")
+        return problems
 
     async def _apply_what_the_lesson_allows(
         self, agent: Agent, supervisor: Supervisor, candidate: LoadedConfig
@@ -498,9 +602,11 @@ class Daemon:
         return EXIT_FAILURE
 
 
-def run_daemon(loaded: LoadedConfig, sources: ConfigSources) -> int:
+def run_daemon(
+    loaded: LoadedConfig, sources: ConfigSources, book: ProfileBook | None = None
+) -> int:
     """Run until SIGTERM/SIGINT; the exit code tells systemd whether to restart."""
-    daemon = Daemon(loaded, sources)
+    daemon = Daemon(loaded, sources, book)
     with contextlib.suppress(KeyboardInterrupt):
         return asyncio.run(daemon.main())
     return EXIT_OK

@@ -3,7 +3,8 @@
 The rest of the agent uses `MqttLink` (one per agent: publish, subscribe, state,
 stats), `Topics` (every topic name), the errors below, `ReliablePublisher` over an
 `Outbox` (QoS 1 store-and-forward in SQLite for alerts and events) and
-`CommandService` (answers commands on ``cmd/{name}``). Fleet health lives in
+`CommandService` (answers commands on ``cmd/{name}``), and the signed documents IT
+pushes (`Envelope`, `Keyring`, `ProfileBook`: verified, persisted, answered). Fleet health lives in
 ``agent.health``; broker administration and the embedded Mosquitto in ``agent.broker``.
 """
 
@@ -13,6 +14,26 @@ from agent.sync.commands import (
     CommandService,
     callable_handler,
     ping_handler,
+)
+from agent.sync.envelope import (
+    MAX_ENVELOPE_BYTES,
+    Envelope,
+    KeyPair,
+    Keyring,
+    Reason,
+    Rejected,
+    Scope,
+    check_time,
+    device_layers,
+    generate_key,
+    key_id,
+    layer_sort_key,
+    load_private_key,
+    load_public_keys,
+    parse_envelope,
+    public_key_text,
+    sign,
+    wave_bucket,
 )
 from agent.sync.link import MqttLink
 from agent.sync.messages import (
@@ -26,6 +47,13 @@ from agent.sync.messages import (
     PublishRejected,
     SubscribeRejected,
 )
+from agent.sync.profiles import (
+    REPORT_FORMAT,
+    LayerReport,
+    LayerState,
+    ProfileBook,
+    profiles_directory,
+)
 from agent.sync.routing import Subscription
 from agent.sync.store import (
     Delivery,
@@ -37,10 +65,17 @@ from agent.sync.store import (
 from agent.sync.topics import Topics
 
 __all__ = [
+    "MAX_ENVELOPE_BYTES",
+    "REPORT_FORMAT",
     "CommandError",
     "CommandHandler",
     "CommandService",
     "Delivery",
+    "Envelope",
+    "KeyPair",
+    "Keyring",
+    "LayerReport",
+    "LayerState",
     "LinkAuthError",
     "LinkConfigError",
     "LinkDown",
@@ -51,12 +86,28 @@ __all__ = [
     "Outbox",
     "OutboxError",
     "Payload",
+    "ProfileBook",
     "PublishRejected",
+    "Reason",
+    "Rejected",
     "ReliablePublisher",
+    "Scope",
     "StoredMessage",
     "SubscribeRejected",
     "Subscription",
     "Topics",
     "callable_handler",
+    "check_time",
+    "device_layers",
+    "generate_key",
+    "key_id",
+    "layer_sort_key",
+    "load_private_key",
+    "load_public_keys",
+    "parse_envelope",
     "ping_handler",
+    "profiles_directory",
+    "public_key_text",
+    "sign",
+    "wave_bucket",
 ]
