@@ -87,6 +87,7 @@ from agent.capture import (  # noqa: E402
     open_video_source,
     read_stamp,
 )
+from agent.config import LinkConfig  # noqa: E402
 from agent.config.models import (  # noqa: E402
     AudioConfig,
     BrokerConfig,
@@ -877,6 +878,14 @@ def _print_rural(preset: str, row: RuralRow, summary: list[tuple[str, str, str]]
         )
 
 
+MODES: dict[str, tuple[str, StreamConfig]] = {
+    "before": (
+        "issue 13 off (aiortc's 96 kbit/s stereo Opus, no RED, no keyframe limit per room)",
+        StreamConfig(link=LinkConfig(voice_opus=False, red=False, keyframe_request_gap_s=0.0)),
+    ),
+    "after": ("the defaults (speech Opus 32 kbit/s with FEC, RED, ...)", StreamConfig()),
+}
+
 RURAL_TARGETS = {
     "rural-poor": "p95 <= 400 ms, >= 15 fps (or audio only), audio <= 1 %",
     "rural-good": "30 fps, p95 <= 200 ms, audio <= 0.5 %",
@@ -960,6 +969,14 @@ def _parse() -> argparse.Namespace:
         default=None,
         help=f"rural: link presets, comma-separated, from {', '.join(PRESETS)} "
         "(default: all; rural-good with --quick)",
+    )
+    parser.add_argument(
+        "--baseline",
+        action="store_true",
+        help="rural: turn issue 13's behaviour off (stream.link) to measure the 'before'",
+    )
+    parser.add_argument(
+        "--compare", action="store_true", help="rural: before and after, side by side"
     )
     parser.add_argument("--delay", type=float, help="rural: RTT ms (overrides the preset)")
     parser.add_argument("--jitter", type=float, help="rural: peak-to-peak RTT jitter ms")
@@ -1079,6 +1096,7 @@ async def main() -> None:
             )
 
     if "rural" in sections:
+        modes = ["before", "after"] if args.compare else ["before" if args.baseline else "after"]
         for preset, imp in _impairment(args):
             print(
                 f"\n== {preset}: {args.rural_rooms} room(s), each in its own process behind "
@@ -1086,10 +1104,18 @@ async def main() -> None:
                 f"{args.rural_settle:g} s",
                 flush=True,
             )
-            row_r = await measure_rural(
-                args.rural_rooms, capture, imp, args.rural_settle, args.rural_seconds
-            )
-            _print_rural(preset, row_r, summary)
+            for mode in modes:
+                if len(modes) > 1:
+                    print(f"-- {mode}: {MODES[mode][0]}", flush=True)
+                row_r = await measure_rural(
+                    args.rural_rooms,
+                    capture,
+                    imp,
+                    args.rural_settle,
+                    args.rural_seconds,
+                    stream=MODES[mode][1],
+                )
+                _print_rural(f"{preset} {mode}" if len(modes) > 1 else preset, row_r, summary)
 
     if "flow" in sections:
         count = max(int(c) for c in args.receivers.split(","))

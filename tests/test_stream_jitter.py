@@ -22,6 +22,7 @@ from aiortc.rtp import RtpPacket
 
 from agent.capture import AudioHub, open_audio_source
 from agent.config.models import AudioConfig, CaptureConfig, VideoConfig
+from agent.stream import LinkTuning
 from agent.stream.jitter import (
     MAX_DROPOUT,
     MAX_MISORDER,
@@ -217,7 +218,8 @@ async def test_lossy_link_loses_only_the_lost_packets_and_never_stalls() -> None
     hub_task = asyncio.create_task(hub.run(), name="test-audio-hub")
     ice = IceSettings(host_addresses=("127.0.0.1",))
     probe = AudioProbe()
-    receiver = PeerSession("main.room", "lesson-1", ice, probe)
+    # aiortc's plain Opus: RED (test_stream_voice.py) would repair what this counts.
+    receiver = PeerSession("main.room", "lesson-1", ice, probe, tuning=LinkTuning.baseline())
     sender = PeerSession("rural.room", "lesson-1", ice, None)
     try:
         with impaired(LinkImpairment(delay_ms=60, loss=0.02, seed=11)) as link:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from agent.config.base import StrictModel
 from agent.config.errors import ConfigError, ConfigIssue, issues_from_validation
+from agent.config.link import LinkConfig
 from agent.config.loader import Layer, LoadedConfig, build_config, read_yaml_file
 from agent.config.models import (
     BROKER_URL_PATTERN,
@@ -67,6 +68,7 @@ __all__ = [
     "IdentityConfig",
     "Layer",
     "LessonRole",
+    "LinkConfig",
     "LoadedConfig",
     "PlaybackConfig",
     "ProfilesConfig",

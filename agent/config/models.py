@@ -18,6 +18,7 @@ from pydantic import Field, SecretStr, field_validator, model_validator
 
 from agent import contracts
 from agent.config.base import StrictModel
+from agent.config.link import LinkConfig
 from agent.config.pushed import ProfilesConfig
 
 # Defined once in agent.contracts (every layer reads them); named here for the config.
@@ -362,6 +363,7 @@ class StreamConfig(StrictModel):
         default_factory=PlaybackConfig,
         description="Where a receiving room plays the lesson's sound",
     )
+    link: LinkConfig = Field(default_factory=LinkConfig, description="Media on poor rural links")
 
 
 class SensingConfig(StrictModel):

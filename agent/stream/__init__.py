@@ -55,6 +55,7 @@ from agent.stream.sinks import (
     ProbeSink,
     ProbeStats,
 )
+from agent.stream.voice import LinkTuning, VoiceSettings
 
 __all__ = [
     "MAX_MESSAGE_BYTES",
@@ -80,6 +81,7 @@ __all__ = [
     "LessonHost",
     "LessonJoiner",
     "LessonRecorder",
+    "LinkTuning",
     "MediaControls",
     "MediaSink",
     "NullSink",
@@ -99,6 +101,7 @@ __all__ = [
     "StreamService",
     "TrackStats",
     "VideoLayer",
+    "VoiceSettings",
     "WavFileOutput",
     "finish",
     "gather",

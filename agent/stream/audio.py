@@ -1,7 +1,11 @@
-"""The room's microphone as an aiortc audio track (Opus is encoded per peer by aiortc).
+"""The room's microphone as an aiortc audio track (Opus encoded per peer).
 
-Opus at 48 kHz is cheap (well under 1 % of a core per peer), so audio takes aiortc's
-normal path. Each track is its own AudioHub consumer: audio is never sampled or shared
+Opus at 48 kHz is cheap (well under 1 % of a core per peer), so each peer has its own
+encoder. With speech settings (:class:`~agent.stream.voice.VoiceSettings`, the default
+in a lesson) the track encodes speech Opus itself, on a worker thread, and hands aiortc
+packets (``agent/stream/voice.py``: mono, 32 kbit/s, in-band FEC; RED is added by the
+sender's codec); without them it hands aiortc frames, which aiortc encodes at 96 kbit/s
+stereo. Each track is its own AudioHub consumer: audio is never sampled or shared
 with the video path, and nothing the video fan-out drops touches it.
 
 Microphone mute (:class:`~agent.stream.controls.MediaControls`) replaces the samples with
@@ -11,8 +15,11 @@ receiving room's "media is arriving" watch all carry on, and no sound leaves the
 
 from __future__ import annotations
 
+import asyncio
 import fractions
 import logging
+from collections import deque
+from typing import Any
 
 import av
 import numpy as np
@@ -20,6 +27,7 @@ from aiortc.mediastreams import MediaStreamError, MediaStreamTrack
 
 from agent.capture import AudioChunk, AudioHub, AudioSubscription
 from agent.stream.controls import MediaControls
+from agent.stream.voice import VoiceEncoder, VoiceSettings
 
 log = logging.getLogger(__name__)
 
@@ -40,10 +48,19 @@ class HubAudioTrack(MediaStreamTrack):
 
     kind = "audio"
 
-    def __init__(self, hub: AudioHub, name: str, controls: MediaControls | None = None) -> None:
+    def __init__(
+        self,
+        hub: AudioHub,
+        name: str,
+        controls: MediaControls | None = None,
+        voice: VoiceSettings | None = None,
+    ) -> None:
         super().__init__()
         self.name = name
         self.controls = controls
+        self.voice = voice if voice is not None and voice.voice else None
+        self._encoder: VoiceEncoder | None = None
+        self._packets: deque[av.Packet[Any]] = deque()
         self._hub = hub
         self._sub: AudioSubscription | None = None
         self._first_index: int | None = None
@@ -52,7 +69,19 @@ class HubAudioTrack(MediaStreamTrack):
         self.skipped = 0
         self.silenced = 0  # frames replaced by silence while the microphone was muted
 
-    async def recv(self) -> av.AudioFrame:
+    async def recv(self) -> av.AudioFrame | av.Packet[Any]:
+        """A frame, or with speech settings an Opus packet (aiortc then only packs it)."""
+        if self.voice is None:
+            return await self._next_frame()
+        while not self._packets:
+            frame = await self._next_frame()
+            if self._encoder is None:
+                self._encoder = VoiceEncoder(self.voice)
+            loop = asyncio.get_running_loop()
+            self._packets.extend(await loop.run_in_executor(None, self._encoder.encode, frame))
+        return self._packets.popleft()
+
+    async def _next_frame(self) -> av.AudioFrame:
         if self.readyState != "live":
             raise MediaStreamError
         if self._sub is None:

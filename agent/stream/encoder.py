@@ -128,6 +128,8 @@ class TrackStats:
     queued: int
     layer: LayerState = "high"
     switches: int = 0  # layer changes that took effect (at a keyframe), pauses included
+    keyframe_requests: int = 0  # its peer's PLI/FIR
+    keyframe_requests_deferred: int = 0  # ... that had to wait for keyframe_gap_s
 
 
 @dataclass(frozen=True, slots=True)
@@ -188,6 +190,8 @@ class EncoderStats:
                     "overflows": t.overflows,
                     "layer": t.layer,
                     "switches": t.switches,
+                    "keyframe_requests": t.keyframe_requests,
+                    "keyframe_requests_deferred": t.keyframe_requests_deferred,
                 }
                 for t in self.tracks
             },
@@ -233,6 +237,14 @@ class EncodedVideoTrack(MediaStreamTrack):
         self.dropped = 0
         self.overflows = 0
         self.switches = 0
+        # Its peer's keyframe requests, at most one per keyframe_gap_s (0: no limit); one
+        # that comes sooner waits for the gap instead of being lost.
+        self.keyframe_gap_s = 0.0
+        self.keyframe_requests = 0
+        self.keyframe_requests_deferred = 0
+        self.clock = time.monotonic  # tests replace it
+        self._last_request = -1e9
+        self._deferred = False
 
     # -- layers ----------------------------------------------------------------------------
 
@@ -306,9 +318,26 @@ class EncodedVideoTrack(MediaStreamTrack):
             self.switch(state)
 
     def request_keyframe(self) -> None:
-        """A keyframe of the layer this track is on (or going to): its peer's PLI/FIR."""
-        if not self._paused:
-            self._encoder._request(self._target)
+        """A keyframe of the layer this track is on (or going to): its peer's PLI/FIR.
+
+        Every room on a layer gets the keyframe one room asks for (encode once), so a
+        lossy room's requests are limited to one per :attr:`keyframe_gap_s`; a request
+        inside the gap is kept and sent when the gap ends."""
+        if self._paused:
+            return
+        self.keyframe_requests += 1
+        now = self.clock()
+        if now - self._last_request < self.keyframe_gap_s:
+            if not self._deferred:
+                self.keyframe_requests_deferred += 1
+            self._deferred = True
+            return
+        self._send_request(now)
+
+    def _send_request(self, now: float) -> None:
+        self._last_request = now
+        self._deferred = False
+        self._encoder._request(self._target)
 
     def wants(self) -> tuple[VideoLayer, ...]:
         """The layers the encoder must make for this track (none while paused)."""
@@ -326,6 +355,10 @@ class EncodedVideoTrack(MediaStreamTrack):
         two pictures with one RTP timestamp would merge in the receiver)."""
         if self.readyState != "live" or self._paused:
             return
+        if self._deferred:
+            now = self.clock()
+            if now - self._last_request >= self.keyframe_gap_s:
+                self._send_request(now)
         if self._target != self._layer:
             target = encoded.get(self._target)
             if target and target[0].is_keyframe:
@@ -382,6 +415,8 @@ class EncodedVideoTrack(MediaStreamTrack):
             len(self._queue),
             self.state,
             self.switches,
+            self.keyframe_requests,
+            self.keyframe_requests_deferred,
         )
 
 

@@ -30,21 +30,31 @@ from dataclasses import dataclass
 from typing import Any, TypeVar
 
 import aioice.ice
-from aiortc import RTCRtpReceiver
+import aiortc.codecs
+import aiortc.rtcrtpreceiver
+import aiortc.rtcrtpsender
+from aiortc import RTCRtpCodecParameters, RTCRtpReceiver
+from aiortc.codecs.base import Decoder, Encoder
+from aiortc.codecs.opus import OpusEncoder
 from aiortc.jitterbuffer import JitterBuffer, JitterFrame
 from aiortc.rtp import RTCP_PSFB_APP, RtcpPsfbPacket, RtpPacket, unpack_remb_fci
 
 __all__ = [
     "HOOKS",
+    "RED_MIME",
     "VERIFIED",
+    "Decoder",
+    "Encoder",
     "Hook",
     "HookUnavailable",
     "JitterFrame",
+    "OpusEncoder",
     "RtpPacket",
     "UnsupportedVersion",
     "check_versions",
     "guard_consent_after_close",
     "host_addresses",
+    "install_red",
     "intercept_stun_datagrams",
     "jitter_frame",
     "replace_audio_jitter_buffer",
@@ -86,6 +96,12 @@ HOOKS: tuple[Hook, ...] = (
         "RTCRtpReceiver.__jitter_buffer and __kind (name-mangled), aiortc.jitterbuffer",
     ),
     Hook("jitter_frame", "aiortc", "RtpPacket._data set by RTCRtpReceiver, JitterFrame"),
+    Hook(
+        "install_red",
+        "aiortc",
+        "aiortc.codecs.CODECS, the get_encoder/get_decoder names in aiortc.rtcrtpsender and "
+        "aiortc.rtcrtpreceiver, aiortc.codecs.base Encoder/Decoder",
+    ),
     Hook("host_addresses", "aioice", "aioice.ice.get_host_addresses()"),
     Hook("guard_consent_after_close", "aioice", "Connection.query_consent(), ._closing"),
     Hook(
@@ -220,6 +236,65 @@ def route_bitrate_estimates(sender: Any, observe: Callable[[int], None]) -> None
                 log.exception("bandwidth estimate handler failed")
 
     sender._handle_rtcp_packet = handle_rtcp_packet
+
+
+# -- aiortc: codecs ----------------------------------------------------------------------
+
+RED_MIME = "audio/red"
+RED_PAYLOAD_TYPE = 63  # Chromium's; outside 96-127, so aiortc keeps it in every answer
+RED_CODEC = RTCRtpCodecParameters(
+    mimeType=RED_MIME,
+    clockRate=48000,
+    channels=2,
+    payloadType=RED_PAYLOAD_TYPE,
+    parameters={"96/96": None},  # RFC 2198 fmtp: both blocks are Opus (aiortc's PT 96)
+)
+
+
+def install_red(packer: Callable[[], Encoder], decoder: Callable[[], Decoder]) -> None:
+    """Teach aiortc the ``audio/red`` codec (RFC 2198): offered after its own audio
+    codecs, sent with ``packer()`` and received with ``decoder()``. Once per process
+    (later calls change nothing).
+
+    Relies on ``aiortc.codecs.CODECS`` (the codec table offers and answers are built
+    from) and on the module-level names ``get_encoder`` in ``aiortc.rtcrtpsender`` and
+    ``get_decoder`` in ``aiortc.rtcrtpreceiver``, looked up when a sender encodes its first
+    frame and when the decoder thread meets a new codec (aiortc 1.16.0): aiortc has no
+    codec registry, and raises ``ValueError`` for a MIME type it does not know."""
+    sender_module: Any = aiortc.rtcrtpsender
+    receiver_module: Any = aiortc.rtcrtpreceiver
+    table: Any = getattr(aiortc.codecs, "CODECS", None)
+    get_encoder = getattr(sender_module, "get_encoder", None)
+    get_decoder = getattr(receiver_module, "get_decoder", None)
+    if not isinstance(table, dict) or not isinstance(table.get("audio"), list):
+        raise _unavailable("install_red", "aiortc", "aiortc.codecs.CODECS['audio'] is gone")
+    if not callable(get_encoder) or not callable(get_decoder):
+        raise _unavailable(
+            "install_red",
+            "aiortc",
+            "aiortc.rtcrtpsender.get_encoder or aiortc.rtcrtpreceiver.get_decoder is gone",
+        )
+    if getattr(get_encoder, _WRAPPED, False):
+        return
+
+    def red_encoder(codec: RTCRtpCodecParameters) -> Encoder:
+        if codec.mimeType.lower() == RED_MIME:
+            return packer()
+        encoder: Encoder = get_encoder(codec)
+        return encoder
+
+    def red_decoder(codec: RTCRtpCodecParameters) -> Decoder:
+        if codec.mimeType.lower() == RED_MIME:
+            return decoder()
+        found: Decoder = get_decoder(codec)
+        return found
+
+    setattr(red_encoder, _WRAPPED, True)
+    setattr(red_decoder, _WRAPPED, True)
+    if not any(c.mimeType.lower() == RED_MIME for c in table["audio"]):
+        table["audio"].append(RED_CODEC)
+    sender_module.get_encoder = red_encoder
+    receiver_module.get_decoder = red_decoder
 
 
 # -- aiortc: the receiver ----------------------------------------------------------------

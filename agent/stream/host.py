@@ -56,6 +56,7 @@ from agent.stream.signalling import (
     is_device_id,
 )
 from agent.stream.sinks import MediaSink
+from agent.stream.voice import LinkTuning
 from agent.sync import LinkDown, LinkError, MqttLink
 
 log = logging.getLogger(__name__)
@@ -126,7 +127,9 @@ class LessonHost:
         connect_timeout_s: float = 15.0,
         gone_after_s: float = GONE_AFTER_S,
         controls: MediaControls | None = None,
+        tuning: LinkTuning | None = None,
     ) -> None:
+        self.tuning = tuning or LinkTuning()
         self.name = f"stream.lesson.{group}"
         self.link = link
         self.signalling = signalling
@@ -548,7 +551,9 @@ class LessonHost:
     async def _host_peer(self, lesson: Announcement, offer: Signal) -> None:
         room = offer.sender
         track = self._rooms[room]
-        session = PeerSession(room, lesson.lesson_id, self.ice, self.sink, controls=self.controls)
+        session = PeerSession(
+            room, lesson.lesson_id, self.ice, self.sink, controls=self.controls, tuning=self.tuning
+        )
         self._sessions[room] = session
         try:
             answer = await session.make_answer(offer.sdp or "", self.encoder, self.audio)

@@ -36,6 +36,7 @@ from agent.stream.signalling import (
     new_attempt_id,
 )
 from agent.stream.sinks import MediaSink
+from agent.stream.voice import LinkTuning
 from agent.sync import LinkError, MqttLink
 
 log = logging.getLogger(__name__)
@@ -85,7 +86,9 @@ class LessonJoiner:
         main_state_wait_s: float = MAIN_STATE_WAIT_S,
         rng: random.Random | None = None,
         controls: MediaControls | None = None,
+        tuning: LinkTuning | None = None,
     ) -> None:
+        self.tuning = tuning or LinkTuning()
         self.link = link
         self.signalling = signalling
         self.groups = tuple(dict.fromkeys(groups))
@@ -387,7 +390,9 @@ class LessonJoiner:
         main = lesson.main
         attempt = new_attempt_id()
         answer: asyncio.Future[str] = asyncio.get_running_loop().create_future()
-        session = PeerSession(main, lesson.lesson_id, self.ice, self.sink, controls=self.controls)
+        session = PeerSession(
+            main, lesson.lesson_id, self.ice, self.sink, controls=self.controls, tuning=self.tuning
+        )
         self._session = session
         self._attempt = attempt
         self._answer_wait = answer

@@ -39,6 +39,8 @@ from agent.stream.stats import (
     remote_loss_percent,
     snapshot,
 )
+from agent.stream.voice import LinkTuning, audio_preferences, sent_audio_codec
+from agent.stream.voice import install as install_voice
 
 log = logging.getLogger(__name__)
 
@@ -120,8 +122,12 @@ class PeerSession:
         *,
         controls: MediaControls | None = None,
         layer_policy: LayerPolicySettings | None = None,
+        tuning: LinkTuning | None = None,
     ) -> None:
+        install_voice()  # aiortc learns RED before the first offer or answer
         self.remote = remote
+        self.tuning = tuning or LinkTuning()
+        self.audio_codec: str | None = None  # what we send: "red", "opus" (None: no audio)
         self.lesson_id = lesson_id
         self.ice = ice
         self.pc: RTCPeerConnection = new_peer_connection(ice.servers)
@@ -227,6 +233,7 @@ class PeerSession:
         Add audio first where there is any: a session without audio never pauses its
         video (see ``agent/stream/layers.py``)."""
         track = encoder.track(f"{self.remote}/{self.lesson_id}")
+        track.keyframe_gap_s = self.tuning.keyframe_request_gap_s
         self._tracks.append(track)
         if transceiver is None:
             sender = self.pc.addTrack(track)
@@ -242,7 +249,9 @@ class PeerSession:
         route_bitrate_estimates(sender, self.layers.on_estimate)
 
     def add_audio(self, hub: AudioHub, transceiver: Any | None = None) -> None:
-        track = HubAudioTrack(hub, f"{self.remote}/{self.lesson_id}", self.controls)
+        track = HubAudioTrack(
+            hub, f"{self.remote}/{self.lesson_id}", self.controls, self.tuning.voice
+        )
         self._sends_audio = True
         if self.layers is not None and not self.layers.policy.settings.allow_pause:
             self.layers.policy.settings = dataclasses.replace(
@@ -263,6 +272,7 @@ class PeerSession:
         if encoder is not None:
             self.add_video(encoder, video_tx)
         audio_tx = self.pc.addTransceiver("audio", direction="sendrecv" if audio else "recvonly")
+        audio_tx.setCodecPreferences(audio_preferences(self.tuning.voice.red))
         self._tune_audio()
         if audio is not None:
             self.add_audio(audio, audio_tx)
@@ -280,6 +290,14 @@ class PeerSession:
 
     async def accept_answer(self, sdp: str) -> None:
         await self.pc.setRemoteDescription(RTCSessionDescription(sdp=sdp, type="answer"))
+        # aiortc sends the first of our preferences the answer kept.
+        preferred = ["red", "opus"] if self.tuning.voice.red else ["opus"]
+        self._note_audio_codec(sent_audio_codec(sdp, preferred))
+
+    def _note_audio_codec(self, codec: str | None) -> None:
+        if self._sends_audio and codec is not None:
+            self.audio_codec = codec
+            log.info("audio to %s: %s", self.remote, codec)
 
     async def make_answer(
         self, offer_sdp: str, encoder: SharedH264Encoder | None, audio: AudioHub | None
@@ -302,6 +320,10 @@ class PeerSession:
         if encoder is not None and "H264" not in sdp:
             raise ValueError("the offer has no H.264 video this room can send")
         self.bitrate_of = "sent"
+        # An answer keeps the offer's order and aiortc sends its first codec: RED only
+        # to a room that put it first (ours, when stream.link.red is on), never to a
+        # browser offering Opus first.
+        self._note_audio_codec(sent_audio_codec(sdp))
         return sdp
 
     async def wait_connected(self, timeout: float) -> bool:  # noqa: ASYNC109
@@ -355,6 +377,15 @@ class PeerSession:
         tracks = [t for t in self._tracks if isinstance(t, EncodedVideoTrack)]
         return sum(t.dropped for t in tracks) if tracks else None
 
+    def _keyframe_requests(self) -> dict[str, int | None]:
+        tracks = [t for t in self._tracks if isinstance(t, EncodedVideoTrack)]
+        if not tracks:
+            return {"keyframe_requests": None, "keyframe_requests_deferred": None}
+        return {
+            "keyframe_requests": sum(t.keyframe_requests for t in tracks),
+            "keyframe_requests_deferred": sum(t.keyframe_requests_deferred for t in tracks),
+        }
+
     def describe(self) -> dict[str, Any]:
         """This peer in the health topic's ``stream.peers`` shape (contracts v1); the
         RTP figures are the poller's latest (null until known, see agent.stream.stats)."""
@@ -365,6 +396,8 @@ class PeerSession:
             **self._describe_layers(),
             **self._describe_audio(),
             "frames_dropped": self._frames_dropped(),
+            "audio_codec": self.audio_codec,
+            **self._keyframe_requests(),
             "lesson": self.lesson_id,
             "connected_for_s": None
             if self.connected_at is None

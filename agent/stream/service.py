@@ -27,6 +27,7 @@ from agent.stream.playback import AudioPlayback
 from agent.stream.recorder import LessonRecorder
 from agent.stream.signalling import Signalling
 from agent.stream.sinks import FanOutSink, LatestFrames, MediaSink, ProbeSink
+from agent.stream.voice import LinkTuning
 from agent.sync import MqttLink
 
 log = logging.getLogger(__name__)
@@ -74,6 +75,7 @@ class StreamService:
             None if video is None else SharedH264Encoder(video, settings, controls=self.controls)
         )
         ice = IceSettings.of(config.ice_servers, host_addresses)
+        tuning = LinkTuning.from_config(config.link)
         identity = link.identity
         self.hosts: dict[str, LessonHost] = {
             m.group: LessonHost(
@@ -86,6 +88,7 @@ class StreamService:
                 ice=ice,
                 sink=sink,
                 controls=self.controls,
+                tuning=tuning,
             )
             for m in identity.groups
             if m.role is LessonRole.MAIN
@@ -102,6 +105,7 @@ class StreamService:
                 sink=sink,
                 media_timeout_s=media_timeout_s,
                 controls=self.controls,
+                tuning=tuning,
             )
             if receiving
             else None

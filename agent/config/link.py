@@ -1,0 +1,37 @@
+"""``stream.link``: how a room's media adapts to a poor rural line (issue 13).
+
+Its own module so the sections of ``agent/config/models.py`` stay small to merge; the
+stream package turns it into ``agent.stream.LinkTuning``.
+"""
+
+from __future__ import annotations
+
+from pydantic import Field
+
+from agent.config.base import StrictModel
+
+
+class LinkConfig(StrictModel):
+    """Loss- and delay-resilience of the lesson's media (defaults suit rural links)."""
+
+    voice_opus: bool = Field(
+        default=True,
+        description="Send the microphone as speech Opus (mono, voice_bitrate_kbps, in-band "
+        "FEC) instead of 96 kbit/s stereo; false: aiortc's default Opus",
+    )
+    voice_bitrate_kbps: int = Field(
+        default=32, ge=12, le=64, description="Speech Opus bitrate (24-32 suits one voice)"
+    )
+    red: bool = Field(
+        default=True,
+        description="Ask for RED audio (RFC 2198): each packet also carries the two frames "
+        "before it, so a lost packet is rebuilt from the next; peers that do not offer it "
+        "get plain Opus",
+    )
+    keyframe_request_gap_s: float = Field(
+        default=1.0,
+        ge=0,
+        le=10,
+        description="Least time between two keyframes one receiving room may ask for, so a "
+        "lossy room does not make every room pay for keyframes (0: no limit)",
+    )
