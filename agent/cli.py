@@ -77,7 +77,13 @@ def cmd_config_check(args: argparse.Namespace) -> int:
 
 
 def cmd_config_show(args: argparse.Namespace) -> int:
+    from agent.runtime import load_with_profiles
+
     loaded = _load(args)
+    try:  # with the profiles IT pushed, as the daemon runs it
+        loaded = load_with_profiles(ConfigSources.from_args(args))[0]
+    except PermissionError as exc:
+        print(f"# pushed profiles not shown: {exc}", file=sys.stderr)
     effective = _effective(loaded.config)
     if args.format == "yaml":
         print(yaml.safe_dump(_masked(effective), sort_keys=False), end="")

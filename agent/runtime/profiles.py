@@ -226,7 +226,7 @@ class ProfileManager:
             report = self.book.reports.get(layer)
             if exc.reason is Reason.REPLAYED and report and report.version == _version(payload):
                 return  # the one this device already answered, delivered again after a restart
-            self._refuse(layer, None, exc.reason.value, exc.message)
+            self._refuse(layer, None, exc.reason.value, exc.message, version=_version(payload))
             return
         if not self.book.in_wave(envelope):
             if self._deferred is not None and self._deferred.layer == layer:
@@ -370,7 +370,15 @@ class ProfileManager:
 
     # -- answers -------------------------------------------------------------------------------
 
-    def _refuse(self, layer: str, envelope: Envelope | None, code: str, message: str) -> None:
+    def _refuse(
+        self,
+        layer: str,
+        envelope: Envelope | None,
+        code: str,
+        message: str,
+        *,
+        version: int | None = None,
+    ) -> None:
         log.warning(
             "refused a profile for %s: %s: %s",
             layer,
@@ -378,10 +386,9 @@ class ProfileManager:
             message,
             extra={"fields": {"layer": layer, "code": code}},
         )
-        self._report(layer, envelope, LayerState.REJECTED, message, code)
-        self.book.history(
-            layer, LayerState.REJECTED, envelope.version if envelope else None, f"{code}: {message}"
-        )
+        version = envelope.version if envelope else version
+        self._report(layer, envelope, LayerState.REJECTED, message, code, version=version)
+        self.book.history(layer, LayerState.REJECTED, version, f"{code}: {message}")
 
     def _report(
         self,
@@ -390,12 +397,14 @@ class ProfileManager:
         state: LayerState,
         reason: str,
         code: str = "",
+        *,
+        version: int | None = None,
     ) -> None:
         self.book.report(
             layer,
             LayerReport(
                 state,
-                envelope.version if envelope else None,
+                envelope.version if envelope else version,
                 str(envelope.scope) if envelope else None,
                 reason,
                 code,

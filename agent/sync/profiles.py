@@ -382,7 +382,11 @@ class ProfileBook:
             "device": self.device_id,
             "groups": list(self.groups),
             "time": iso_time(moment),
-            "keys": {"version": self.keyring.version, "pinned": sorted(self.keyring.keys)},
+            "keys": {
+                "version": self.keyring.version,
+                "pinned": sorted(self.keyring.keys),
+                "last": self.reports["keys"].to_dict() if "keys" in self.reports else None,
+            },
             "effective": {
                 layer: self.applied[layer].version
                 for layer in sorted(self.applied, key=layer_sort_key)
