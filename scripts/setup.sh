@@ -15,6 +15,7 @@ APT_PACKAGES=(
 )
 if [ "${1:-}" = "--test" ]; then
   APT_PACKAGES+=(chromium coturn)        # headless browser for the web pages' tests; TURN relay test
+  APT_PACKAGES+=(espeak-ng)              # speech for the echo-cancellation tests' simulated rooms
 fi
 
 SUDO=""

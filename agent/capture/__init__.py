@@ -29,6 +29,7 @@ from agent.capture.hub import (
     StateChange,
     VideoStats,
 )
+from agent.capture.processing import AudioProcessor, FarEndReference, ProcessingStats
 from agent.capture.service import CaptureService
 from agent.capture.stamp import Stamp, draw_stamp, read_stamp
 from agent.capture.video import VideoSource, open_video_source
@@ -39,6 +40,7 @@ __all__ = [
     "AudioDeviceError",
     "AudioFormat",
     "AudioHub",
+    "AudioProcessor",
     "AudioSource",
     "AudioStats",
     "AudioSubscription",
@@ -48,11 +50,13 @@ __all__ = [
     "ConsumerStats",
     "DeviceInventory",
     "DeviceState",
+    "FarEndReference",
     "Frame",
     "FrameHub",
     "FrameSubscription",
     "Image",
     "MicrophoneInfo",
+    "ProcessingStats",
     "Stamp",
     "StateChange",
     "VideoMode",

@@ -37,6 +37,7 @@ from agent.backoff import backoff_delay
 from agent.capture.audio import AudioSource
 from agent.capture.errors import CaptureError
 from agent.capture.frames import AudioChunk, AudioFormat, Frame, Image, Samples, VideoMode
+from agent.capture.processing import AudioProcessor, FarEndReference, ProcessingStats
 from agent.capture.video import VideoSource
 from agent.config import CaptureConfig
 
@@ -162,9 +163,15 @@ class AudioStats:
     peak_dbfs: float | None
     clipping: bool  # a sample hit full scale within the last second
     consumers: tuple[AudioConsumerStats, ...]
+    # The processing stage (echo cancellation...); None when capture.audio.processing
+    # .mode is off. The level, peak and clipping above are of the processed signal: what the
+    # lesson sends, so a silent-microphone alert means the other rooms hear nothing.
+    processing: ProcessingStats | None = None
 
     def to_dict(self) -> dict[str, Any]:
+        extra = {} if self.processing is None else {"processing": self.processing.to_dict()}
         return {
+            **extra,
             **_device_state(
                 self.source, self.state, self.reason, self.since_wall, self.state_for_s
             ),
@@ -723,6 +730,11 @@ class AudioHub(_CaptureHub[AudioFormat]):
 
     A silent microphone is still a working one (muted, or an empty room): silence is
     reported as a level, and alert rules decide what it means.
+
+    While ``capture.audio.processing`` is active (``mode: auto`` once a loudspeaker
+    playback feeds :meth:`echo_reference`, or ``mode: on``), every chunk goes through
+    the processing stage (:class:`~agent.capture.processing.AudioProcessor`) on the
+    reader thread before any consumer, or the level meter, sees it.
     """
 
     _unit = "audio"
@@ -737,6 +749,21 @@ class AudioHub(_CaptureHub[AudioFormat]):
     ) -> None:
         super().__init__(name, source, capture, rng)
         self._levels: deque[tuple[int, float, int]] = deque(maxlen=512)  # (ns, power, peak)
+        settings = capture.audio.processing
+        self.processor = AudioProcessor(settings) if settings.mode != "off" else None
+        self._sample_rate = capture.audio.sample_rate
+
+    def echo_reference(self) -> FarEndReference | None:
+        """The reference this microphone's echo canceller reads: what the room's
+        loudspeakers play must be pushed into it (``AudioPlayback.reference``). Asking
+        for it says the room plays and captures at once, which turns ``mode: auto``
+        processing on. None when processing is off."""
+        processor = self.processor
+        if processor is None:
+            return None
+        if processor.reference is None:
+            processor.reference = FarEndReference(self._sample_rate)
+        return processor.reference
 
     @property
     def format(self) -> AudioFormat | None:
@@ -753,6 +780,9 @@ class AudioHub(_CaptureHub[AudioFormat]):
 
     def _accept(self, data: NDArray[Any], captured_ns: int, wall_ns: int) -> None:
         samples: Samples = data
+        processor, fmt = self.processor, self._mode
+        if processor is not None and fmt is not None:
+            samples = processor.process(samples, captured_ns, fmt)
         samples.flags.writeable = False
         if samples.size:
             power = float(np.mean(np.square(samples, dtype=np.float32)))
@@ -796,4 +826,5 @@ class AudioHub(_CaptureHub[AudioFormat]):
             peak_dbfs=peak_dbfs,
             clipping=clipping,
             consumers=tuple(s.stats() for s in subs),
+            processing=None if self.processor is None else self.processor.stats(),
         )

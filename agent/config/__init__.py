@@ -6,6 +6,7 @@ command-line options it reads); everything after it uses the typed ``AgentConfig
 
 from __future__ import annotations
 
+from agent.config.audio_processing import AudioProcessingConfig
 from agent.config.base import StrictModel
 from agent.config.errors import ConfigError, ConfigIssue, issues_from_validation
 from agent.config.link import LinkConfig
@@ -56,6 +57,7 @@ __all__ = [
     "UI_LANGUAGE_DESCRIPTION",
     "AgentConfig",
     "AudioConfig",
+    "AudioProcessingConfig",
     "BrokerConfig",
     "CaptureConfig",
     "ConfigError",

@@ -17,6 +17,7 @@ from typing import Annotated, Literal, Self
 from pydantic import Field, SecretStr, field_validator, model_validator
 
 from agent import contracts
+from agent.config.audio_processing import AudioProcessingConfig
 from agent.config.base import StrictModel
 from agent.config.link import LinkConfig
 from agent.config.pushed import ProfilesConfig
@@ -219,6 +220,10 @@ class AudioConfig(StrictModel):
     sample_rate: int = Field(default=48000, description="Samples per second (WebRTC uses 48000)")
     channels: int = Field(default=1, ge=1, le=2, description="1 = mono, 2 = stereo")
     frame_ms: int = Field(default=20, description="Audio frame duration (Opus uses 20 ms)")
+    processing: AudioProcessingConfig = Field(
+        default_factory=AudioProcessingConfig,
+        description="Echo cancellation, noise suppression and gain control on the microphone",
+    )
 
     @field_validator("sample_rate")
     @classmethod

@@ -6,6 +6,9 @@ or standalone with ``classroom-agent selftest``), it checks what a lesson needs:
 ``camera``      frames arrive over a couple of seconds, the picture is not black and
                 not frozen;
 ``microphone``  audio arrives, the level is above silence and it is not clipping;
+``echo_path``   a short known sound played on the loudspeakers does not come back
+                in what the microphone sends (after echo cancellation): the room's
+                sound is fit for a two-way lesson (skipped without loudspeakers);
 ``disk``        the state directory has room left;
 ``clock``       the kernel says the clock is synchronised (NTP): lesson times, TLS
                 certificates and alert timestamps depend on it (the same reading as
@@ -33,8 +36,9 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from enum import StrEnum
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, TextIO, TypeVar
+from typing import TYPE_CHECKING, Any, Protocol, TextIO, TypeVar
 
+import av
 import numpy as np
 
 from agent.capture import AudioChunk, AudioHub, Frame, FrameHub
@@ -132,6 +136,11 @@ class SelftestThresholds:
     min_free_mb: float = 1024.0
     max_disk_percent: float = 95.0
     broker_timeout_s: float = 5.0
+    echo_play_s: float = 4.0  # the test sound; the canceller converges in the first 2 s
+    echo_quiet_s: float = 0.6  # the room's own level, listened to before the sound
+    # What comes back of the test sound after processing may raise the microphone this
+    # much above the room's own level: a working canceller leaves a few dB, none ~30.
+    echo_max_rise_db: float = 10.0
 
     @classmethod
     def from_health(cls, health: HealthConfig, **overrides: Any) -> SelftestThresholds:
@@ -476,6 +485,157 @@ async def check_broker(
     )
 
 
+class Speaker(Protocol):
+    """The room's loudspeakers as the self-test uses them: the playback's observer face
+    (``agent.stream.AudioPlayback``), which plays ``av.AudioFrame``s from a source."""
+
+    def observe(self, source: str, kind: str, frame: Any) -> None: ...
+
+
+ECHO_TEST_SOURCE = "selftest"
+_ECHO_RATE = 48_000
+_ECHO_FRAME = _ECHO_RATE // 50  # 20 ms, as the lesson's Opus frames
+_ECHO_DBFS = -20.0
+
+
+def echo_test_sound(seconds: float, rate: int = _ECHO_RATE) -> np.ndarray[Any, np.dtype[np.int16]]:
+    """The known test sound: speech-band noise (200 Hz-4 kHz) cut into syllables of
+    100-250 ms with short gaps, at -20 dBFS while sounding, from a fixed seed.
+    Broadband, so the canceller learns the whole band at once (single tones would be
+    new to it each time), and changing, so noise suppression does not take it for
+    the room's noise."""
+    rng = np.random.default_rng(2026)
+    n = round(seconds * rate)
+    spectrum = np.fft.rfft(rng.standard_normal(n))
+    freqs = np.fft.rfftfreq(n, 1 / rate)
+    spectrum[(freqs < 200) | (freqs > 4000)] = 0
+    noise = np.fft.irfft(spectrum, n)
+    envelope = np.zeros(n)
+    at = 0
+    while at < n:
+        length = round(rng.uniform(0.10, 0.25) * rate)
+        t = np.arange(min(length, n - at)) / rate
+        edge = np.minimum(1.0, np.minimum(t, t[::-1]) / 0.01)
+        envelope[at : at + len(t)] = edge * rng.uniform(0.5, 1.0)
+        at += length + round(rng.uniform(0.03, 0.08) * rate)
+    sound = noise * envelope
+    sounding = envelope > 0
+    sound *= 10 ** (_ECHO_DBFS / 20) / np.sqrt(np.mean(sound[sounding] ** 2))
+    pcm: np.ndarray[Any, np.dtype[np.int16]] = np.round(np.clip(sound, -1, 1) * 32767).astype(
+        np.int16
+    )
+    return pcm
+
+
+def _audio_frame(mono: np.ndarray[Any, np.dtype[np.int16]]) -> Any:
+    frame = av.AudioFrame.from_ndarray(np.repeat(mono, 2)[None, :], format="s16", layout="stereo")
+    frame.sample_rate = _ECHO_RATE
+    return frame
+
+
+async def _play(speaker: Speaker, sound: np.ndarray[Any, np.dtype[np.int16]]) -> None:
+    """Hand ``sound`` to the playback in 20 ms frames, in real time, 60 ms ahead."""
+    started = time.monotonic()
+    for index, at in enumerate(range(0, len(sound) - _ECHO_FRAME + 1, _ECHO_FRAME)):
+        due = started + index * _ECHO_FRAME / _ECHO_RATE - 0.06
+        await asyncio.sleep(max(0.0, due - time.monotonic()))
+        speaker.observe(ECHO_TEST_SOURCE, "audio", _audio_frame(sound[at : at + _ECHO_FRAME]))
+
+
+def _level(chunks: list[AudioChunk]) -> float:
+    if not chunks:
+        return -120.0
+    samples = np.concatenate([c.samples.reshape(-1) for c in chunks])
+    return _dbfs(float(np.mean(np.square(samples, dtype=np.float32))))
+
+
+async def check_echo_path(
+    hub: AudioHub | None, speaker: Speaker | None, limits: SelftestThresholds
+) -> CheckResult:
+    """Play a known sound on the loudspeakers and measure how much of it the microphone
+    still sends after processing, against the room's own level just before."""
+    name = "echo_path"
+    if speaker is None:
+        return CheckResult(name, CheckStatus.SKIP, "echo path: no loudspeakers in this agent")
+    if hub is None:
+        return CheckResult(name, CheckStatus.SKIP, "echo path: no microphone in this agent")
+    sound = echo_test_sound(limits.echo_play_s)
+    quiet: list[AudioChunk] = []
+    during: list[AudioChunk] = []
+    with hub.subscribe(f"selftest-echo-{uuid.uuid4().hex[:6]}", max_chunks=1000) as chunks:
+        count, _ = await _collect(
+            chunks.get, quiet.append, limits.first_item_timeout_s, limits.echo_quiet_s
+        )
+        if not count:
+            return CheckResult(
+                name, CheckStatus.SKIP, "echo path: the microphone sends no audio (see microphone)"
+            )
+        player = asyncio.create_task(_play(speaker, sound), name="selftest:echo-sound")
+        try:
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(limits.echo_play_s + 0.5):
+                    while True:
+                        during.append(await chunks.get())
+        finally:
+            player.cancel()
+            await asyncio.gather(player, return_exceptions=True)
+        processing = hub.stats().processing
+    # The last 40 % of the sound: the canceller has converged, the echo has arrived.
+    tail = during[len(during) * 3 // 5 :]
+    room_level, sent_level = _level(quiet), _level(tail)
+    rise = sent_level - room_level
+    details: dict[str, Any] = {
+        "played_dbfs": _ECHO_DBFS,
+        "room_level_dbfs": round(room_level, 1),
+        "sent_level_dbfs": round(sent_level, 1),
+        "rise_db": round(rise, 1),
+    }
+    if processing is not None:
+        details["processing"] = {
+            key: value
+            for key, value in processing.to_dict().items()
+            if key in ("active", "stages", "reference", "echo_delay_ms", "echo_path_ms", "erle_db")
+        }
+        details["microphone_input_dbfs"] = (
+            None if processing.input_level_dbfs is None else round(processing.input_level_dbfs, 1)
+        )
+    if (
+        processing is not None
+        and processing.echo_cancellation
+        and processing.reference != "playing"
+    ):
+        return CheckResult(
+            name,
+            CheckStatus.SKIP,
+            "echo path: the test sound did not reach the loudspeakers (a lesson is "
+            "playing, or the loudspeakers are lost); run the self-test before the lesson",
+            details,
+        )
+    if rise > limits.echo_max_rise_db:
+        hint = (
+            "the software echo canceller is off: turn capture.audio.processing."
+            "echo_cancellation on unless the speakerphone cancels echo itself"
+            if processing is None or not processing.echo_cancellation
+            else "the echo canceller is not keeping up: lower the loudspeaker volume or "
+            "move the microphone away from the loudspeakers"
+        )
+        return CheckResult(
+            name,
+            CheckStatus.FAIL,
+            f"echo path: the loudspeakers come back in the microphone {rise:.0f} dB above "
+            f"the room ({sent_level:.0f} dBFS sent); the other rooms would hear "
+            f"themselves; {hint}",
+            details,
+        )
+    return CheckResult(
+        name,
+        CheckStatus.PASS,
+        f"echo path: a test sound on the loudspeakers raised what the microphone sends "
+        f"by {max(0.0, rise):.0f} dB (at most {limits.echo_max_rise_db:g})",
+        details,
+    )
+
+
 async def run_selftest(
     video: FrameHub | None,
     audio: AudioHub | None,
@@ -486,12 +646,15 @@ async def run_selftest(
     thresholds: SelftestThresholds | None = None,
     clock_synced: Callable[[], bool | None] | None = None,
     probe: str | None = None,
+    speaker: Speaker | None = None,
 ) -> SelftestReport:
     """Run every check (camera and microphone at the same time) and return the report.
 
     The hubs must be running (the daemon's are; the CLI starts its own). ``device``
     names the report (default: the link's device id). ``clock_synced`` replaces the
     kernel reading (tests). ``probe``: the probe topic (see `check_broker`).
+    ``speaker``: the room's playback, for the echo-path check (after the microphone
+    check, whose level the test sound would spoil).
     """
     limits = thresholds or SelftestThresholds()
     started_wall, started = time.time(), time.monotonic()
@@ -504,6 +667,7 @@ async def run_selftest(
             check_broker(link, limits, topic=probe), name="selftest:broker"
         )
     camera, microphone, broker = camera_task.result(), mic_task.result(), broker_task.result()
+    echo = await check_echo_path(audio, speaker, limits)
     disk = await asyncio.to_thread(check_disk, state_dir, limits)
     clock = await asyncio.to_thread(check_clock, clock_synced or read_clock_synced)
     name = device or (link.identity.device_id if link is not None else "this device")
@@ -511,7 +675,7 @@ async def run_selftest(
         device=name,
         started_at=started_wall,
         duration_s=time.monotonic() - started,
-        checks=(camera, microphone, disk, clock, broker),
+        checks=(camera, microphone, echo, disk, clock, broker),
     )
     failed = [check.name for check in report.checks if check.status is CheckStatus.FAIL]
     if failed:
@@ -528,6 +692,7 @@ def selftest_handler(
     state_dir: Path,
     link: MqttLink | None,
     thresholds: SelftestThresholds | None = None,
+    speaker: Speaker | None = None,
 ) -> CommandHandler:
     """The ``selftest`` command for `agent.sync.commands.CommandService` (report as result).
 
@@ -537,7 +702,7 @@ def selftest_handler(
 
     async def selftest(args: dict[str, Any]) -> dict[str, Any]:
         report = await run_selftest(
-            video, audio, state_dir=state_dir, link=link, thresholds=thresholds
+            video, audio, state_dir=state_dir, link=link, thresholds=thresholds, speaker=speaker
         )
         return report.to_dict()
 

@@ -48,7 +48,13 @@ import pyaudio
 from numpy.typing import NDArray
 
 from agent.backoff import backoff_delay
-from agent.capture import AudioDeviceError, DeviceState, close_pyaudio, start_pyaudio
+from agent.capture import (
+    AudioDeviceError,
+    DeviceState,
+    FarEndReference,
+    close_pyaudio,
+    start_pyaudio,
+)
 from agent.config import PlaybackConfig
 
 log = logging.getLogger(__name__)
@@ -109,6 +115,18 @@ class AudioOutput(ABC):
 
     def interrupt(self) -> None:  # noqa: B027  (optional: only waiting outputs need it)
         """Wake a write() that is waiting, so playback can stop promptly (any thread)."""
+
+    def latency_s(self) -> float:
+        """How long written sound waits in the output before it is heard (the driver's
+        figure); 0 when unknown."""
+        return 0.0
+
+    def heard_at_ns(self, frames: int, rate: int) -> int:
+        """When the first of the ``frames`` just written is heard (``time.monotonic_ns``
+        clock): for the echo canceller's reference. A blocking write returns once the
+        output has room again, so what it holds then is ``latency_s`` ending with this
+        block."""
+        return time.monotonic_ns() + round(1e9 * (self.latency_s() - frames / rate))
 
 
 class PyAudioOutput(AudioOutput):
@@ -185,6 +203,15 @@ class PyAudioOutput(AudioOutput):
         stream, pa = self._stream, self._pa
         self._stream = self._pa = None
         close_pyaudio(stream, pa)
+
+    def latency_s(self) -> float:
+        stream = self._stream
+        if stream is None:
+            return 0.0
+        try:
+            return float(stream.get_output_latency())
+        except (OSError, AttributeError):
+            return 0.0
 
 
 class WavFileOutput(AudioOutput):
@@ -266,6 +293,10 @@ class WavFileOutput(AudioOutput):
             ) from exc
         self._written += int(samples.shape[0])
         self.frames_written += int(samples.shape[0])
+
+    def heard_at_ns(self, frames: int, rate: int) -> int:
+        # The file's own timeline: where these frames sit in it is when they are heard.
+        return round(1e9 * (self._t0 + (self._written - frames) / self._format.sample_rate))
 
     def close(self) -> None:
         wav, self._wav = self._wav, None
@@ -384,8 +415,12 @@ class AudioPlayback:
         period_ms: int = PERIOD_MS,
         retry_min_s: float = RETRY_MIN_S,
         retry_max_s: float = RETRY_MAX_S,
+        reference: FarEndReference | None = None,
     ) -> None:
         self.output = output
+        # The microphone's echo canceller reads what is played here (set by whoever
+        # wires the room's capture to its playback; None: nothing cancels our sound).
+        self.reference = reference
         self._buffer_ms = buffer_ms
         self._prime_ms = prime_ms
         self._period_ms = period_ms
@@ -611,6 +646,10 @@ class AudioPlayback:
 
     def _write(self, block: Samples) -> None:
         self.output.write(block)
+        reference, fmt = self.reference, self._format
+        if reference is not None and fmt is not None:
+            rate = fmt.sample_rate
+            reference.push(block, rate, self.output.heard_at_ns(int(block.shape[0]), rate))
         self.frames_played += 1
         power = float(np.mean(np.square(block, dtype=np.float32))) if block.size else 0.0
         with self._lock:

@@ -112,6 +112,9 @@ class StreamService:
         )
 
         self.playback = playback
+        if playback is not None and audio is not None and playback.reference is None:
+            # What the loudspeakers play is the microphone's echo canceller reference.
+            playback.reference = audio.echo_reference()
         # Observers of received media that others read: the stamps (glass-to-glass in
         # health) and the newest frame of each room (the panel's tiles, the kiosk).
         self.received = received

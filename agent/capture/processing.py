@@ -1,0 +1,513 @@
+"""The microphone's processing stage: echo cancellation, noise suppression, gain control.
+
+A room that plays the other rooms on loudspeakers hears them again in its microphone;
+without a canceller every room hears itself a round trip later, and loud speakers howl.
+The stage runs WebRTC's audio processing module (AEC3, NS, AGC2, the high-pass filter)
+through ``pywebrtc-audio``, chosen over livekit's ``rtc.AudioProcessingModule`` and
+``speexdsp`` by ``bench/audio.py`` (figures in the README).
+
+* The far-end reference is exactly what the loudspeakers play: the playback thread
+  pushes every block it writes into a :class:`FarEndReference`, stamped with the time
+  the block is heard (the write time plus the output's own delay).
+* The microphone side runs on the audio hub's reader thread (never the event loop),
+  10 ms at a time. For each frame the reference heard at the same moment is handed
+  over, so the canceller only has to find the acoustic path and the sound cards'
+  unreported buffering.
+* What the canceller sees is measured: every second, while the loudspeakers play, the
+  raw microphone is cross-correlated (GCC-PHAT, at 8 kHz) with the reference it was
+  given. That delay is the echo-path figure in health; when it leaves the range AEC3
+  searches (0 to ``max_echo_delay_ms``), the reference is realigned.
+* Both clocks are smoothed: blocks are placed back to back, and a stamp that keeps
+  disagreeing by more than 5 ms (clock drift) moves the timeline by that much.
+
+Nothing the engine raises reaches the hub: the raw microphone is sent, and the error
+is counted and logged once.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import threading
+import time
+from collections import deque
+from dataclasses import dataclass
+from importlib import metadata
+from typing import Any
+
+import numpy as np
+import pywebrtc_audio
+from numpy.typing import NDArray
+
+from agent.capture.frames import AudioFormat, Samples
+from agent.config import AudioProcessingConfig
+
+log = logging.getLogger(__name__)
+
+FRAME_MS = 10  # WebRTC's APM works on 10 ms frames
+_JUMP_NS = 100_000_000  # a stamp this far off the timeline starts a new one (a pause)
+_STEP_NS = 5_000_000  # a smoothed disagreement this large moves the timeline (drift)
+_REFERENCE_KEEP_NS = 3_000_000_000  # reference kept for realignment
+_PLAYING_NS = 1_000_000_000  # the loudspeakers count as playing this long after a block
+_ESTIMATE_RATE = 8_000  # delay estimation runs on a decimated copy
+_ESTIMATE_WINDOW_S = 2.0
+_ESTIMATE_EVERY_S = 1.0
+_EARLIEST_MS = 300.0  # how early an echo may show (before its reference: stamps too late)
+_TARGET_MS = 40.0  # where a realignment puts the echo (inside AEC3's range, off its edges)
+_MIN_CONFIDENCE = 0.2  # normalised correlation at the found lag, to believe a delay
+_ECHO_DOMINATED = 0.3  # above this the microphone is mostly echo (a -6 dB DRR room peaks ~0.45)
+_FAR_ACTIVE_DBFS = -50.0
+_SILENCE_DBFS = -120.0
+
+
+def engine_version() -> str:
+    try:
+        return f"pywebrtc-audio {metadata.version('pywebrtc-audio')} (WebRTC AEC3, NS, AGC2)"
+    except metadata.PackageNotFoundError:  # pragma: no cover - an unusual install
+        return "pywebrtc-audio (WebRTC AEC3, NS, AGC2)"
+
+
+def _dbfs(power: float) -> float:
+    return max(_SILENCE_DBFS, 10 * math.log10(power)) if power > 0 else _SILENCE_DBFS
+
+
+def _power(signal: NDArray[Any]) -> float:
+    """Mean square of float samples in [-1, 1]."""
+    return float(np.mean(np.square(signal, dtype=np.float64))) if signal.size else 0.0
+
+
+class _Timeline:
+    """Back-to-back sample times from jittery per-block stamps: blocks are placed one
+    after the other, a pause or a jump (more than 100 ms off) starts anew, and a
+    disagreement that persists past 5 ms (one clock drifting against the other) moves
+    the timeline by that much at once."""
+
+    def __init__(self) -> None:
+        self._next: float | None = None
+        self._error = 0.0
+        self.steps = 0
+
+    def place(self, stamp_ns: int, frames: int, rate: int) -> float:
+        """The start time (ns) of a block whose stamp says it starts at ``stamp_ns``."""
+        duration = frames * 1e9 / rate
+        if self._next is None or abs(stamp_ns - self._next) > _JUMP_NS:
+            start, self._error = float(stamp_ns), 0.0
+        else:
+            self._error = 0.9 * self._error + 0.1 * (stamp_ns - self._next)
+            start = self._next
+            if abs(self._error) > _STEP_NS:
+                start += self._error
+                self._error = 0.0
+                self.steps += 1
+        self._next = start + duration
+        return start
+
+
+class FarEndReference:
+    """What the loudspeakers play, by the time it is heard: written by the playback
+    thread, read by the microphone's reader thread (any thread may call either).
+
+    Blocks are mixed to mono and, when the loudspeakers run at another rate than the
+    microphone, resampled to the microphone's rate (linear interpolation: a reference
+    needs the speech band, not hi-fi).
+    """
+
+    def __init__(self, rate: int) -> None:
+        self.rate = rate
+        self._lock = threading.Lock()
+        self._blocks: deque[tuple[float, NDArray[np.float32]]] = deque()
+        self._timeline = _Timeline()
+        self._newest_ns = 0.0
+        self.blocks_pushed = 0
+
+    def push(self, samples: Samples, rate: int, heard_at_ns: int) -> None:
+        """One block as played: (frames, channels) int16 at ``rate``, its first sample
+        heard at ``heard_at_ns`` (``time.monotonic_ns()`` clock)."""
+        if samples.size == 0 or rate <= 0:
+            return
+        mono = samples.astype(np.float32).mean(axis=1) if samples.ndim == 2 else samples
+        mono = np.asarray(mono, np.float32) / 32768.0
+        if rate != self.rate:
+            n_out = max(1, round(len(mono) * self.rate / rate))
+            positions = np.arange(n_out) * (rate / self.rate)
+            mono = np.interp(positions, np.arange(len(mono)), mono).astype(np.float32)
+        with self._lock:
+            start = self._timeline.place(heard_at_ns, len(mono), self.rate)
+            self._blocks.append((start, mono))
+            self._newest_ns = start + len(mono) * 1e9 / self.rate
+            while self._blocks and self._blocks[0][0] < self._newest_ns - _REFERENCE_KEEP_NS:
+                self._blocks.popleft()
+            self.blocks_pushed += 1
+
+    def playing(self, now_ns: int | None = None) -> bool:
+        """Sound was heard from the loudspeakers within the last second."""
+        now = time.monotonic_ns() if now_ns is None else now_ns
+        with self._lock:
+            return bool(self._blocks) and now - self._newest_ns < _PLAYING_NS
+
+    def read(self, start_ns: float, count: int) -> NDArray[np.float32]:
+        """``count`` samples heard from ``start_ns`` on (silence where nothing played)."""
+        out = np.zeros(count, np.float32)
+        step = 1e9 / self.rate
+        end_ns = start_ns + count * step
+        with self._lock:
+            for block_start, block in reversed(self._blocks):
+                block_end = block_start + len(block) * step
+                if block_end <= start_ns:
+                    break
+                if block_start >= end_ns:
+                    continue
+                offset = round((block_start - start_ns) / step)
+                src_from = max(0, -offset)
+                dst_from = max(0, offset)
+                n = min(len(block) - src_from, count - dst_from)
+                if n > 0:
+                    out[dst_from : dst_from + n] = block[src_from : src_from + n]
+        return out
+
+
+class _DelayEstimator:
+    """The delay between the reference handed to the canceller and its echo in the raw
+    microphone, by GCC-PHAT over the last two seconds at 8 kHz."""
+
+    def __init__(self, rate: int, max_delay_ms: float) -> None:
+        self.decimate = max(1, rate // _ESTIMATE_RATE)
+        self.rate = rate / self.decimate
+        frames = round(_ESTIMATE_WINDOW_S * 1000 / FRAME_MS)
+        self._mic: deque[NDArray[np.float32]] = deque(maxlen=frames)
+        self._far: deque[NDArray[np.float32]] = deque(maxlen=frames)
+        self._every = round(_ESTIMATE_EVERY_S * 1000 / FRAME_MS)
+        self._count = 0
+        self._max_lag = round((max_delay_ms + 200) * self.rate / 1000)
+        self._min_lag = -round(_EARLIEST_MS * self.rate / 1000)
+
+    def reset(self) -> None:
+        """Forget the history (the reference moved: old pairs would mislead)."""
+        self._mic.clear()
+        self._far.clear()
+
+    def _down(self, signal: NDArray[np.float32]) -> NDArray[np.float32]:
+        n = len(signal) // self.decimate * self.decimate
+        out: NDArray[np.float32] = signal[:n].reshape(-1, self.decimate).mean(axis=1)
+        return out
+
+    def add(self, mic: NDArray[np.float32], far: NDArray[np.float32]) -> bool:
+        """One frame of each; True when an estimate is due."""
+        self._mic.append(self._down(mic))
+        self._far.append(self._down(far))
+        self._count += 1
+        return self._count % self._every == 0 and len(self._mic) == self._mic.maxlen
+
+    def estimate(self) -> tuple[float, float, float, float] | None:
+        """(delay ms, confidence 0-1, microphone power, reference power) or None while
+        the reference is too quiet to tell."""
+        mic = np.concatenate(self._mic)
+        far = np.concatenate(self._far)
+        far_power, mic_power = _power(far), _power(mic)
+        if _dbfs(far_power) < _FAR_ACTIVE_DBFS or mic_power <= 0:
+            return None
+        size = 1 << (2 * len(mic) - 1).bit_length()
+        cross = np.fft.rfft(mic, size) * np.conj(np.fft.rfft(far, size))
+        cross /= np.abs(cross) + 1e-12
+        corr = np.fft.irfft(cross, size)
+        lags = np.arange(self._min_lag, self._max_lag + 1)
+        lag = int(lags[int(np.argmax(np.abs(corr[lags])))])
+        if lag >= 0:
+            a, b = far[: len(far) - lag], mic[lag:]
+        else:
+            a, b = far[-lag:], mic[: len(mic) + lag]
+        denom = math.sqrt(float(np.dot(a, a)) * float(np.dot(b, b)))
+        confidence = abs(float(np.dot(a, b))) / denom if denom > 0 else 0.0
+        return 1000 * lag / self.rate, confidence, mic_power, far_power
+
+
+class _Engine:
+    """pywebrtc-audio's AudioProcessor for one format; 10 ms frames, interleaved."""
+
+    def __init__(self, cfg: AudioProcessingConfig, fmt: AudioFormat, cancel: bool) -> None:
+        self.frame = fmt.sample_rate * FRAME_MS // 1000
+        self.channels = fmt.channels
+        self.cancel = cancel
+        self._ap = pywebrtc_audio.AudioProcessor(
+            sample_rate=fmt.sample_rate,
+            num_channels=fmt.channels,
+            echo_cancellation=cancel,
+            noise_suppression=cfg.noise_suppression,
+            high_pass_filter=cfg.high_pass_filter,
+            auto_gain_control=cfg.auto_gain_control,
+            ns_level=cfg.noise_suppression_level,
+            agc_max_gain_db=cfg.max_gain_db,
+        )
+        self._agc = cfg.auto_gain_control
+
+    def process(self, near: Samples, far: NDArray[np.float32] | None) -> Samples:
+        """One frame (frame, channels) int16; ``far`` mono float or None."""
+        flat = np.ascontiguousarray(near).reshape(-1)
+        if self.cancel:
+            ref = np.zeros(self.frame, np.float32) if far is None else far
+            far16 = np.clip(np.round(ref * 32767), -32768, 32767).astype(np.int16)
+            if self.channels > 1:
+                far16 = np.repeat(far16, self.channels)
+            out = self._ap.process(flat, far16)
+        else:
+            out = self._ap.process(flat)
+        result: Samples = np.asarray(out, np.int16).reshape(-1, self.channels)
+        return result
+
+    @property
+    def gain_db(self) -> float | None:
+        return float(self._ap.gain_db) if self._agc else None
+
+    @property
+    def speech_probability(self) -> float:
+        return float(self._ap.speech_probability)
+
+
+@dataclass(frozen=True, slots=True)
+class ProcessingStats:
+    """The processing stage in health (``capture.audio.processing``)."""
+
+    engine: str
+    mode: str  # as configured: auto, on, off
+    active: bool  # processing now ('auto': while loudspeakers feed the reference)
+    echo_cancellation: bool  # configured and active
+    noise_suppression: bool
+    high_pass_filter: bool
+    auto_gain_control: bool
+    reference: str  # "playing", "idle" (nothing played for a second) or "none" (no playback)
+    cancelling: bool  # the canceller has a live reference now
+    echo_delay_ms: float | None  # reference to its echo, as the canceller is handed them
+    echo_path_ms: float | None  # loudspeaker (by its stamps) to microphone
+    echo_confidence: float | None  # normalised correlation at that delay (0-1)
+    realignments: int  # times the reference was moved to keep the delay in range
+    alignment_ms: float  # how far the reference is shifted from its stamps
+    erle_db: float | None  # microphone over output power while the room hears only echo
+    echo_return_loss_db: float | None  # loudspeaker reference over microphone power
+    input_level_dbfs: float | None  # the raw microphone, last second
+    gain_db: float | None  # the gain control's current gain
+    frames: int
+    errors: int
+    cpu_percent: float  # of one core, mean over the last few seconds
+
+    def to_dict(self) -> dict[str, Any]:
+        def r(value: float | None) -> float | None:
+            return None if value is None else round(value, 1)
+
+        return {
+            "engine": self.engine,
+            "mode": self.mode,
+            "active": self.active,
+            "stages": {
+                "echo_cancellation": self.echo_cancellation,
+                "noise_suppression": self.noise_suppression,
+                "high_pass_filter": self.high_pass_filter,
+                "auto_gain_control": self.auto_gain_control,
+            },
+            "reference": self.reference,
+            "cancelling": self.cancelling,
+            "echo_delay_ms": r(self.echo_delay_ms),
+            "echo_path_ms": r(self.echo_path_ms),
+            "echo_confidence": None
+            if self.echo_confidence is None
+            else round(self.echo_confidence, 2),
+            "realignments": self.realignments,
+            "alignment_ms": round(self.alignment_ms, 1),
+            "erle_db": r(self.erle_db),
+            "echo_return_loss_db": r(self.echo_return_loss_db),
+            "input_level_dbfs": r(self.input_level_dbfs),
+            "gain_db": r(self.gain_db),
+            "frames": self.frames,
+            "errors": self.errors,
+            "cpu_percent": round(self.cpu_percent, 2),
+        }
+
+
+class AudioProcessor:
+    """The stage between a microphone and its consumers; see the module docstring.
+
+    :meth:`process` runs on the hub's reader thread only; :meth:`stats` on any thread.
+    """
+
+    def __init__(
+        self, config: AudioProcessingConfig, reference: FarEndReference | None = None
+    ) -> None:
+        self.config = config
+        self.reference = reference
+        self._lock = threading.Lock()
+        self._engine: _Engine | None = None
+        self._format: AudioFormat | None = None
+        self._estimator: _DelayEstimator | None = None
+        self._timeline = _Timeline()
+        self._shift_ns = 0.0  # reference read this much earlier than its stamps say
+        self._delay_ms: float | None = None
+        self._confidence: float | None = None
+        self._erle: float | None = None
+        self._erl: float | None = None
+        self._out_power: deque[float] = deque(maxlen=round(_ESTIMATE_WINDOW_S * 100))
+        self._in_levels: deque[tuple[int, float]] = deque(maxlen=200)
+        self._cpu: deque[float] = deque(maxlen=500)
+        self._cancelling = False
+        self._gain: float | None = None
+        self.realignments = 0
+        self.frames = 0
+        self.errors = 0
+        self._error_logged = False
+
+    @property
+    def active(self) -> bool:
+        """Processing now: mode 'on', or 'auto' once loudspeakers feed the reference."""
+        mode = self.config.mode
+        return mode == "on" or (mode == "auto" and self.reference is not None)
+
+    @property
+    def cancels(self) -> bool:
+        return self.active and self.config.echo_cancellation and self.reference is not None
+
+    def _engine_for(self, fmt: AudioFormat) -> _Engine:
+        if self._engine is None or self._format != fmt or self._engine.cancel != self.cancels:
+            self._engine = _Engine(self.config, fmt, self.cancels)
+            self._format = fmt
+            self._estimator = (
+                _DelayEstimator(fmt.sample_rate, self.config.max_echo_delay_ms)
+                if self.cancels
+                else None
+            )
+            log.info(
+                "microphone processing: %s at %s (echo cancellation %s, noise suppression "
+                "%s, high-pass %s, gain control %s)",
+                engine_version(),
+                fmt,
+                "on" if self.cancels else "off",
+                "on" if self.config.noise_suppression else "off",
+                "on" if self.config.high_pass_filter else "off",
+                "on" if self.config.auto_gain_control else "off",
+            )
+        return self._engine
+
+    def process(self, samples: Samples, captured_ns: int, fmt: AudioFormat) -> Samples:
+        """One chunk as read, ``captured_ns`` when its read returned; the processed
+        chunk (the same shape), or the input itself when the stage is off or fails."""
+        if not self.active or samples.size == 0:
+            return samples
+        frames = samples.shape[0]
+        try:
+            engine = self._engine_for(fmt)
+            size = engine.frame
+            if frames % size:
+                raise ValueError(f"chunks of {frames} samples are not whole {FRAME_MS} ms frames")
+            started = time.perf_counter()
+            rate = fmt.sample_rate
+            start = self._timeline.place(captured_ns - round(frames * 1e9 / rate), frames, rate)
+            out = np.empty_like(samples)
+            reference = self.reference
+            playing = reference is not None and reference.playing(captured_ns)
+            for i in range(0, frames, size):
+                near = samples[i : i + size]
+                far = None
+                if engine.cancel and reference is not None:
+                    t = start + i * 1e9 / rate - self._shift_ns
+                    far = reference.read(t, size) if playing else np.zeros(size, np.float32)
+                out[i : i + size] = engine.process(near, far)
+                self._observe(near, out[i : i + size], far, captured_ns)
+            gain = engine.gain_db
+            elapsed = time.perf_counter() - started
+        except Exception as exc:
+            self.errors += 1
+            if not self._error_logged:
+                self._error_logged = True
+                log.error(
+                    "microphone processing failed, sending the microphone unprocessed: %s",
+                    exc,
+                    extra={"fields": {"error": str(exc)}},
+                )
+            return samples
+        with self._lock:
+            self._cancelling = playing and engine.cancel
+            self._gain = gain
+            self._cpu.append(elapsed / (frames / rate))
+            self.frames += frames // size
+        return out
+
+    def _observe(
+        self, near: Samples, out: Samples, far: NDArray[np.float32] | None, now_ns: int
+    ) -> None:
+        """Level, delay and ERLE bookkeeping for one frame (reader thread)."""
+        mic = near.astype(np.float32).mean(axis=1) / 32768.0
+        in_power = _power(mic)
+        with self._lock:
+            self._in_levels.append((now_ns, in_power))
+            self._out_power.append(_power(out.astype(np.float32) / 32768.0))
+        estimator = self._estimator
+        if estimator is None or far is None or not estimator.add(mic, far):
+            return
+        found = estimator.estimate()
+        if found is None:
+            return
+        delay_ms, confidence, mic_power, far_power = found
+        if confidence < _MIN_CONFIDENCE:
+            with self._lock:
+                self._confidence = confidence
+            return
+        out_power = sum(self._out_power) / max(1, len(self._out_power))
+        with self._lock:
+            seen = delay_ms
+            self._delay_ms = seen
+            self._confidence = confidence
+            self._erl = 10 * math.log10(far_power / mic_power)
+            if confidence >= _ECHO_DOMINATED and out_power > 0:
+                erle = 10 * math.log10(mic_power / out_power)
+                self._erle = erle if self._erle is None else 0.7 * self._erle + 0.3 * erle
+        if seen < 0 or seen > self.config.max_echo_delay_ms:
+            self._realign(seen)
+            estimator.reset()
+
+    def _realign(self, seen_ms: float) -> None:
+        """Move the reference so the canceller sees the echo ``_TARGET_MS`` after it."""
+        with self._lock:
+            self._shift_ns += (seen_ms - _TARGET_MS) * 1e6
+            self.realignments += 1
+            shift = self._shift_ns / 1e6
+        log.warning(
+            "echo path delay %.0f ms is outside what the canceller searches (0-%d ms): "
+            "the loudspeaker reference now goes to the canceller %+.0f ms off its stamps",
+            seen_ms,
+            self.config.max_echo_delay_ms,
+            shift,
+            extra={"fields": {"echo_delay_ms": round(seen_ms, 1), "alignment_ms": shift}},
+        )
+
+    def stats(self) -> ProcessingStats:
+        now = time.monotonic_ns()
+        cfg = self.config
+        reference = self.reference
+        active = self.active
+        ref_state = "none"
+        if reference is not None:
+            ref_state = "playing" if reference.playing(now) else "idle"
+        with self._lock:
+            levels = [p for t, p in self._in_levels if now - t < 1_000_000_000]
+            cpu = sum(self._cpu) / len(self._cpu) if self._cpu else 0.0
+            path = None if self._delay_ms is None else self._delay_ms + self._shift_ns / 1e6
+            return ProcessingStats(
+                engine=engine_version(),
+                mode=cfg.mode,
+                active=active,
+                echo_cancellation=active and cfg.echo_cancellation,
+                noise_suppression=active and cfg.noise_suppression,
+                high_pass_filter=active and cfg.high_pass_filter,
+                auto_gain_control=active and cfg.auto_gain_control,
+                reference=ref_state,
+                cancelling=self._cancelling and ref_state == "playing",
+                echo_delay_ms=self._delay_ms,
+                echo_path_ms=path,
+                echo_confidence=self._confidence,
+                realignments=self.realignments,
+                alignment_ms=self._shift_ns / 1e6,
+                erle_db=self._erle,
+                echo_return_loss_db=self._erl,
+                input_level_dbfs=_dbfs(sum(levels) / len(levels)) if levels else None,
+                gain_db=self._gain,
+                frames=self.frames,
+                errors=self.errors,
+                cpu_percent=100 * cpu,
+            )

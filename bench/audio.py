@@ -1,0 +1,248 @@
+"""Echo cancellation benchmark: each WebRTC-style audio processor on a simulated room.
+
+Run from a checkout: ``.venv/bin/python bench/audio.py [--libraries pywebrtc,livekit,speex]
+[--quick]``. Needs Debian's ``espeak-ng``.
+
+The scene (agent/testkit/acoustics.py, synthetic and labelled so): espeak-ng far-end
+speech through a synthetic room response (40 ms bulk delay, RT60 0.3 s) at -24 dBFS,
+a near-end talker at -28 dBFS, white noise at -60 dBFS, the microphone clock 100 ppm
+fast, and the echo path's delay jumping to 90 ms at 22 s. The reference is the played
+signal, sample-aligned, so the canceller must find the acoustic delay itself (what the
+daemon's stage leaves it after aligning by timestamps).
+
+For each library, with echo cancellation alone (plus its high-pass filter):
+
+* ERLE 2-12 s: echo power at the microphone over the output's, after 2 s of far end;
+* converge: seconds until a 0.5 s window first reaches 20 dB ERLE; again after the jump;
+* DT loss: how much of the near-end talker survives during double talk (least-squares
+  gain of the clean talker in the output, per 20 ms frame), in dB below 0;
+* latency: the lag of the output against the microphone (cross-correlation, near end
+  alone): the algorithm's own delay. The stage adds no buffering (a 20 ms chunk is two
+  10 ms frames processed at once), so this plus the CPU time of a frame is its latency;
+* CPU: process CPU time (all threads: livekit runs its own) per 10 ms frame with every
+  stage on (AEC, NS, HPF, AGC) as the daemon runs it, in % of one core.
+
+Then ERLE against the bulk delay, to show what range each canceller handles unaided.
+The machine is shared: CPU figures are noisy, compare within one run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Protocol
+
+import numpy as np
+from numpy.typing import NDArray
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))  # a script in a checkout: the package may not be installed
+
+from agent.testkit.acoustics import (  # noqa: E402
+    FAR_TEXT,
+    NEAR_TEXT,
+    Scene,
+    classroom_scene,
+    convergence_s,
+    erle,
+    kept_db,
+    lag_samples,
+    speech,
+    to_float,
+    to_int16,
+)
+
+RATE = 48_000
+FRAME = RATE // 100  # 10 ms
+TARGETS = "targets: ERLE >= 25 dB after 2 s, DT loss <= 3 dB, latency <= 10 ms, CPU <= 5 %"
+
+
+class Canceller(Protocol):
+    def process(self, near: NDArray[np.int16], far: NDArray[np.int16]) -> NDArray[np.int16]: ...
+
+
+class PyWebrtc:
+    """pywebrtc-audio: WebRTC's APM (AEC3, NS, AGC2) built into the wheel."""
+
+    def __init__(self, full: bool) -> None:
+        import pywebrtc_audio  # noqa: PLC0415  (each library only if installed)
+
+        self._ap = pywebrtc_audio.AudioProcessor(
+            sample_rate=RATE,
+            echo_cancellation=True,
+            high_pass_filter=True,
+            noise_suppression=full,
+            auto_gain_control=full,
+        )
+
+    def process(self, near: NDArray[np.int16], far: NDArray[np.int16]) -> NDArray[np.int16]:
+        out: NDArray[np.int16] = self._ap.process(near, far)
+        return out
+
+
+class LiveKit:
+    """livekit: rtc.AudioProcessingModule (WebRTC's APM in the livekit-ffi Rust library)."""
+
+    def __init__(self, full: bool) -> None:
+        from livekit import rtc  # noqa: PLC0415
+
+        self._rtc = rtc
+        self._apm = rtc.AudioProcessingModule(
+            echo_cancellation=True,
+            high_pass_filter=True,
+            noise_suppression=full,
+            auto_gain_control=full,
+        )
+
+    def process(self, near: NDArray[np.int16], far: NDArray[np.int16]) -> NDArray[np.int16]:
+        rtc = self._rtc
+        ref = rtc.AudioFrame(bytearray(far.tobytes()), RATE, 1, FRAME)
+        self._apm.process_reverse_stream(ref)
+        mic = rtc.AudioFrame(bytearray(near.tobytes()), RATE, 1, FRAME)
+        self._apm.set_stream_delay_ms(0)
+        self._apm.process_stream(mic)
+        return np.frombuffer(bytes(mic.data), np.int16).copy()
+
+
+class Speex:
+    """speexdsp: Speex's MDF echo canceller (no delay estimation: its filter must cover
+    the bulk delay plus the tail, 300 ms here)."""
+
+    def __init__(self, full: bool) -> None:
+        from speexdsp import EchoCanceller  # noqa: PLC0415
+
+        self._ec = EchoCanceller.create(FRAME, RATE * 300 // 1000, RATE)
+
+    def process(self, near: NDArray[np.int16], far: NDArray[np.int16]) -> NDArray[np.int16]:
+        out = self._ec.process(near.tobytes(), far.tobytes())
+        return np.frombuffer(out, np.int16).copy()
+
+
+LIBRARIES: dict[str, tuple[str, Callable[[bool], Canceller]]] = {
+    "pywebrtc": ("pywebrtc-audio 0.2 (AEC3)", PyWebrtc),
+    "livekit": ("livekit 1.2 rtc.APM (AEC3)", LiveKit),
+    "speex": ("speexdsp 0.1 (MDF)", Speex),
+}
+
+
+@dataclass
+class Result:
+    label: str
+    erle_db: float
+    converge_s: float | None
+    reconverge_s: float | None
+    erle_after_db: float
+    dt_loss_db: float
+    near_alone_loss_db: float
+    latency_ms: float
+    cpu_percent: float
+    note: str = ""
+
+
+def run(canceller: Canceller, scene: Scene) -> tuple[NDArray[np.float32], float]:
+    """The scene through ``canceller`` frame by frame; the output and CPU s per frame."""
+    mic, far = to_int16(scene.mic), to_int16(scene.far)
+    out = np.zeros_like(mic)
+    frames = len(mic) // FRAME
+    cpu0 = time.process_time()
+    for i in range(frames):
+        part = slice(i * FRAME, (i + 1) * FRAME)
+        out[part] = canceller.process(mic[part], far[part])
+    cpu = (time.process_time() - cpu0) / frames
+    return to_float(out), cpu
+
+
+def measure(key: str, scene: Scene) -> Result:
+    label, factory = LIBRARIES[key]
+    out, _ = run(factory(False), scene)
+    _, cpu = run(factory(True), scene)
+    near = scene.span("near_alone")
+    lag = lag_samples(scene.mic[near], out[near], max_lag=RATE // 10)
+    return Result(
+        label=label,
+        erle_db=erle(scene, out, slice(2 * RATE, 12 * RATE)),
+        converge_s=convergence_s(scene, out, 0.0),
+        reconverge_s=convergence_s(scene, out, scene.change_s, end_s=34.0),
+        erle_after_db=erle(scene, out, slice(round((scene.change_s + 2) * RATE), 34 * RATE)),
+        dt_loss_db=-kept_db(scene.near, out, scene.span("double_talk"), lag=lag),
+        near_alone_loss_db=-kept_db(scene.near, out, near, lag=lag),
+        latency_ms=1000 * lag / RATE,
+        cpu_percent=100 * cpu / 0.010,
+    )
+
+
+def _s(value: float | None) -> str:
+    return "never" if value is None else f"{value:.1f} s"
+
+
+def print_table(results: list[Result]) -> None:
+    head = (
+        f"{'library':<28} {'ERLE 2-12s':>10} {'converge':>9} {'after jump':>10} "
+        f"{'ERLE after':>10} {'DT loss':>8} {'near loss':>9} {'latency':>8} {'CPU':>7}"
+    )
+    print(head)
+    print("-" * len(head))
+    for r in results:
+        print(
+            f"{r.label:<28} {r.erle_db:>7.1f} dB {_s(r.converge_s):>9} "
+            f"{_s(r.reconverge_s):>10} {r.erle_after_db:>7.1f} dB {r.dt_loss_db:>5.1f} dB "
+            f"{r.near_alone_loss_db:>6.1f} dB {r.latency_ms:>5.1f} ms {r.cpu_percent:>5.2f} %"
+        )
+    print(TARGETS)
+
+
+def delay_sweep(keys: list[str], delays: list[float], far: Any, near: Any) -> None:
+    print("\nERLE 2-12 s against the echo path's bulk delay (reference sample-aligned):")
+    print(f"{'library':<28}" + "".join(f"{d:>9.0f} ms" for d in delays))
+    for key in keys:
+        label, factory = LIBRARIES[key]
+        row = []
+        for delay in delays:
+            scene = classroom_scene(delay_ms=delay, changed_delay_ms=delay, far=far, near=near)
+            out, _ = run(factory(False), scene)
+            row.append(erle(scene, out, slice(2 * RATE, 12 * RATE)))
+        print(f"{label:<28}" + "".join(f"{v:>9.1f} dB" for v in row))
+
+
+def available(key: str) -> str | None:
+    """None when the library imports, else why not."""
+    module = {"pywebrtc": "pywebrtc_audio", "livekit": "livekit.rtc", "speex": "speexdsp"}[key]
+    try:
+        __import__(module)
+    except ImportError as exc:
+        return f"not installed ({exc})"
+    return None
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--libraries", default="pywebrtc,livekit,speex")
+    parser.add_argument("--quick", action="store_true", help="skip the delay sweep")
+    parser.add_argument("--delays", default="20,100,200,300,450")
+    args = parser.parse_args()
+    keys = []
+    for key in args.libraries.split(","):
+        why = available(key)
+        if why is None:
+            keys.append(key)
+        else:
+            print(f"{key}: {why}")
+    scene = classroom_scene()
+    print(
+        f"simulated room: delay {scene.delays_ms[0]:.0f} ms -> {scene.delays_ms[1]:.0f} ms at "
+        f"{scene.change_s:.0f} s, mic clock +100 ppm, 48 kHz mono, 10 ms frames "
+        "(shared machine: CPU figures are noisy)\n"
+    )
+    print_table([measure(key, scene) for key in keys])
+    if not args.quick:
+        delays = [float(d) for d in args.delays.split(",")]
+        delay_sweep(keys, delays, speech(FAR_TEXT), speech(NEAR_TEXT, voice="en-gb+f3", wpm=165))
+
+
+if __name__ == "__main__":
+    main()
