@@ -47,6 +47,10 @@ more than 1.5 frame durations is one gap, the jump minus one frame is missing au
 A Chromium receiving room cannot sit behind the shim: it hooks aioice inside one Python
 process, and Chromium has its own network stack.
 
+``--compare`` runs ``join`` and ``rural`` twice, side by side: "before" with
+``stream.link``'s rural tuning off (issue 13; ``--baseline`` runs only that) and
+"after" with the defaults.
+
 ``flow`` (the earlier part 2, not run by default): the same lesson flow with every
 room in this process, once, from ``start_lesson()`` to ``live`` and to the first
 stamped frame.
@@ -774,7 +778,13 @@ class JoinRow:
 
 
 async def measure_joins(
-    count: int, capture: CaptureConfig, starts: int, hold_s: float, processes: int
+    count: int,
+    capture: CaptureConfig,
+    starts: int,
+    hold_s: float,
+    processes: int,
+    *,
+    stream: StreamConfig | None = None,
 ) -> JoinRow:
     """``starts`` lessons with ``count`` rooms: button to each room's first frame; the
     last one is held ``hold_s`` for glass-to-glass and fps."""
@@ -783,7 +793,7 @@ async def measure_joins(
     g2g: list[float] = []
     fps: list[float] = []
     gaps, missing = 0, 0.0
-    async with LessonBench(count, capture, processes=processes) as bench:
+    async with LessonBench(count, capture, processes=processes, stream=stream) as bench:
         cpu0, wall0 = time.process_time(), time.monotonic()
         for index in range(starts):
             _, times = await bench.start()
@@ -880,7 +890,8 @@ def _print_rural(preset: str, row: RuralRow, summary: list[tuple[str, str, str]]
 
 MODES: dict[str, tuple[str, StreamConfig]] = {
     "before": (
-        "issue 13 off (aiortc's 96 kbit/s stereo Opus, no RED, no keyframe limit per room)",
+        "issue 13 off (aiortc's 96 kbit/s stereo Opus, no RED, no keyframe limit per room, "
+        "aiortc's video jitter buffer)",
         StreamConfig(link=LinkConfig(voice_opus=False, red=False, keyframe_request_gap_s=0.0)),
     ),
     "after": ("the defaults (speech Opus 32 kbit/s with FEC, RED, ...)", StreamConfig()),
@@ -973,10 +984,10 @@ def _parse() -> argparse.Namespace:
     parser.add_argument(
         "--baseline",
         action="store_true",
-        help="rural: turn issue 13's behaviour off (stream.link) to measure the 'before'",
+        help="join, rural: turn issue 13's behaviour off (stream.link): the 'before'",
     )
     parser.add_argument(
-        "--compare", action="store_true", help="rural: before and after, side by side"
+        "--compare", action="store_true", help="join, rural: before and after, side by side"
     )
     parser.add_argument("--delay", type=float, help="rural: RTT ms (overrides the preset)")
     parser.add_argument("--jitter", type=float, help="rural: peak-to-peak RTT jitter ms")
@@ -1064,8 +1075,14 @@ async def main() -> None:
             f"{'max s':>7}{'g2g p50':>9}{'p95 ms':>8}{'min fps':>9}{'main cpu %':>11}"
             "  audio gaps / missing ms (all rooms, hold window)"
         )
-        for count in counts:
-            row = await measure_joins(count, capture, args.starts, args.hold, args.rx_procs)
+        join_modes = (
+            ["before", "after"] if args.compare else ["before" if args.baseline else "after"]
+        )
+        for count, mode in ((c, m) for c in counts for m in join_modes):
+            row = await measure_joins(
+                count, capture, args.starts, args.hold, args.rx_procs, stream=MODES[mode][1]
+            )
+            label = f" {mode}" if len(join_modes) > 1 else ""
             print(
                 f"{row.rooms:>5}{row.processes:>6}{len(row.joins_s):>6}{row.failed:>5}"
                 f"{_fmt(_quantile(row.joins_s, 0.5), '.2f'):>10}"
@@ -1074,12 +1091,12 @@ async def main() -> None:
                 f"{_fmt(_quantile(row.g2g_ms, 0.5), '.0f'):>9}"
                 f"{_fmt(_quantile(row.g2g_ms, 0.95), '.0f'):>8}"
                 f"{_fmt(min(row.fps, default=None), '.1f'):>9}{row.cpu_percent:>11.0f}"
-                f"  {row.audio_gaps} / {row.audio_missing_ms:.0f}",
+                f"  {row.audio_gaps} / {row.audio_missing_ms:.0f}{label}",
                 flush=True,
             )
             summary.append(
                 (
-                    f"join, {count} room(s): median / p95",
+                    f"join, {count} room(s){label}: median / p95",
                     f"{_fmt(_quantile(row.joins_s, 0.5), '.2f')} / "
                     f"{_fmt(_quantile(row.joins_s, 0.95), '.2f')} s"
                     + (f" ({row.failed} failed)" if row.failed else ""),
@@ -1088,7 +1105,7 @@ async def main() -> None:
             )
             summary.append(
                 (
-                    f"glass-to-glass {size}, {count} room(s): median / p95",
+                    f"glass-to-glass {size}, {count} room(s){label}: median / p95",
                     f"{_fmt(_quantile(row.g2g_ms, 0.5), '.0f')} / "
                     f"{_fmt(_quantile(row.g2g_ms, 0.95), '.0f')} ms",
                     "median <= 120 ms",

@@ -257,7 +257,7 @@ async def test_the_jitter_hook_refuses_a_receiver_without_the_buffer(
     try:
         receiver = pc.addTransceiver("audio", direction="recvonly").receiver
         monkeypatch.delattr(receiver, "_RTCRtpReceiver__kind")
-        with pytest.raises(hooks.HookUnavailable, match="replace_audio_jitter_buffer"):
+        with pytest.raises(hooks.HookUnavailable, match="replace_jitter_buffer"):
             hooks.replace_audio_jitter_buffer(receiver, AudioJitterBuffer, AudioJitterBuffer)
     finally:
         await pc.close()

@@ -28,7 +28,9 @@ from agent.stream.jitter import (
     MAX_MISORDER,
     AudioJitterBuffer,
     JitterCounters,
+    VideoJitterBuffer,
     tune_audio_receiver,
+    tune_video_receiver,
 )
 from agent.stream.peer import IceSettings, PeerSession
 from agent.testkit.impair import LinkImpairment, impaired
@@ -256,3 +258,95 @@ async def test_lossy_link_loses_only_the_lost_packets_and_never_stalls() -> None
     assert described["audio_gaps"] == jitter.counters.gaps
     assert described["audio_missing"] == jitter.counters.missing
     assert described["audio_late_dropped"] == jitter.counters.late_dropped
+
+
+# -- video: a hole given up on in time -------------------------------------------------------
+
+IDR = b"\x00\x00\x00\x01\x65"  # an IDR slice's NAL header (type 5)
+SLICE = b"\x00\x00\x00\x01\x41"  # a non-IDR slice (type 1)
+
+
+def video_packets(frames: int, per_frame: int = 3, keyframe_every: int = 10) -> list[RtpPacket]:
+    """``frames`` H.264 frames of ``per_frame`` packets each, as aiortc's receiver hands
+    them to its buffer (depayloaded Annex B in ``_data``); frame 0, 10, 20... are IDRs."""
+    packets = []
+    seq = 65_000  # wraps past 65535 on the way
+    for index in range(frames):
+        for part in range(per_frame):
+            packet = RtpPacket(
+                payload_type=97, sequence_number=seq & 0xFFFF, timestamp=index * 3000
+            )
+            head = (IDR if index % keyframe_every == 0 else SLICE) if part == 0 else b""
+            packet._data = head + bytes([index % 256, part])  # type: ignore[attr-defined]
+            packets.append(packet)
+            seq += 1
+    return packets
+
+
+def feed_video(buffer: Any, packets: list[RtpPacket], clock: list[float]) -> tuple[list[int], int]:
+    """The frames (by timestamp) the buffer hands over, 10 ms per packet; PLIs asked."""
+    out: list[int] = []
+    plis = 0
+    for packet in packets:
+        clock[0] += 0.01
+        pli, frame = buffer.add(packet)
+        plis += pli
+        if frame is not None:
+            out.append(frame.timestamp // 3000)
+    return out, plis
+
+
+def test_video_frames_pass_in_order_and_a_late_retransmission_is_waited_for() -> None:
+    clock = [0.0]
+    buffer = VideoJitterBuffer(hole_wait_s=0.3, clock=lambda: clock[0])
+    packets = video_packets(30)
+    retransmitted = packets[:]
+    lost = retransmitted.pop(16)  # frame 5's second packet...
+    retransmitted.insert(16 + 10, lost)  # ...arrives 100 ms late (a NACK's round trip)
+    frames, plis = feed_video(buffer, retransmitted, clock)
+    assert frames == list(range(29))  # each frame once its successor starts; none lost
+    assert plis == 0
+    assert buffer.counters.holes_skipped == 0
+    assert buffer.counters.emitted == 29
+
+
+def test_a_video_packet_lost_for_good_costs_a_short_freeze_not_seconds() -> None:
+    clock = [0.0]
+    buffer = VideoJitterBuffer(hole_wait_s=0.3, clock=lambda: clock[0])
+    packets = video_packets(60)
+    del packets[3 * 12 + 1]  # frame 12 never completes
+    frames, plis = feed_video(buffer, packets, clock)
+    assert buffer.counters.holes_skipped == 1
+    assert plis >= 1  # a keyframe was asked for
+    # Frames up to 11 as usual; 12 to 19 (no reference) dropped; from the IDR at 20 on.
+    assert frames == [*range(12), *range(20, 59)], frames
+    assert buffer.counters.frames_dropped > 0
+    # aiortc's own buffer hands nothing over after the hole for all 47 frames that follow
+    # (it waits until 512 packets have come: seconds of a frozen picture, then a burst).
+    clock = [0.0]
+    frames_aiortc, _ = feed_video(JitterBuffer(capacity=512, is_video=True), packets, clock)
+    assert frames_aiortc == list(range(12))
+
+
+def test_the_hole_wait_follows_the_round_trip() -> None:
+    buffer = VideoJitterBuffer()
+    buffer.set_rtt(0.15)
+    assert buffer.hole_wait_s == pytest.approx(0.275)
+    buffer.set_rtt(0.01)
+    assert buffer.hole_wait_s == 0.25
+    buffer.set_rtt(3.0)
+    assert buffer.hole_wait_s == 1.2
+
+
+async def test_video_receivers_get_the_video_buffer_and_audio_ones_do_not() -> None:
+    pc = RTCPeerConnection()
+    try:
+        video = pc.addTransceiver("video", direction="recvonly")
+        audio = pc.addTransceiver("audio", direction="recvonly")
+        buffer = tune_video_receiver(video.receiver)
+        assert isinstance(buffer, VideoJitterBuffer)
+        assert video.receiver._RTCRtpReceiver__jitter_buffer is buffer  # type: ignore[attr-defined]
+        assert tune_video_receiver(video.receiver) is buffer
+        assert tune_video_receiver(audio.receiver) is None
+    finally:
+        await pc.close()

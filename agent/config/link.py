@@ -35,3 +35,28 @@ class LinkConfig(StrictModel):
         description="Least time between two keyframes one receiving room may ask for, so a "
         "lossy room does not make every room pay for keyframes (0: no limit)",
     )
+    give_up_lost_video: bool = Field(
+        default=True,
+        description="Received video: give up on a packet still missing after about 1.5 "
+        "round trips (its retransmission lost too), drop to the next keyframe and ask for "
+        "one, instead of freezing the picture for seconds and replaying it late",
+    )
+    low_layer_burst_ms: int = Field(
+        default=250,
+        ge=50,
+        le=1000,
+        description="Largest burst the low layer sends (a keyframe), in milliseconds of its "
+        "bitrate: it must fit the queue of a rural line (about 200 ms) or the keyframe's tail "
+        "is dropped and asked for again; 1000: as the high layer",
+    )
+    start_low: bool = Field(
+        default=True,
+        description="A room's video starts on the low layer and climbs to the high one after "
+        "first_up_after_s of good link, instead of starting high and overfilling a thin line",
+    )
+    first_up_after_s: float = Field(
+        default=4.0,
+        ge=1,
+        le=60,
+        description="With start_low: how long the link must be good before the first climb",
+    )

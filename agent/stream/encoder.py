@@ -96,6 +96,12 @@ class EncoderSettings:
     low_bitrate_kbps: int = 500
     low_height: int = 360  # never above the camera's height; width keeps the aspect
     slate_fps: float = 2.0  # "Camera off" slate rate while the camera is muted
+    # The largest burst (a keyframe) each layer may send, in seconds of its bitrate (the
+    # x264 VBV buffer). A rural line queues ~200 ms before it drops: a low-layer keyframe
+    # bigger than that loses its tail, is asked for again, and the room's link fills with
+    # keyframes (stream.link.low_layer_burst_ms).
+    vbv_buffer_s: float = 1.0
+    low_vbv_buffer_s: float = 1.0
 
     @classmethod
     def from_config(cls, config: StreamConfig) -> EncoderSettings:
@@ -106,6 +112,7 @@ class EncoderSettings:
             preset=config.x264_preset,
             low_bitrate_kbps=config.low_bitrate_kbps,
             low_height=config.low_layer_height,
+            low_vbv_buffer_s=config.link.low_layer_burst_ms / 1000,
         )
 
     def layer_kbps(self, layer: VideoLayer) -> int:
@@ -680,6 +687,8 @@ class SharedH264Encoder:
         cfg = self.settings
         fps = self.hub.mode.fps if self.hub.mode is not None else 30.0
         kbps = codec.kbps
+        buffer_s = cfg.vbv_buffer_s if codec.name == "high" else cfg.low_vbv_buffer_s
+        bufsize = max(1, round(kbps * buffer_s))
         ctx: Any = av.CodecContext.create(cfg.codec, "w")
         ctx.width, ctx.height = width, height
         ctx.pix_fmt = "yuv420p"
@@ -701,7 +710,7 @@ class SharedH264Encoder:
             "forced-idr": "1",
             "x264-params": (
                 f"keyint=infinite:scenecut=0:bframes=0:"
-                f"repeat-headers=1:vbv-maxrate={kbps}:vbv-bufsize={kbps}"
+                f"repeat-headers=1:vbv-maxrate={kbps}:vbv-bufsize={bufsize}"
             ),
         }
         self.resets += 1

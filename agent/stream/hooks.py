@@ -47,6 +47,7 @@ __all__ = [
     "Encoder",
     "Hook",
     "HookUnavailable",
+    "JitterBuffer",
     "JitterFrame",
     "OpusEncoder",
     "RtpPacket",
@@ -58,6 +59,7 @@ __all__ = [
     "intercept_stun_datagrams",
     "jitter_frame",
     "replace_audio_jitter_buffer",
+    "replace_jitter_buffer",
     "route_bitrate_estimates",
     "route_keyframe_requests",
 ]
@@ -91,7 +93,7 @@ HOOKS: tuple[Hook, ...] = (
         "RTCRtpSender._handle_rtcp_packet(), RTCRtpSender._ssrc, aiortc.rtp REMB parsing",
     ),
     Hook(
-        "replace_audio_jitter_buffer",
+        "replace_jitter_buffer",
         "aiortc",
         "RTCRtpReceiver.__jitter_buffer and __kind (name-mangled), aiortc.jitterbuffer",
     ),
@@ -307,32 +309,46 @@ B = TypeVar("B")
 def replace_audio_jitter_buffer(
     receiver: RTCRtpReceiver, replacement: type[B], make: Callable[[int], B]
 ) -> B | None:
-    """Give an audio ``receiver`` the buffer ``make(capacity)`` builds (returned; the one
-    it already has if that is a ``replacement``); video receivers: None, untouched.
+    """The audio receiver's buffer: :func:`replace_jitter_buffer` for ``"audio"``."""
+    return replace_jitter_buffer(receiver, "audio", replacement, make)
+
+
+def replace_jitter_buffer(
+    receiver: RTCRtpReceiver, kind: str, replacement: type[B], make: Callable[[int], B]
+) -> B | None:
+    """Give a ``kind`` ("audio", "video") ``receiver`` the buffer ``make(capacity)``
+    builds (returned; the one it already has if that is a ``replacement``); receivers of
+    the other kind: None, untouched.
 
     Relies on the name-mangled ``RTCRtpReceiver.__jitter_buffer`` and ``__kind``
-    (aiortc 1.16.0, which gives audio ``JitterBuffer(capacity=16, prefetch=4)``):
-    aiortc has no way to choose a receiver's jitter buffer, and its audio buffer stalls
-    on every loss (agent/stream/jitter.py)."""
+    (aiortc 1.16.0, which gives audio ``JitterBuffer(capacity=16, prefetch=4)`` and video
+    ``JitterBuffer(capacity=512, is_video=True)``): aiortc has no way to choose a
+    receiver's jitter buffer, its audio buffer stalls on every loss and its video buffer
+    waits seconds for a packet that never comes (agent/stream/jitter.py).
+    A replacement's ``add(packet)`` is called with every RTP packet, as aiortc's. The
+    video replacement subclasses ``aiortc.jitterbuffer.JitterBuffer`` and also relies on
+    its ``_origin``, ``_packets``, ``_capacity``, ``_remove_frame()`` and ``remove()``
+    (tests/test_stream_jitter.py drives it with real packets)."""
     private: Any = receiver
-    kind = getattr(private, _KIND, None)
+    receiver_kind = getattr(private, _KIND, None)
     current = getattr(private, _JITTER_BUFFER, None)
-    if kind is None or current is None:
-        missing = _KIND if kind is None else _JITTER_BUFFER
+    if receiver_kind is None or current is None:
+        missing = _KIND if receiver_kind is None else _JITTER_BUFFER
         raise _unavailable(
-            "replace_audio_jitter_buffer",
+            "replace_jitter_buffer",
             "aiortc",
-            f"aiortc's RTCRtpReceiver has no {missing}: the audio jitter buffer cannot be replaced",
+            f"aiortc's RTCRtpReceiver has no {missing}: the {kind} jitter buffer cannot be "
+            "replaced",
         )
-    if kind != "audio":
+    if receiver_kind != kind:
         return None
     if isinstance(current, replacement):
         return current
     if not isinstance(current, JitterBuffer):
         raise _unavailable(
-            "replace_audio_jitter_buffer",
+            "replace_jitter_buffer",
             "aiortc",
-            f"aiortc's audio receiver has a {type(current).__name__}, not a JitterBuffer",
+            f"aiortc's {kind} receiver has a {type(current).__name__}, not a JitterBuffer",
         )
     buffer = make(current.capacity)
     setattr(private, _JITTER_BUFFER, buffer)

@@ -27,12 +27,14 @@ attribute fails a test instead of bringing the audio stalls back.
 from __future__ import annotations
 
 import logging
+import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 
 from aiortc import RTCRtpReceiver
 
 from agent.stream import hooks
-from agent.stream.hooks import JitterFrame, RtpPacket
+from agent.stream.hooks import JitterBuffer, JitterFrame, RtpPacket
 
 log = logging.getLogger(__name__)
 
@@ -101,3 +103,146 @@ def tune_audio_receiver(receiver: RTCRtpReceiver) -> AudioJitterBuffer | None:
     Call it before media flows (after ``addTransceiver`` or ``setRemoteDescription``):
     a buffer swapped mid-stream would drop what aiortc's was holding."""
     return hooks.replace_audio_jitter_buffer(receiver, AudioJitterBuffer, AudioJitterBuffer)
+
+
+# -- video ------------------------------------------------------------------------------
+
+VIDEO_CAPACITY = 512  # packets, as aiortc's own video buffer
+HOLE_WAIT_MIN_S = 0.25  # at least one retransmission's worth on a short link
+HOLE_WAIT_MAX_S = 1.2
+_START_CODE = b"\x00\x00\x00\x01"
+_NAL_IDR = 5
+
+
+def is_keyframe(annex_b: bytes) -> bool:
+    """Whether an H.264 access unit (Annex B, as aiortc's depayloader joins it) holds
+    an IDR slice, so decoding can start from it."""
+    pos = annex_b.find(_START_CODE)
+    while pos >= 0 and pos + 4 < len(annex_b):
+        if annex_b[pos + 4] & 0x1F == _NAL_IDR:
+            return True
+        pos = annex_b.find(_START_CODE, pos + 4)
+    return False
+
+
+@dataclass(slots=True)
+class VideoJitterCounters:
+    """``emitted``: frames handed to the decoder; ``holes_skipped``: holes given up on
+    after :attr:`VideoJitterBuffer.hole_wait_s`; ``frames_dropped``: frames thrown away
+    after a skip while waiting for a keyframe."""
+
+    emitted: int = 0
+    holes_skipped: int = 0
+    frames_dropped: int = 0
+
+
+class VideoJitterBuffer(JitterBuffer):
+    """aiortc's video buffer, but a hole it cannot fill is given up on in time.
+
+    aiortc 1.16 gives video a 512-packet buffer that hands frames over in order and
+    waits for a missing packet until 512 newer ones have arrived: 5-9 s of video at
+    the low layer's rate. On a lossy line a packet whose retransmission is lost too
+    (or comes after the sender's 128-packet history) freezes the picture that long and
+    then plays the backlog in a burst, every frame seconds late (the "before" of issue
+    13: glass-to-glass p95 of 4.8 s). Here, when newer packets wait behind a hole for
+    :attr:`hole_wait_s` (about 1.5 RTT, set from the session's RTT: enough for a NACK
+    and its retransmission), the incomplete frame is dropped, a keyframe is asked for
+    (PLI) and frames are dropped until one arrives, so the decoder never sees a broken
+    reference: a short freeze instead of a smear or a multi-second stall.
+    """
+
+    def __init__(
+        self,
+        capacity: int = VIDEO_CAPACITY,
+        *,
+        hole_wait_s: float = 0.4,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        super().__init__(capacity, is_video=True)
+        self.hole_wait_s = hole_wait_s
+        self.counters = VideoJitterCounters()
+        self._clock = clock
+        self._blocked_since: float | None = None
+        self._need_keyframe = False
+        self._newest: int | None = None
+
+    def set_rtt(self, rtt_s: float) -> None:
+        """Wait about one and a half round trips for a retransmission."""
+        self.hole_wait_s = min(HOLE_WAIT_MAX_S, max(HOLE_WAIT_MIN_S, 1.5 * rtt_s + 0.05))
+
+    def add(self, packet: RtpPacket) -> tuple[bool, JitterFrame | None]:
+        pli, frame = super().add(packet)
+        if self._newest is None or (packet.sequence_number - self._newest) & 0xFFFF < 0x8000:
+            self._newest = packet.sequence_number
+        if frame is not None:
+            self._blocked_since = None
+            return pli, self._gate(frame)
+        head = self._head_hole()
+        if head is None:
+            self._blocked_since = None
+            return pli, None
+        now = self._clock()
+        if self._blocked_since is None:
+            self._blocked_since = now
+            return pli, None
+        if now - self._blocked_since < self.hole_wait_s:
+            return pli, None
+        self._skip(head)
+        self._blocked_since = None
+        self.counters.holes_skipped += 1
+        self._need_keyframe = True
+        frame = self._next_frame()
+        return True, None if frame is None else self._gate(frame)
+
+    def _gate(self, frame: JitterFrame) -> JitterFrame | None:
+        if self._need_keyframe:
+            if not is_keyframe(frame.data):
+                self.counters.frames_dropped += 1
+                return None
+            self._need_keyframe = False
+        self.counters.emitted += 1
+        return frame
+
+    def _head_hole(self) -> int | None:
+        """Packets from the origin to the first missing one, if newer packets wait
+        behind that hole (None: nothing is blocked)."""
+        origin = self._origin
+        if origin is None or self._newest is None:
+            return None
+        newest = (self._newest - origin) & 0xFFFF
+        if newest >= self._capacity:
+            return None
+        for count in range(newest + 1):
+            if self._packets[(origin + count) % self._capacity] is None:
+                return count if count < newest else None
+        return None
+
+    def _skip(self, hole: int) -> None:
+        """Drop the packets before the hole, the hole, and the rest of the frame it is
+        in (the packets after it with the same timestamp as the ones before it)."""
+        origin = self._origin
+        assert origin is not None
+        before = self._packets[(origin + hole - 1) % self._capacity] if hole else None
+        timestamp = None if before is None else before.timestamp
+        count = hole
+        while count < self._capacity:
+            packet = self._packets[(origin + count) % self._capacity]
+            if packet is not None and packet.timestamp != timestamp:
+                break
+            count += 1
+        self.remove(count)
+
+    def _next_frame(self) -> JitterFrame | None:
+        """A frame now complete at the head (the skip may have uncovered one)."""
+        if self._newest is None:
+            return None
+        return self._remove_frame(self._newest)
+
+    def describe(self) -> dict[str, int]:
+        return asdict(self.counters)
+
+
+def tune_video_receiver(receiver: RTCRtpReceiver) -> VideoJitterBuffer | None:
+    """Give a video ``receiver`` a :class:`VideoJitterBuffer` (returned; the one it
+    already has if called twice); audio receivers: None. Call it before media flows."""
+    return hooks.replace_jitter_buffer(receiver, "video", VideoJitterBuffer, VideoJitterBuffer)

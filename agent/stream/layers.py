@@ -72,6 +72,13 @@ class LayerPolicySettings:
     failed_within_s: float = 20.0  # a step down this soon after a step up: it failed
     sample_max_age_s: float = 6.0  # older estimates and loss figures are not used
     allow_pause: bool = True  # False: the low layer is the floor (no audio to protect)
+    # Loss that confirms a falling estimate before the lowest layer stops (None:
+    # down_loss_percent). A rural line loses 5 % at random with no queue at all: GCC
+    # takes 2-10 % loss as no reason to slow down, and the RTT shows real queues.
+    corroborate_loss_percent: float | None = None
+    up_estimate_ratio: float | None = None  # a climb needs estimate >= this x need
+    start: LayerState = "high"  # the layer a new session starts on
+    first_up_after_s: float | None = None  # the first climb's hysteresis (None: up_after_s)
 
     @classmethod
     def for_encoder(cls, settings: EncoderSettings, **changes: Any) -> LayerPolicySettings:
@@ -146,6 +153,8 @@ class LayerPolicy:
     def up_after_s(self) -> float:
         """The current hysteresis: longer after each step up that failed."""
         s = self.settings
+        if s.first_up_after_s is not None and self.ups == 0 and self.downs == 0:
+            return s.first_up_after_s  # started low on purpose: a quick first probe
         return min(s.max_up_after_s, s.up_after_s * 2.0**self.failed_ups)
 
     def _fresh(self, sample: tuple[float, float] | None, now: float) -> float | None:
@@ -186,7 +195,12 @@ class LayerPolicy:
             # estimate at 1.5x what arrives, so a quiet picture lowers it too: dropping to
             # the low layer costs little, stopping the video needs the link to agree
             # (real loss, not a rural line's usual 2-3 %, or queues building).
-            corroborated = (loss is not None and loss > s.down_loss_percent) or (
+            loss_limit = (
+                s.down_loss_percent
+                if s.corroborate_loss_percent is None
+                else s.corroborate_loss_percent
+            )
+            corroborated = (loss is not None and loss > loss_limit) or (
                 queued is not None and queued > s.queue_delay_ms / 2
             )
             if self.state == "high" or corroborated:
@@ -226,9 +240,21 @@ class LayerPolicy:
         if self._good_since is None:
             self._good_since = now
         held = now - self._good_since
-        if self.state != "high" and held >= self.up_after_s():
+        if self.state != "high" and held >= self.up_after_s() and self._headroom(now):
             self._step(+1, now, f"link good for {held:.0f} s")
         return self.state
+
+    def _headroom(self, now: float) -> bool:
+        """Whether the receiver's estimate has climbed far enough above what the current
+        layer needs to try the next one (always, without ``up_estimate_ratio`` or a fresh
+        estimate: the step is then a timed probe). aiortc's estimate climbs ~8 %/s to 1.5x
+        what arrives while it sees no queue building, so a ratio of 1.3 means "no overuse
+        seen for a few seconds", which a line that only just carries the layer never shows."""
+        ratio = self.settings.up_estimate_ratio
+        estimate = self._estimate_kbps(now)
+        if ratio is None or estimate is None or self.state == "paused":
+            return True
+        return estimate >= ratio * (self.need_kbps(self.state) + self.settings.audio_headroom_kbps)
 
     def _step(self, direction: int, now: float, reason: str) -> None:
         before = self.state

@@ -28,7 +28,12 @@ from agent.stream.controls import MediaControls
 from agent.stream.encoder import EncodedVideoTrack, SharedH264Encoder
 from agent.stream.hooks import route_bitrate_estimates, route_keyframe_requests
 from agent.stream.ice import check_host_addresses, gather, new_peer_connection
-from agent.stream.jitter import AudioJitterBuffer, tune_audio_receiver
+from agent.stream.jitter import (
+    AudioJitterBuffer,
+    VideoJitterBuffer,
+    tune_audio_receiver,
+    tune_video_receiver,
+)
 from agent.stream.layers import LayerControl, LayerPolicy, LayerPolicySettings
 from agent.stream.sinks import MediaSink
 from agent.stream.stats import (
@@ -43,6 +48,10 @@ from agent.stream.voice import LinkTuning, audio_preferences, sent_audio_codec
 from agent.stream.voice import install as install_voice
 
 log = logging.getLogger(__name__)
+
+# Google Congestion Control's loss-based rule: up to this much loss the rate holds.
+GCC_LOSS_HOLD_PERCENT = 10.0
+UP_ESTIMATE_RATIO = 1.3  # a climb needs the receiver's estimate this far above the layer
 
 # Constrained baseline first: what browsers offer and what our libx264 produces.
 _H264_PROFILES = ("42e01f", "42001f")
@@ -148,6 +157,8 @@ class PeerSession:
         self.layers: LayerControl | None = None  # set by add_video
         # Received audio's jitter buffer (agent/stream/jitter.py); set at negotiation.
         self.audio_jitter: AudioJitterBuffer | None = None
+        # Received video's (with stream.link.give_up_lost_video); set at negotiation.
+        self.video_jitter: VideoJitterBuffer | None = None
         self._sends_audio = False
         self._sink = sink
         self._tracks: list[MediaStreamTrack] = []
@@ -201,6 +212,8 @@ class PeerSession:
         current = snapshot(report, time.monotonic(), self.video_frames)
         self.figures = figures(self._last_snapshot, current, self.bitrate_of)
         self._last_snapshot = current
+        if self.video_jitter is not None and current.rtt_s is not None:
+            self.video_jitter.set_rtt(current.rtt_s)
         if self.layers is not None:
             # Only how the peer receives *our* video decides its layer.
             self.layers.on_link(
@@ -244,7 +257,17 @@ class PeerSession:
         settings = self.layer_policy or LayerPolicySettings.for_encoder(encoder.settings)
         if not self._sends_audio:
             settings = dataclasses.replace(settings, allow_pause=False)
-        policy = LayerPolicy(settings, now=time.monotonic())
+        if self.tuning.start_low and self.layer_policy is None:
+            # A thin line is not flooded with the high layer before the first report says
+            # it cannot take it; a good one climbs after first_up_after_s.
+            settings = dataclasses.replace(
+                settings,
+                start="low",
+                first_up_after_s=self.tuning.first_up_after_s,
+                corroborate_loss_percent=GCC_LOSS_HOLD_PERCENT,
+                up_estimate_ratio=UP_ESTIMATE_RATIO,
+            )
+        policy = LayerPolicy(settings, now=time.monotonic(), state=settings.start)
         self.layers = LayerControl(track, policy, encoder.layer_kbps)
         route_bitrate_estimates(sender, self.layers.on_estimate)
 
@@ -280,13 +303,18 @@ class PeerSession:
         return str(self.pc.localDescription.sdp)
 
     def _tune_audio(self) -> None:
-        """Received audio skips a lost packet at once instead of stalling (see
-        agent/stream/jitter.py); before media flows, so no buffered frame is lost."""
+        """Received audio skips a lost packet at once instead of stalling, received video
+        gives up on a lost one in time (see agent/stream/jitter.py); before media flows,
+        so no buffered frame is lost."""
         for transceiver in self.pc.getTransceivers():
             if transceiver.kind == "audio":
                 buffer = tune_audio_receiver(transceiver.receiver)
                 if buffer is not None:
                     self.audio_jitter = buffer
+            elif transceiver.kind == "video" and self.tuning.give_up_lost_video:
+                video = tune_video_receiver(transceiver.receiver)
+                if video is not None:
+                    self.video_jitter = video
 
     async def accept_answer(self, sdp: str) -> None:
         await self.pc.setRemoteDescription(RTCSessionDescription(sdp=sdp, type="answer"))
@@ -360,6 +388,15 @@ class PeerSession:
         keys = ("layer", "layer_switches", "layer_reason", "estimate_kbps")
         return {key: described.get(key) for key in keys}
 
+    def _describe_video_jitter(self) -> dict[str, Any]:
+        jitter = self.video_jitter
+        if jitter is None:
+            return {"video_holes_skipped": None, "video_frames_dropped": None}
+        return {
+            "video_holes_skipped": jitter.counters.holes_skipped,
+            "video_frames_dropped": jitter.counters.frames_dropped,
+        }
+
     def _describe_audio(self) -> dict[str, Any]:
         jitter = self.audio_jitter
         if jitter is None:
@@ -395,6 +432,7 @@ class PeerSession:
             **self.figures.as_dict(),
             **self._describe_layers(),
             **self._describe_audio(),
+            **self._describe_video_jitter(),
             "frames_dropped": self._frames_dropped(),
             "audio_codec": self.audio_codec,
             **self._keyframe_requests(),

@@ -272,10 +272,16 @@ class RedDecoder(hooks.Decoder):
 @dataclass(frozen=True, slots=True)
 class LinkTuning:
     """What ``stream.link`` asks of a lesson's peers: the audio they send
-    (:class:`VoiceSettings`) and the least gap between one room's keyframe requests."""
+    (:class:`VoiceSettings`), the least gap between one room's keyframe requests, and
+    whether received video gives up on lost packets in time
+    (:class:`~agent.stream.jitter.VideoJitterBuffer`), and whether a room's video starts
+    on the low layer (climbing after ``first_up_after_s`` of good link)."""
 
     voice: VoiceSettings = VoiceSettings()
     keyframe_request_gap_s: float = 1.0
+    give_up_lost_video: bool = True
+    start_low: bool = True
+    first_up_after_s: float = 4.0
 
     @classmethod
     def from_config(cls, config: LinkConfig) -> LinkTuning:
@@ -284,12 +290,20 @@ class LinkTuning:
                 voice=config.voice_opus, bitrate_kbps=config.voice_bitrate_kbps, red=config.red
             ),
             keyframe_request_gap_s=config.keyframe_request_gap_s,
+            give_up_lost_video=config.give_up_lost_video,
+            start_low=config.start_low,
+            first_up_after_s=config.first_up_after_s,
         )
 
     @classmethod
     def baseline(cls) -> LinkTuning:
         """Everything issue 13 added, off: the "before" of the rural benchmark."""
-        return cls(VoiceSettings.baseline(), keyframe_request_gap_s=0.0)
+        return cls(
+            VoiceSettings.baseline(),
+            keyframe_request_gap_s=0.0,
+            give_up_lost_video=False,
+            start_low=False,
+        )
 
 
 def install() -> None:
