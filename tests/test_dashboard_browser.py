@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import sys
 import time
 from collections.abc import AsyncIterator
@@ -21,7 +22,7 @@ import pytest
 
 from agent.dashboard import DashboardConfig, DashboardServer
 from agent.testkit import SimFleet, fleet_layout
-from tests.brokers import DASHBOARD, BrokerUnderTest
+from tests.brokers import DASHBOARD, BrokerUnderTest, observing
 from tests.browsers import ARTIFACTS, chromium, needs_chromium, until
 
 REPO = Path(__file__).resolve().parents[1]
@@ -83,6 +84,7 @@ async def test_the_page_shows_the_fleet_live(mosquitto: BrokerUnderTest) -> None
             await fleet.wait_ready()
         async with room_process(mosquitto) as child, chromium() as browser:
             await check_the_page(browser, server, fleet, child)
+            await check_profiles(browser, server, mosquitto, fleet)
     finally:
         for task in tasks:
             task.cancel()
@@ -182,3 +184,62 @@ async def check_the_page(
     base = server.url
     assert urls
     assert all(url.startswith(base) for url in urls), [u for u in urls if not u.startswith(base)]
+
+
+async def check_profiles(
+    browser: Any, server: DashboardServer, broker: BrokerUnderTest, fleet: SimFleet
+) -> None:
+    """A room's answer to pushed profiles shows in its row; the filter finds the broken."""
+    page = await browser.new_page(viewport={"width": 1600, "height": 1000})
+    await page.goto(server.url)
+    device = sorted(fleet.rooms)[0]
+    site, room = device.split(".")
+    report = {
+        "v": 1,
+        "device": device,
+        "groups": [],
+        "time": "2026-12-04T10:00:00Z",
+        "keys": {"version": 0, "pinned": [], "last": None},
+        "effective": {f"school:{site}": 3},
+        "layers": {
+            f"school:{site}": {
+                "state": "applied",
+                "version": 3,
+                "scope": f"school:{site}",
+                "reason": "",
+                "code": "",
+                "since": "2026-12-04T10:00:00Z",
+                "applied_version": 3,
+                "wave": None,
+            },
+            f"room:{device}": {
+                "state": "rolled-back",
+                "version": 4,
+                "scope": f"room:{device}",
+                "reason": "after 4 s: the broker is not connected",
+                "code": "check-failed",
+                "since": "2026-12-04T10:00:00Z",
+                "applied_version": None,
+                "wave": None,
+            },
+        },
+    }
+    async with observing(broker) as publisher:
+        await publisher.publish(
+            f"{broker.prefix}/{site}/{room}/config/reported", json.dumps(report), retain=True
+        )
+    chip = f'tr[data-id="{device}"] .chip[data-state="rolled-back"]'
+    await until(
+        page,
+        f"document.querySelector('{chip}') !== null",
+        within=10,
+        what="the rolled-back profile",
+    )
+    assert "v4" in (await page.text_content(chip) or "")
+    assert "broker is not connected" in (await page.get_attribute(chip, "title") or "")
+    await page.click('button[data-status="profiles"]')
+    visible = await page.evaluate(
+        "[...document.querySelectorAll('tr[data-id]')]"
+        ".filter(r => !r.hidden).map(r => r.dataset.id)"
+    )
+    assert visible == [device]

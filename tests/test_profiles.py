@@ -19,6 +19,7 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
+import jsonschema
 import pytest
 
 from agent.sync import (
@@ -340,6 +341,9 @@ async def test_the_reliability_matrix_every_bad_document_is_refused_and_the_room
         final = (await observer.wait_for(topic, lambda m: True)).json()
         assert observer.received(topic)[-1].json()["effective"] == {room: 2}
         assert final["device"] == DEVICE_1
+        schema = json.loads((REPO / "schemas" / "config-reported.v1.json").read_text())
+        for message in observer.received(topic):
+            jsonschema.validate(message.json(), schema)
         status = json.loads(it.cli("status", "--scope", room, "--json").stdout)
         assert [(r["device"], r["state"]) for r in status] == [(DEVICE_1, "rejected")]
         history = it.cli("history", "-c", str(daemon.site_file)).stdout

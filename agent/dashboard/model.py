@@ -52,7 +52,11 @@ MAX_LIST = 500  # entries read from any list in a payload
 DELAY_SAMPLES = 4096
 STATUSES = contracts.STATUSES
 SEVERITIES = contracts.SEVERITIES
-KINDS = ("state", "health", "alert", "lesson", "topic")
+MAX_LAYERS = 16  # fleet, school, groups, room: a handful; more is junk
+KINDS = ("state", "health", "alert", "lesson", "config", "topic")
+# A pushed profile layer in one of these states needs IT's attention (the "profiles" filter).
+PROFILE_PROBLEMS = frozenset({"rejected", "rolled-back", "expired", "dropped"})
+PROFILE_STATES = PROFILE_PROBLEMS | {"pending", "waiting", "applied", "cleared"}
 
 _SLUG = re.compile(contracts.SLUG_PATTERN)
 
@@ -256,6 +260,7 @@ class Room:
     stale: bool = False
     alerts: dict[str, Alert] = field(default_factory=dict)
     cleared: OrderedDict[str, float] = field(default_factory=OrderedDict)
+    config: dict[str, Any] | None = None  # the pushed profiles, from config/reported
     rev: int = 0
 
     @property
@@ -371,6 +376,8 @@ class FleetModel:
                     changed = self._apply_state(room, data, retained)
                 elif kind == "health":
                     changed = self._apply_health(room, data)
+                elif kind == "config":
+                    changed = self._apply_config(room, data)
                 else:
                     changed = self._apply_alert(room, data)
                 if changed and new and not self._register(room):
@@ -453,6 +460,7 @@ class FleetModel:
                 "rooms_with_alerts",
                 "lessons_live",
                 "rooms_in_lesson",
+                "profile_problems",
             ),
             0,
         )
@@ -464,6 +472,8 @@ class FleetModel:
                 counts["offline"] += 1
             else:
                 counts["unknown"] += 1
+            if room.config is not None and room.config["problem"]:
+                counts["profile_problems"] += 1
             if room.alerts:
                 counts["rooms_with_alerts"] += 1
                 for alert in room.alerts.values():
@@ -493,6 +503,13 @@ class FleetModel:
             return "topic"
         if len(levels) == 3 and levels[1] == "lesson":
             return "lesson" if _SLUG.match(levels[2]) else "topic"
+        if len(levels) == 5 and levels[3:] == ["config", "reported"]:
+            ok = (
+                levels[1] not in RESERVED_SITES
+                and _SLUG.match(levels[1])
+                and _SLUG.match(levels[2])
+            )
+            return "config" if ok else "topic"
         if len(levels) == 4 and levels[3] in ("state", "health", "alert"):
             if levels[1] in RESERVED_SITES:
                 return "topic"
@@ -719,6 +736,42 @@ class FleetModel:
                 active[alert.id] = alert  # raised by an event newer than this snapshot
         room.alerts = active
 
+    def _apply_config(self, room: Room, data: Mapping[str, Any]) -> bool:
+        """The device's answer to pushed profiles: what is in effect, what went wrong."""
+        self._check_device(room, data)
+        effective = data.get("effective")
+        layers = data.get("layers")
+        if not isinstance(effective, Mapping) or not isinstance(layers, Mapping):
+            raise BadPayload("config/reported needs 'effective' and 'layers' objects")
+        shown: dict[str, int] = {}
+        for layer, version in list(effective.items())[:MAX_LAYERS]:
+            number = _int(version)
+            if isinstance(layer, str) and number is not None:
+                shown[layer[:MAX_TEXT]] = number
+        entries = []
+        for layer, entry in list(layers.items())[:MAX_LAYERS]:
+            if not isinstance(entry, Mapping) or entry.get("state") not in PROFILE_STATES:
+                continue
+            entries.append(
+                {
+                    "layer": str(layer)[:MAX_TEXT],
+                    "state": entry["state"],
+                    "version": _int(entry.get("version")),
+                    "applied_version": _int(entry.get("applied_version")),
+                    "reason": _text(entry.get("reason")) or "",
+                    "code": _text(entry.get("code")) or "",
+                }
+            )
+        config = {
+            "effective": shown,
+            "layers": entries,
+            "problem": any(e["state"] in PROFILE_PROBLEMS for e in entries),
+        }
+        if config == room.config:
+            return False
+        room.config = config
+        return True
+
     def _apply_alert(self, room: Room, data: Mapping[str, Any]) -> bool:
         self._check_device(room, data)
         alert_id = _text(data.get("id"), 64)
@@ -857,6 +910,7 @@ class FleetModel:
                 )
             ],
             "lesson": self._room_lesson(room),
+            "config": room.config,
             "rev": room.rev,
         }
 

@@ -200,6 +200,7 @@ class DashboardServer:
             (fleet.lesson_all, 1, STATE_QUEUE),
             (fleet.alert_all, 1, TELEMETRY_QUEUE),
             (fleet.health_all, 0, TELEMETRY_QUEUE),
+            (fleet.config_reported_all, 1, STATE_QUEUE),
         )
         # "Ready" means subscribed (SUBACKs in): nothing published after it is missed.
         # A broker that is down at start delays that by at most SUBSCRIBE_WAIT_S.

@@ -48,7 +48,6 @@ from agent.sync.messages import (
     SubscribeRejected,
 )
 from agent.sync.profiles import (
-    REPORT_FORMAT,
     LayerReport,
     LayerState,
     ProfileBook,
@@ -66,7 +65,6 @@ from agent.sync.topics import Topics
 
 __all__ = [
     "MAX_ENVELOPE_BYTES",
-    "REPORT_FORMAT",
     "CommandError",
     "CommandHandler",
     "CommandService",

@@ -43,7 +43,6 @@ from agent.sync.envelope import (
 
 log = logging.getLogger(__name__)
 
-REPORT_FORMAT = "classroom-agent/config-reported/v1"
 TIMESYNC_FLAG = Path("/run/systemd/timesync/synchronized")
 
 
@@ -378,7 +377,7 @@ class ProfileBook:
             if layer in self.layers
         }
         return {
-            "format": REPORT_FORMAT,
+            "v": 1,
             "device": self.device_id,
             "groups": list(self.groups),
             "time": iso_time(moment),

@@ -107,6 +107,51 @@
     return room.lesson !== null && room.lesson !== undefined;
   }
 
+  function profileProblem(room) {
+    return Boolean(room.config && room.config.problem);
+  }
+
+  const PROFILE_STATE_TEXT = {
+    applied: "dash.profile.state.applied", cleared: "dash.profile.state.cleared",
+    pending: "dash.profile.state.pending", waiting: "dash.profile.state.waiting",
+    rejected: "dash.profile.state.rejected", "rolled-back": "dash.profile.state.rolled_back",
+    expired: "dash.profile.state.expired", dropped: "dash.profile.state.dropped",
+  };
+  const PROFILE_LAYER_TEXT = {
+    fleet: "dash.profile.layer.fleet", school: "dash.profile.layer.school",
+    group: "dash.profile.layer.group", room: "dash.profile.layer.room",
+  };
+  const PROFILE_CHIP = {
+    applied: "chip-ok", cleared: "chip-ok", pending: "chip-warning", waiting: "chip-warning",
+    rejected: "chip-critical", "rolled-back": "chip-critical", expired: "chip-critical", dropped: "chip-critical",
+  };
+
+  function renderProfile(cell, config) {
+    const key = config ? JSON.stringify(config) : "";
+    if (cell.dataset.v === key) return;
+    cell.dataset.v = key;
+    if (!config || !config.layers.length) {
+      cell.replaceChildren(el("span", "none", "–"));
+      cell.title = "";
+      return;
+    }
+    const chips = el("div", "chips");
+    for (const layer of config.layers) {
+      const kind = layer.layer.split(":")[0];
+      const version = layer.version !== null ? ` v${layer.version}` : "";
+      const state = PROFILE_STATE_TEXT[layer.state] ? t(PROFILE_STATE_TEXT[layer.state]) : layer.state;
+      const chip = el("span", `chip ${PROFILE_CHIP[layer.state] || ""}`);
+      chip.dataset.state = layer.state;
+      chip.dataset.layer = layer.layer;
+      chip.append(el("b", "", PROFILE_LAYER_TEXT[kind] ? t(PROFILE_LAYER_TEXT[kind]) : kind), ` ${state}${version}`);
+      const applied = layer.applied_version !== null
+        ? t("dash.profile.in_effect", { version: layer.applied_version }) : t("dash.profile.none_in_effect");
+      chip.title = `${layer.layer}: ${state}${version}. ${applied}${layer.reason ? `. ${layer.reason}` : ""}`;
+      chips.append(chip);
+    }
+    cell.replaceChildren(chips);
+  }
+
   // -- filters ------------------------------------------------------------------------
 
   function matches(room) {
@@ -118,6 +163,7 @@
       case "stale": if (st !== "stale") return false; break;
       case "alerts": if (!room.alerts.length) return false; break;
       case "lesson": if (!inLesson(room)) return false; break;
+      case "profiles": if (!profileProblem(room)) return false; break;
       default: break;
     }
     if (filter.q) {
@@ -227,7 +273,7 @@
   }
 
   function refreshFilterCounts() {
-    const counts = { all: 0, online: 0, offline: 0, stale: 0, alerts: 0, lesson: 0 };
+    const counts = { all: 0, online: 0, offline: 0, stale: 0, alerts: 0, lesson: 0, profiles: 0 };
     for (const { room } of rows.values()) {
       if (filter.school && room.site !== filter.school) continue;
       counts.all += 1;
@@ -237,6 +283,7 @@
       if (st === "stale") counts.stale += 1;
       if (room.alerts.length) counts.alerts += 1;
       if (inLesson(room)) counts.lesson += 1;
+      if (profileProblem(room)) counts.profiles += 1;
     }
     for (const span of document.querySelectorAll(".seg .n")) {
       setText(span, I18N.number(counts[span.dataset.n]));
@@ -273,6 +320,7 @@
     td("clock", "fig");
     td("alerts", "alerts-cell");
     td("lesson", "lesson-cell");
+    td("profile", "profile-cell");
     return { tr, cells, room: null, alertSig: null };
   }
 
@@ -429,6 +477,7 @@
         c.lesson.title = `${lesson.group || ""} ${lesson.lesson_id || ""}`.trim();
       }
     }
+    renderProfile(c.profile, room.config);
     entry.tr.hidden = !matches(room);
   }
 
