@@ -40,7 +40,9 @@ from agent.config.profiles import (
     load_profile_file,
 )
 from agent.config.pushed import FORBIDDEN_PROFILE_KEYS, ProfilesConfig
+from agent.config.sensing import SensingConfig
 from agent.config.sources import (
+    DEFAULT_SITE_FILE,
     ConfigSources,
     add_broker_client_options,
     add_config_options,
@@ -51,6 +53,7 @@ from agent.config.sources import (
 
 __all__ = [
     "BROKER_URL_PATTERN",
+    "DEFAULT_SITE_FILE",
     "DEVICE_ID_PATTERN",
     "FORBIDDEN_PROFILE_KEYS",
     "SLUG_PATTERN",
@@ -74,6 +77,7 @@ __all__ = [
     "LoadedConfig",
     "PlaybackConfig",
     "ProfilesConfig",
+    "SensingConfig",
     "StreamConfig",
     "StrictModel",
     "UiConfig",

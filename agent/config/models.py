@@ -21,6 +21,7 @@ from agent.config.audio_processing import AudioProcessingConfig
 from agent.config.base import StrictModel
 from agent.config.link import LinkConfig
 from agent.config.pushed import ProfilesConfig
+from agent.config.sensing import SensingConfig
 
 # Defined once in agent.contracts (every layer reads them); named here for the config.
 RESERVED_SITES = contracts.RESERVED_SITES
@@ -369,14 +370,6 @@ class StreamConfig(StrictModel):
         description="Where a receiving room plays the lesson's sound",
     )
     link: LinkConfig = Field(default_factory=LinkConfig, description="Media on poor rural links")
-
-
-class SensingConfig(StrictModel):
-    """On-device sensing. Filled in by the sensing work; the seam is here."""
-
-    enabled: bool = Field(default=False, description="Run attendance/engagement models")
-    sample_fps: float = Field(default=5.0, gt=0, le=30, description="Frames per second analysed")
-    models_dir: Path | None = Field(default=None, description="Directory of ONNX models")
 
 
 class HealthConfig(StrictModel):

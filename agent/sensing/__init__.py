@@ -1,0 +1,73 @@
+"""On-device sensing: face models with provenance, tracking, rosters and attendance.
+
+Only aggregates (counts) ever leave the device; frames, crops, embeddings, boxes and
+student ids stay in the room. Off by default (``sensing.enabled``).
+"""
+
+from __future__ import annotations
+
+from agent.sensing.cli import add_sensing_commands
+from agent.sensing.faces import (
+    DETECTORS,
+    DLIB_CHIP_TEMPLATE,
+    EMBEDDERS,
+    Detector,
+    DlibResnetEmbedder,
+    Embedder,
+    Embedding,
+    Face,
+    RetinaFaceDetector,
+    make_detector,
+    make_embedder,
+    register_detector,
+    register_embedder,
+    similarity_transform,
+)
+from agent.sensing.models import (
+    ModelError,
+    ModelInfo,
+    choose_providers,
+    load_catalogue,
+    model_info,
+    open_session,
+    read_verified,
+    shipped_models_dir,
+)
+from agent.sensing.pipeline import STAGES, FaceResult, Gallery, Match, Pipeline, StageTimes
+from agent.sensing.track import UNKNOWN, Track, Tracker, iou
+
+__all__ = [
+    "DETECTORS",
+    "DLIB_CHIP_TEMPLATE",
+    "EMBEDDERS",
+    "STAGES",
+    "UNKNOWN",
+    "Detector",
+    "DlibResnetEmbedder",
+    "Embedder",
+    "Embedding",
+    "Face",
+    "FaceResult",
+    "Gallery",
+    "Match",
+    "ModelError",
+    "ModelInfo",
+    "Pipeline",
+    "RetinaFaceDetector",
+    "StageTimes",
+    "Track",
+    "Tracker",
+    "add_sensing_commands",
+    "choose_providers",
+    "iou",
+    "load_catalogue",
+    "make_detector",
+    "make_embedder",
+    "model_info",
+    "open_session",
+    "read_verified",
+    "register_detector",
+    "register_embedder",
+    "shipped_models_dir",
+    "similarity_transform",
+]

@@ -6,7 +6,20 @@ datagram path; `SimFleet` / `fleet_layout` simulate rooms for the dashboard's te
 its benchmark and ``classroom-agent dashboard --simulate N``.
 """
 
+from agent.testkit.classroom import FaceCrop, PlacedFace, compose, cut_faces, recall
 from agent.testkit.pki import make_test_pki
 from agent.testkit.simulate import GroupSpec, RoomSpec, SimFleet, SimRoom, fleet_layout
 
-__all__ = ["GroupSpec", "RoomSpec", "SimFleet", "SimRoom", "fleet_layout", "make_test_pki"]
+__all__ = [
+    "FaceCrop",
+    "GroupSpec",
+    "PlacedFace",
+    "RoomSpec",
+    "SimFleet",
+    "SimRoom",
+    "compose",
+    "cut_faces",
+    "fleet_layout",
+    "make_test_pki",
+    "recall",
+]

@@ -1,0 +1,142 @@
+"""The ``sensing`` section: on-device face detection, attendance and head count.
+
+Off by default in every hardware profile and site file: a school turns it on for a room
+on purpose. Every threshold that decides what counts as a face, a match, late or left
+early is a field here, with the reason for its default in its description.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field
+
+from agent.config.base import StrictModel
+
+ExecutionProvider = Literal["auto", "cpu", "openvino"]
+
+
+class SensingConfig(StrictModel):
+    """On-device sensing: models, sampling, matching and attendance thresholds."""
+
+    enabled: bool = Field(default=False, description="Run the sensing service (off by default)")
+    sample_fps: float = Field(
+        default=5.0, gt=0, le=30, description="Frames per second taken from the camera and analysed"
+    )
+    models_dir: Path | None = Field(
+        default=None,
+        description="Directory holding models.json and its ONNX files; empty: the models "
+        "shipped with the agent (agent/sensing/models/)",
+    )
+    detector: str = Field(
+        default="retinaface-mnet025", description="Face detector, by its name in the registry"
+    )
+    embedder: str = Field(
+        default="dlib-resnet-v1", description="Face embedder, by its name in the registry"
+    )
+    execution_provider: ExecutionProvider = Field(
+        default="auto",
+        description="onnxruntime execution provider: 'auto' takes OpenVINO when installed, "
+        "else the CPU",
+    )
+    threads: int = Field(
+        default=1,
+        ge=1,
+        le=16,
+        description="Threads each model may use (intra-op); 1 leaves the other cores to the "
+        "lesson's encoder",
+    )
+    detect_width: int = Field(
+        default=1280,
+        ge=160,
+        le=3840,
+        description="Frames wider than this are scaled down to it before detection (cost "
+        "grows with pixels; faces shrink with it): 1280 keeps 720p whole, 30 faces at about "
+        "16 fps on one core; faces of 48 px and up are all found, 32 px about 3 in 4",
+    )
+    min_face_px: int = Field(
+        default=16,
+        ge=8,
+        le=512,
+        description="Faces smaller than this (box height in the original frame) are ignored",
+    )
+    detect_score: float = Field(
+        default=0.6,
+        gt=0,
+        lt=1,
+        description="Detector confidence below which a box is not a face (0.6: one false "
+        "box in 180 composed faces, against 0.7's missing more small faces)",
+    )
+    match_distance: float = Field(
+        default=0.5,
+        gt=0,
+        le=2,
+        description="Largest descriptor distance (Euclidean, dlib's metric) at which a face "
+        "matches an enrolled student; dlib's own 0.6 accepted different children here, "
+        "see the README's sensing figures",
+    )
+    min_embed_px: int = Field(
+        default=40,
+        ge=16,
+        le=512,
+        description="Faces smaller than this (eye-to-mouth box height) are counted but not "
+        "identified: below it the descriptor is unreliable",
+    )
+    track_iou: float = Field(
+        default=0.3,
+        gt=0,
+        lt=1,
+        description="Overlap (IoU) with a track's last box at which a face continues that track",
+    )
+    track_lost_s: float = Field(
+        default=3.0,
+        gt=0,
+        le=120,
+        description="A track not seen for this long ends (a face turned away for longer "
+        "starts a new track)",
+    )
+    embed_every_s: float = Field(
+        default=2.0,
+        gt=0,
+        le=600,
+        description="A tracked face is embedded again at most this often until its identity "
+        "is settled",
+    )
+    votes_to_settle: int = Field(
+        default=3,
+        ge=1,
+        le=50,
+        description="Agreeing votes after which a track's identity is settled (no more embedding)",
+    )
+    late_after_min: float = Field(
+        default=10.0,
+        ge=0,
+        le=240,
+        description="A student first seen this many minutes after the lesson start is late",
+    )
+    left_early_min: float = Field(
+        default=10.0,
+        ge=1,
+        le=240,
+        description="A student not seen during the lesson's last this many minutes left early",
+    )
+    head_count_window_s: float = Field(
+        default=10.0,
+        ge=1,
+        le=600,
+        description="Head count = the most faces seen in any frame of this window: it counts "
+        "a child who looks down for a few seconds (people facing away for the whole window "
+        "are not counted)",
+    )
+    roster_dir: Path | None = Field(
+        default=None,
+        description="Encrypted roster store (enrolled embeddings); empty: "
+        "{supervisor.state_dir}/sensing",
+    )
+    key_file: Path | None = Field(
+        default=None,
+        description="The store's 32-byte AES key (a 0600 file); empty: the systemd credential "
+        "'sensing-key' ($CREDENTIALS_DIRECTORY/sensing-key), else "
+        "{roster_dir}/store.key created on first enrolment",
+    )
