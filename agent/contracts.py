@@ -678,6 +678,56 @@ class StreamSection(_StreamCore, total=False):
     recording: dict[str, Any]
 
 
+class SensingSection(TypedDict):
+    """``health.sensing`` while the sensing service exists (``null`` when it is off)."""
+
+    state: Literal["starting", "loading", "running", "failed", "stopped"]
+    reason: str
+    models: list[str]
+    target_fps: float
+    fps: float
+    latency_ms: dict[str, float]  # mean per stage: detect, track, align, embed
+    samples: int
+    skipped: int
+    embeddings: int
+    head_count: int
+    enrolled: int
+    in_lesson: bool
+    published: int
+
+
+class SensingMinute(TypedDict):
+    """``{prefix}/{site}/{room}/sensing`` each minute: counts only, never who."""
+
+    v: int
+    ts: float
+    device: str
+    lesson: str | None
+    kind: Literal["minute"]
+    minute_start: float
+    samples: int
+    head_count: int
+    head_count_max: int
+    present: int
+    unknown: int
+
+
+class SensingAttendance(TypedDict):
+    """``{prefix}/{site}/{room}/sensing`` at a lesson's end: attendance counts only."""
+
+    v: int
+    ts: float
+    device: str
+    lesson: str | None
+    kind: Literal["attendance"]
+    present: int
+    late: int
+    left_early: int
+    absent: int
+    unknown: int
+    enrolled: int
+
+
 class HealthMessage(TypedDict):
     """``{prefix}/{site}/{room}/health`` (every ``health.interval_s``)."""
 
@@ -691,4 +741,4 @@ class HealthMessage(TypedDict):
     agent: AgentSection
     alerts: AlertsSection
     stream: StreamSection | None
-    sensing: dict[str, Any] | None
+    sensing: SensingSection | None

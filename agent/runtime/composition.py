@@ -35,6 +35,7 @@ from agent.health import (
 )
 from agent.panel import PanelServer, load_or_create_token, token_path
 from agent.runtime.profiles import ProfileListener, ProfileManager
+from agent.sensing import SensingService, sensing_service
 from agent.stream import (
     FanOutSink,
     FrameObserver,
@@ -178,6 +179,15 @@ def _stream(host: Host) -> StreamService:
     )
 
 
+def _sensing(host: Host) -> SensingService | None:
+    stream: StreamService = host.part("stream")
+    capture: CaptureService = host.part("capture")
+    topics = host.part("mqtt").topics
+    return sensing_service(
+        host.config, capture.video, host.part("publisher"), topics.sensing, stream.live_lesson
+    )
+
+
 def _commands(host: Host) -> CommandService:
     config = host.config
     link: MqttLink = host.part("mqtt")
@@ -280,6 +290,12 @@ PARTS: tuple[Part, ...] = (
         in_place=("health.interval_s",),
     ),
     Part("stream", ("stream", "identity"), _stream, needs=("mqtt", "capture"), live=True),
+    Part(
+        "sensing",
+        ("sensing", "identity", "supervisor.state_dir"),
+        _sensing,
+        needs=("capture", "publisher", "stream", "mqtt"),
+    ),
     Part(
         "commands",
         ("health", "supervisor.state_dir"),

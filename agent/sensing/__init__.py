@@ -6,6 +6,7 @@ student ids stay in the room. Off by default (``sensing.enabled``).
 
 from __future__ import annotations
 
+from agent.sensing.attendance import STATUSES, Attendance
 from agent.sensing.cli import add_sensing_commands
 from agent.sensing.faces import (
     DETECTORS,
@@ -34,6 +35,7 @@ from agent.sensing.models import (
     shipped_models_dir,
 )
 from agent.sensing.pipeline import STAGES, FaceResult, Gallery, Match, Pipeline, StageTimes
+from agent.sensing.service import SensingService, sensing_service
 from agent.sensing.track import UNKNOWN, Track, Tracker, iou
 
 __all__ = [
@@ -41,7 +43,9 @@ __all__ = [
     "DLIB_CHIP_TEMPLATE",
     "EMBEDDERS",
     "STAGES",
+    "STATUSES",
     "UNKNOWN",
+    "Attendance",
     "Detector",
     "DlibResnetEmbedder",
     "Embedder",
@@ -54,6 +58,7 @@ __all__ = [
     "ModelInfo",
     "Pipeline",
     "RetinaFaceDetector",
+    "SensingService",
     "StageTimes",
     "Track",
     "Tracker",
@@ -68,6 +73,7 @@ __all__ = [
     "read_verified",
     "register_detector",
     "register_embedder",
+    "sensing_service",
     "shipped_models_dir",
     "similarity_transform",
 ]

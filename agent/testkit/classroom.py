@@ -68,7 +68,7 @@ def cut_faces(
 
 
 def compose(
-    crops: list[FaceCrop],
+    crops: list[FaceCrop | None],
     *,
     width: int = 1280,
     height: int = 720,
@@ -79,7 +79,8 @@ def compose(
     background: int = 120,
 ) -> tuple[Image, list[PlacedFace]]:
     """A frame with ``count`` faces (default: every crop once) in ``rows`` rows, the back
-    row smallest (as a camera over the board sees a class), and the ground truth."""
+    row smallest (as a camera over the board sees a class), and the ground truth.
+    A ``None`` leaves its seat empty, so the others keep their places."""
     rng = random.Random(seed)
     chosen = list(crops) if count is None else [crops[i % len(crops)] for i in range(count)]
     frame = np.full((height, width, 3), background, np.uint8)
@@ -88,6 +89,8 @@ def compose(
     small, large = face_px
     for index, crop in enumerate(chosen):
         row, col = divmod(index, per_row)
+        if crop is None:
+            continue
         # Back rows (top of the picture) small, front rows large.
         size = small + (large - small) * (row / max(1, rows - 1))
         scale = size / crop.box[3]
