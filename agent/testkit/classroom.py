@@ -11,6 +11,7 @@ across scale, not the cutting.
 from __future__ import annotations
 
 import random
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -68,7 +69,7 @@ def cut_faces(
 
 
 def compose(
-    crops: list[FaceCrop | None],
+    crops: Sequence[FaceCrop | None],
     *,
     width: int = 1280,
     height: int = 720,
