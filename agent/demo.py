@@ -31,7 +31,7 @@ from agent.config import BrokerConfig, IdentityConfig
 from agent.contracts import ContractError, DeviceState, FleetTopics
 from agent.dashboard import DashboardConfig, DashboardServer
 from agent.panel import PanelClient, PanelUnavailable
-from agent.sync import Message, MqttLink
+from agent.sync import Message, MqttLink, generate_key
 
 GROUP = "g5-english"
 ROOMS = [
@@ -48,8 +48,31 @@ MAX_ROOMS = len(ROOMS)
 PANEL_PORT = 8470  # the main room's panel; receiving rooms' kiosks follow
 PREFIX: str = BrokerConfig.model_fields["topic_prefix"].get_default()
 FLEET = FleetTopics(PREFIX)
-# Read-only users of the demo broker: the demo's own monitor and the dashboard it serves.
-MONITOR, DASHBOARD = "monitor", "dashboard"
+# Read-only users of the demo broker: the demo's own monitor and the dashboard it serves;
+# and IT, the admin that pushes config profiles.
+MONITOR, DASHBOARD, IT_USER = "monitor", "dashboard", "it"
+DEMO_PROFILES = {
+    # A newcomer's first push, and one that breaks the broker settings (rolled back).
+    "health.yaml": "# Health telemetry every 5 s instead of every second.\n"
+    "health:\n  interval_s: 5\n",
+    "broken-broker.yaml": "# A broker nobody runs: every room loses it, then rolls back.\n"
+    "broker:\n  url: mqtt://127.0.0.1:9\n",
+}
+
+
+def it_keys(workdir: Path) -> list[Path]:
+    """IT's two signing keys for the demo (kept from an earlier run in the same workdir);
+    every demo room pins their public halves."""
+    directory = workdir / "it-keys"
+    keys = sorted(directory.glob("*.key")) if directory.exists() else []
+    while len(keys) < 2:
+        generate_key(directory)
+        keys = sorted(directory.glob("*.key"))
+    return keys[:2]
+
+
+def pinned(keys: list[Path]) -> list[str]:
+    return [key.with_suffix(".pub").read_text().strip() for key in keys]
 
 
 @dataclass
@@ -85,6 +108,7 @@ def site_file(
     panel_port: int,
     *,
     password_file: Path,
+    trusted_keys: list[str] | None = None,
 ) -> Path:
     site, name, _, _ = room
     config = {
@@ -103,6 +127,8 @@ def site_file(
         },
         "supervisor": {"state_dir": str(workdir / "state" / f"{site}.{name}")},
     }
+    if trusted_keys:
+        config["profiles"] = {"trusted_keys": trusted_keys}
     path = workdir / f"{site}.{name}.yaml"
     path.write_text(yaml.safe_dump(config, sort_keys=False))
     return path
@@ -172,6 +198,7 @@ class Demo:
         self.rooms = ROOMS[:rooms]
         self.duration_s = duration_s
         self.workdir = workdir
+        self.keys = it_keys(workdir)
         self.out = out
         self.views = {
             f"{site}.{room}": RoomView(f"{site}.{room}", role) for site, room, _, role in self.rooms
@@ -213,6 +240,7 @@ class Demo:
             self.workdir / "broker",
             prefix=PREFIX,
             readers=[MONITOR, DASHBOARD],
+            admins=[IT_USER],
         )
         async with locked as broker:
             self.out.write(
@@ -246,6 +274,7 @@ class Demo:
                         f"maintenance dashboard: {dashboard.url} (open it in a browser)\n"
                     )
                     await self._start_agents(broker.url)
+                    self._print_profiles(broker.url)
                     pids = ", ".join(
                         f"{view.device} pid {view.process.pid}"
                         for view in self.views.values()
@@ -262,6 +291,27 @@ class Demo:
         all_clean = all(view.exit_code == 0 for view in self.views.values())
         return 0 if ok and all_clean else 1
 
+    def _print_profiles(self, broker_url: str) -> None:
+        """How IT pushes a signed profile to the demo's rooms (README: config profiles)."""
+        folder = self.workdir / "profiles"
+        folder.mkdir(exist_ok=True)
+        for name, text in DEMO_PROFILES.items():
+            (folder / name).write_text(text)
+        key = self.keys[0]
+        broker = (
+            f"--broker {broker_url} --username {IT_USER} "
+            f"--password-file {self.credentials.password_file(IT_USER)}"
+        )
+        scope = f"group:{GROUP}"
+        self.out.write(
+            "config profiles: IT's keys in "
+            f"{key.parent} (every room pins them); try, with .venv/bin/classroom-agent:\n"
+            f"  profile sign {folder / 'health.yaml'} --key {key} --scope {scope} "
+            f"--version 1 --out {folder / 'health.json'}\n"
+            f"  profile push {folder / 'health.json'} {broker}\n"
+            f"  profile status --scope {scope} {broker}\n"
+        )
+
     async def _start_agents(self, broker_url: str) -> None:
         logs = self.workdir / "logs"
         logs.mkdir(parents=True, exist_ok=True)
@@ -277,6 +327,7 @@ class Demo:
                 self.receivers,
                 view.panel_port,
                 password_file=self.credentials.password_file(view.device),
+                trusted_keys=pinned(self.keys),
             )
             log_file = (logs / f"{view.device}.log").open("wb")
             view.process = await asyncio.create_subprocess_exec(

@@ -344,6 +344,11 @@ async def test_the_reliability_matrix_every_bad_document_is_refused_and_the_room
         schema = json.loads((REPO / "schemas" / "config-reported.v1.json").read_text())
         for message in observer.received(topic):
             jsonschema.validate(message.json(), schema)
+        health = json.loads((REPO / "schemas" / "health.v1.json").read_text())
+        last = await observer.wait_for(
+            f"{base}/health", lambda m: m.json().get("profiles", {}).get("effective") == {room: 2}
+        )
+        jsonschema.validate(last.json(), health)
         status = json.loads(it.cli("status", "--scope", room, "--json").stdout)
         assert [(r["device"], r["state"]) for r in status] == [(DEVICE_1, "rejected")]
         history = it.cli("history", "-c", str(daemon.site_file)).stdout

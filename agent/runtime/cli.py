@@ -56,7 +56,7 @@ from agent.sync import (
 
 EXIT_OK, EXIT_FAILURE, EXIT_REFUSED = 0, 1, 2
 BROKER_WAIT_S = 10.0
-STATUS_SETTLE_S = 1.5  # retained messages arrive right after subscribing; then quiet
+STATUS_SETTLE_S = 0.6  # retained messages arrive right after subscribing; then quiet
 
 
 def _duration(text: str) -> dt.timedelta:
@@ -550,12 +550,12 @@ def cmd_status(args: argparse.Namespace) -> int:
         if not rows:
             print("no devices in this scope have reported")
             return EXIT_OK
-        print(f"{'device':<24} {'layer':<22} {'state':<12} {'version':<8} {'since':<21} reason")
+        print(f"{'device':<24} {'layer':<22} {'state':<12} {'version':<8} {'since':<25} reason")
         for row in rows:
             version = row["version"] if row["version"] is not None else "-"
             print(
                 f"{row['device']:<24} {row['layer']:<22} {row['state']:<12} {version!s:<8} "
-                f"{(row['since'] or '-'):<21} {row['reason']}"
+                f"{(row['since'] or '-'):<25} {row['reason']}"
             )
         counts: dict[str, int] = {}
         for row in rows:
