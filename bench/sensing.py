@@ -15,6 +15,10 @@ the class sits still and one face in ten changes track every 10 s.
 the process before ``import onnxruntime`` (the agent's own RSS is that plus the rest of
 the daemon).
 
+*lesson*: bench/lesson.py's join flow (main room 720p30, one receiving room) with the
+sensing service off and then on, subscribed to the main room's camera: receiver fps,
+glass-to-glass, the main process's CPU (which includes sensing's own thread).
+
 *accuracy*: descriptor distances (Euclidean, dlib's metric) with the threshold
 ``sensing.match_distance``: false accepts across the distinct people of face-api's group
 photos (all different people), the East-Asian faces of them counted separately (labelled
@@ -28,6 +32,7 @@ The machine is shared (2 cores), so figures are noisy: compare within one run.
 from __future__ import annotations
 
 import argparse
+import asyncio
 import json
 import statistics
 import sys
@@ -44,12 +49,15 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))  # a script in a checkout: the package may not be installed
 
+from agent.capture import FrameHub  # noqa: E402
 from agent.config import SensingConfig  # noqa: E402
+from agent.config.models import CaptureConfig, VideoConfig  # noqa: E402
 from agent.sensing import (  # noqa: E402
     DlibResnetEmbedder,
     Gallery,
     Pipeline,
     RetinaFaceDetector,
+    SensingService,
     model_info,
 )
 from agent.testkit import FaceCrop, compose, cut_faces  # noqa: E402
@@ -266,9 +274,84 @@ def accuracy() -> dict[str, Any]:
     }
 
 
+class _Discard:
+    """The sensing service's publisher in the lesson benchmark: counts, sends nothing."""
+
+    def __init__(self) -> None:
+        self.sent = 0
+
+    async def send(self, topic: str, payload: Any, kind: Any = "event") -> Any:
+        self.sent += 1
+
+
+async def _lesson_run(sensing: bool, hold_s: float, starts: int) -> dict[str, Any]:
+    sys.path.insert(0, str(ROOT / "bench"))
+    import lesson as lesson_bench  # noqa: PLC0415  (bench/lesson.py, a script beside this)
+
+    tasks: list[asyncio.Task[None]] = []
+    services: list[SensingService] = []
+
+    class Tapped(FrameHub):
+        """The main room's camera hub, with the sensing service subscribed to it."""
+
+        def __init__(self, *args: Any, **kwargs: Any) -> None:
+            super().__init__(*args, **kwargs)
+            if sensing:
+                service = SensingService(
+                    SensingConfig(enabled=True, threads=1),
+                    self,
+                    _Discard(),
+                    "bench/sensing",
+                    device="central.room1",
+                    lesson=lambda: None,
+                    store_dir=Path("/nonexistent-bench-store"),
+                )
+                services.append(service)
+                tasks.append(asyncio.get_running_loop().create_task(service.run()))
+
+    original = getattr(lesson_bench, "FrameHub")  # noqa: B009  (not in its __all__)
+    setattr(lesson_bench, "FrameHub", Tapped)  # noqa: B010  (the main room's hub, tapped)
+    try:
+        capture = CaptureConfig(video=VideoConfig(width=1280, height=720, fps=30))
+        row = await lesson_bench.measure_joins(1, capture, starts, hold_s, 1)
+    finally:
+        setattr(lesson_bench, "FrameHub", original)  # noqa: B010
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+    g2g = sorted(row.g2g_ms)
+    result: dict[str, Any] = {
+        "sensing": "on" if sensing else "off",
+        "receiver_fps": round(statistics.mean(row.fps), 1) if row.fps else None,
+        "g2g_median_ms": round(statistics.median(g2g), 1) if g2g else None,
+        "g2g_p95_ms": round(g2g[int(0.95 * (len(g2g) - 1))], 1) if g2g else None,
+        "main_process_cpu_percent": round(row.cpu_percent, 1),
+        "join_median_s": round(statistics.median(row.joins_s), 2) if row.joins_s else None,
+    }
+    if services:
+        section = services[0].health_section() or {}
+        result["sensing_fps"] = section.get("fps")
+        result["sensing_samples"] = section.get("samples")
+        result["sensing_latency_ms"] = section.get("latency_ms")
+    return result
+
+
+def lesson(hold_s: float, starts: int) -> dict[str, Any]:
+    """The lesson benchmark's join flow (bench/lesson.py, one receiving room, 720p30
+    synthetic stamped camera) with sensing off and on, side by side. The synthetic picture
+    has no faces, so sensing costs what detection and tracking cost (the steady state:
+    embedding is rare once tracks settle, see *speed*)."""
+    return {
+        "off": asyncio.run(_lesson_run(False, hold_s, starts)),
+        "on": asyncio.run(_lesson_run(True, hold_s, starts)),
+    }
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n", 1)[0])
-    parser.add_argument("--sections", default="speed,memory,accuracy")
+    parser.add_argument("--sections", default="speed,memory,accuracy,lesson")
+    parser.add_argument("--hold", type=float, default=10.0, help="lesson: measured window")
+    parser.add_argument("--starts", type=int, default=2, help="lesson: lessons started")
     parser.add_argument("--frames", type=int, default=20, help="repeats per timing")
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args()
@@ -280,6 +363,8 @@ def main() -> int:
         results["speed"] = speed(args.frames)
     if "accuracy" in sections:
         results["accuracy"] = accuracy()
+    if "lesson" in sections:
+        results["lesson"] = lesson(args.hold, args.starts)
     if args.json:
         print(json.dumps(results, indent=2))
         return 0
