@@ -349,6 +349,12 @@ async def test_the_reliability_matrix_every_bad_document_is_refused_and_the_room
             f"{base}/health", lambda m: m.json().get("profiles", {}).get("effective") == {room: 2}
         )
         jsonschema.validate(last.json(), health)
+        # The same answer on request, for a technician's command.
+        request = {"id": "why", "args": {}}
+        await observer.publish(f"{base}/cmd/config-report", json.dumps(request))
+        result = (await observer.wait_for(f"{base}/cmd/config-report/result")).json()
+        assert result["ok"], result
+        assert result["result"]["layers"][room]["code"] == "malformed"
         status = json.loads(it.cli("status", "--scope", room, "--json").stdout)
         assert [(r["device"], r["state"]) for r in status] == [(DEVICE_1, "rejected")]
         history = it.cli("history", "-c", str(daemon.site_file)).stdout

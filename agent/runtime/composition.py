@@ -209,6 +209,13 @@ def _commands(host: Host) -> CommandService:
         timeout_s=60,
     )
     commands.register("restart-capture", callable_handler(capture.restart), args={}, timeout_s=30)
+    manager = host.profile_manager()
+    if manager is not None and config.profiles.trusted_keys:
+        # The device's answer to pushed profiles, on request (the same as config/reported).
+        async def report() -> dict[str, Any]:
+            return manager.book.reported_document()
+
+        commands.register("config-report", callable_handler(report), args={})
     for name, (handler, args, timeout_s) in host.lesson_commands().items():
         commands.register(name, handler, args=args, timeout_s=timeout_s)
     return commands
