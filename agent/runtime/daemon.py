@@ -503,7 +503,16 @@ class Daemon:
                 )
                 await self._reloaded(agent)
                 return ApplyResult(Outcome.FAILED, str(exc))
+            previous = self.loaded.config
             self.loaded = candidate
+            if self.profiles is not None and (
+                previous.profiles != candidate.config.profiles
+                or previous.identity.groups != candidate.config.identity.groups
+            ):
+                log.warning(
+                    "the pinned IT keys or the lesson groups changed: pushed profiles keep the "
+                    "old ones until the agent restarts (systemctl restart classroom-agent)"
+                )
             await self._brokers.keep_only(agent.broker_url)
             log.info(
                 "reloaded configuration in %.3f s: %s (from %s)",
