@@ -883,7 +883,7 @@ def _print_rural(preset: str, row: RuralRow, summary: list[tuple[str, str, str]]
                 f"{preset}: worst room fps / g2g p95 / audio missing / longest stall",
                 f"{worst['fps']:.1f} fps / {worst['p95']:.0f} ms / {worst['missing']:.1f} % / "
                 f"{worst['gap']:.1f} s",
-                RURAL_TARGETS.get(preset, ""),
+                RURAL_TARGETS.get(preset.split(maxsplit=1)[0], ""),
             )
         )
 

@@ -364,11 +364,18 @@ async def test_a_peer_switches_layers_mid_stream_and_keeps_decoding() -> None:
             await eventually(lambda: seen.audio >= audio_mark + 25, within=20, what="audio")
             assert len(seen.video) <= mark + 3  # only what was in flight
             assert sender.describe()["layer"] == "paused"
+            assert sender.describe()["layer_cause"] == "pinned"
+            # Both ends say "audio only": the teacher's tile (layer paused) and the room,
+            # whose sound still arrives while its picture stopped.
+            await eventually(
+                lambda: receiver.describe()["audio_only"], within=20, what="audio only"
+            )
 
             # Back to the high layer, at a keyframe: the same decoder goes on.
             control.pin("high")
             mark = len(seen.video)
             await eventually(lambda: seen.count(high, mark) >= 10, within=30, what="high again")
+            assert not receiver.describe()["audio_only"]
             # aiortc's receiver sends real REMB once its estimate has settled (~3 s).
             await eventually(
                 lambda: control.policy.describe()["estimate_kbps"] is not None,

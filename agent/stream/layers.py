@@ -45,7 +45,7 @@ import logging
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal
 
 from agent.stream.encoder import EncodedVideoTrack, EncoderSettings, LayerState, VideoLayer
 
@@ -86,6 +86,24 @@ class LayerPolicySettings:
         return cls(high_kbps=settings.bitrate_kbps, low_kbps=settings.low_bitrate_kbps, **changes)
 
 
+LayerCause = Literal["start", "loss", "bandwidth", "delay", "probe", "pinned"]
+"""Why a room is on its layer, in a word a page can translate (``layer_reason`` is the
+maintenance log's English sentence)."""
+
+
+def cause_of(reason: str) -> LayerCause:
+    """The :data:`LayerCause` of one of :class:`LayerPolicy`'s reasons."""
+    if reason.startswith("loss"):
+        return "loss"
+    if reason.startswith("estimate"):
+        return "bandwidth"
+    if reason.startswith("RTT"):
+        return "delay"
+    if reason.startswith("link good"):
+        return "probe"
+    return "start"
+
+
 class LayerPolicy:
     """One peer's layer decision, fed with samples and a clock (``now``: monotonic s).
 
@@ -104,6 +122,7 @@ class LayerPolicy:
         self.state: LayerState = state
         self.since = now  # when the current state began
         self.reason = "start"
+        self.cause: LayerCause = "start"
         self.switches = 0
         self.downs = 0
         self.ups = 0
@@ -272,6 +291,7 @@ class LayerPolicy:
         self.switches += 1
         self.since = now
         self.reason = reason
+        self.cause = cause_of(reason)
         self._bad_since = self._good_since = None
         log.info("layer %s -> %s: %s", before, self.state, reason)
 
@@ -282,6 +302,7 @@ class LayerPolicy:
             "layer_downs": self.downs,
             "layer_ups": self.ups,
             "layer_reason": self.reason,
+            "layer_cause": self.cause,
             "estimate_kbps": None if self._estimate is None else round(self._estimate[1] / 1000),
         }
 
@@ -335,4 +356,7 @@ class LayerControl:
 
     def describe(self) -> dict[str, Any]:
         """The policy's figures, with ``layer`` what the track really sends now."""
-        return {**self.policy.describe(), "layer": self.track.state, "pinned": self.pinned}
+        described = {**self.policy.describe(), "layer": self.track.state, "pinned": self.pinned}
+        if self.pinned is not None:
+            described["layer_cause"] = "pinned"
+        return described

@@ -51,6 +51,8 @@ log = logging.getLogger(__name__)
 
 # Google Congestion Control's loss-based rule: up to this much loss the rate holds.
 GCC_LOSS_HOLD_PERCENT = 10.0
+AUDIO_ONLY_AFTER_S = 2.0  # no new picture this long while sound arrives: audio only
+AUDIO_FLOWING_S = 1.0
 UP_ESTIMATE_RATIO = 1.3  # a climb needs the receiver's estimate this far above the layer
 
 # Constrained baseline first: what browsers offer and what our libx264 produces.
@@ -102,9 +104,13 @@ class _WatchedTrack(MediaStreamTrack):
 
     async def recv(self) -> Any:
         item = await self._inner.recv()
-        self._session.last_media = time.monotonic()
+        now = time.monotonic()
+        self._session.last_media = now
         if self.kind == "video":
             self._session.video_frames = (self._session.video_frames or 0) + 1
+            self._session.last_video = now
+        else:
+            self._session.last_audio = now
         return item
 
 
@@ -146,6 +152,8 @@ class PeerSession:
         self.created = time.monotonic()
         self.connected_at: float | None = None
         self.last_media: float | None = None
+        self.last_video: float | None = None  # a received video frame
+        self.last_audio: float | None = None
         self.video_frames: int | None = None  # decoded video frames received (None: no track)
         self.figures = Figures()
         # The offerer is a receiving room (its rate: what it receives); the answerer the
@@ -383,10 +391,22 @@ class PeerSession:
 
     def _describe_layers(self) -> dict[str, Any]:
         if self.layers is None:
-            return {"layer": None, "layer_switches": None}
+            return {"layer": None, "layer_switches": None, "layer_cause": None}
         described = self.layers.describe()
-        keys = ("layer", "layer_switches", "layer_reason", "estimate_kbps")
+        keys = ("layer", "layer_switches", "layer_reason", "layer_cause", "estimate_kbps")
         return {key: described.get(key) for key in keys}
+
+    def receiving_audio_only(self, now: float | None = None) -> bool:
+        """Whether the peer's sound arrives but its picture stopped (the main room paused
+        this room's video: the line cannot carry it), so a kiosk can say so instead of
+        showing a frozen frame. False before any video came (nothing froze)."""
+        now = time.monotonic() if now is None else now
+        return (
+            self.last_video is not None
+            and self.last_audio is not None
+            and now - self.last_audio < AUDIO_FLOWING_S
+            and now - self.last_video > AUDIO_ONLY_AFTER_S
+        )
 
     def _describe_video_jitter(self) -> dict[str, Any]:
         jitter = self.video_jitter
@@ -441,6 +461,7 @@ class PeerSession:
             if self.connected_at is None
             else round(now - self.connected_at, 1),
             "media_age_s": None if self.last_media is None else round(now - self.last_media, 1),
+            "audio_only": self.receiving_audio_only(now),
         }
 
 

@@ -54,6 +54,21 @@ const REASONS = {
   "no connection to the broker": "kiosk.no_broker",
 };
 
+// Why a room is off the high layer (PeerSession's layer_cause), in the page's language.
+const LAYER_CAUSES = {
+  loss: "panel.layer_cause.loss",
+  bandwidth: "panel.layer_cause.bandwidth",
+  delay: "panel.layer_cause.delay",
+  pinned: "panel.layer_cause.pinned",
+};
+
+function layerText(f) {
+  // The layer the main room sends this room, and why: "low layer (packet loss)".
+  const what = f.layer === "paused" ? t("panel.figures.audio_only") : t("panel.figures.low_layer");
+  const cause = LAYER_CAUSES[f.layer_cause];
+  return cause ? t("panel.figures.because", { what: what, cause: t(cause) }) : what;
+}
+
 function stateText(keys, state) {
   return keys[state] ? t(keys[state]) : state;
 }
@@ -65,7 +80,7 @@ function figures(f) {
   if (f.fps != null) parts.push(t("panel.figures.fps", { fps: I18N.number(f.fps) }));
   if (f.rtt_ms != null) parts.push(t("panel.figures.rtt", { ms: I18N.number(f.rtt_ms) }));
   if (f.loss_percent != null) parts.push(t("panel.figures.loss", { percent: I18N.number(f.loss_percent, 1) }));
-  if (f.layer && f.layer !== "high") parts.push(t("panel.figures.low_layer"));
+  if (f.layer && f.layer !== "high") parts.push(layerText(f));
   return parts.join(" · ");
 }
 
@@ -127,9 +142,12 @@ function renderHosting(host) {
     tile.element.querySelector(".hand").hidden = !info.hand_up;
     // Until the room's picture is live, the page says why in the page's language (the
     // placeholder picture the agent sends is drawn in ASCII only).
+    // A room whose line cannot carry video hears the lesson: its tile says so.
+    const audioOnly = info.state === "live" && info.figures && info.figures.layer === "paused";
     const tileSlate = tile.element.querySelector(".tile-slate");
-    tileSlate.textContent = stateText(ROOM_STATES, info.state);
-    tileSlate.hidden = info.state === "live";
+    tileSlate.textContent = audioOnly ? t("panel.tile_audio_only") : stateText(ROOM_STATES, info.state);
+    tileSlate.hidden = info.state === "live" && !audioOnly;
+    tile.element.dataset.audioOnly = audioOnly ? "1" : "";
     tile.element.querySelector(".figures").textContent = figures(info.figures);
     tile.element.querySelector(".name").textContent = info.name || room;
   }
@@ -147,9 +165,12 @@ function renderJoining(join) {
     joining: t("kiosk.joining"),
     reconnecting: t("kiosk.reconnecting"),
   };
-  slate.textContent = texts[join.state] || "";
-  slate.dataset.state = join.state;
-  slate.hidden = join.state === "live";
+  // Live, but the main room stopped our picture (our line cannot carry it): the sound
+  // goes on, and the screen says why instead of showing a frozen frame.
+  const audioOnly = join.state === "live" && Boolean(join.peer && join.peer.audio_only);
+  slate.textContent = audioOnly ? t("kiosk.audio_only") : texts[join.state] || "";
+  slate.dataset.state = audioOnly ? "audio-only" : join.state;
+  slate.hidden = join.state === "live" && !audioOnly;
   $("hand-button").textContent = t(join.hand_up ? "kiosk.lower_hand" : "kiosk.raise_hand");
   $("hand-button").disabled = !join.lesson;
   if (!status.hosting.length) {
