@@ -728,9 +728,17 @@ class SensingAttendance(TypedDict):
     enrolled: int
 
 
-class HealthMessage(TypedDict):
-    """``{prefix}/{site}/{room}/health`` (every ``health.interval_s``)."""
+class ProfilesSection(TypedDict):
+    """``health.profiles`` when the room pins IT keys: what is in effect (the full answer is
+    on ``config/reported``)."""
 
+    effective: dict[str, int]  # layer -> version
+    keys_version: int
+    applied: int
+    dropped_messages: int
+
+
+class _HealthCore(TypedDict):
     v: int
     ts: float
     n: int
@@ -742,3 +750,9 @@ class HealthMessage(TypedDict):
     alerts: AlertsSection
     stream: StreamSection | None
     sensing: SensingSection | None
+
+
+class HealthMessage(_HealthCore, total=False):
+    """``{prefix}/{site}/{room}/health`` (every ``health.interval_s``)."""
+
+    profiles: ProfilesSection  # only when the room pins IT keys

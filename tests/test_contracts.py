@@ -105,6 +105,7 @@ def test_alert_matches_its_schema() -> None:
         (("agent",), contracts.AgentSection),
         (("alerts",), contracts.AlertsSection),
         (("stream",), contracts.StreamSection),
+        (("profiles",), contracts.ProfilesSection),
     ],
 )
 def test_health_sections_match_the_schema(path: tuple[str, ...], model: type) -> None:
@@ -292,8 +293,23 @@ def test_the_acl_is_built_from_the_topics() -> None:
         f"topic write {topics.config_reported}",
         f"topic write {topics.cmd_result_filter}",
         f"topic read {topics.config_desired}",
+        f"topic read {topics.config_desired_for('fleet')}",
+        f"topic read {topics.config_desired_for('school:school1')}",
+        f"topic read {topics.config_keys}",
         f"topic read {topics.cmd_filter}",
         f"topic readwrite {topics.probe}",
         f"topic readwrite {topics.lesson('music')}",
+        f"topic read {topics.config_desired_for('group:music')}",
         f"topic read {topics.state_all}",
     ]
+    # Every profile layer's topic maps back to its layer; nothing else does.
+    for layer in ("fleet", "school:school1", "group:music", "room:school1.room1"):
+        assert topics.layer_of_desired(topics.config_desired_for(layer)) == layer
+    for other in (
+        "edu/fleet/config/keys",
+        "edu/lesson/music",
+        "edu/fleet/x/y/config/desired",
+        "edu/rtc/a.b/config/desired",
+        "other/fleet/config/desired",
+    ):
+        assert topics.layer_of_desired(other) is None

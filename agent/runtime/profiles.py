@@ -27,7 +27,7 @@ from enum import StrEnum
 from typing import Any, Protocol
 
 from agent.config import ConfigError, ConfigSources, Layer, LoadedConfig, profile_layer
-from agent.contracts import FleetTopics
+from agent.contracts import FleetTopics, ProfilesSection
 from agent.sync import (
     Envelope,
     Keyring,
@@ -413,7 +413,7 @@ class ProfileManager:
         )
         self.changed.set()
 
-    def health_section(self) -> dict[str, Any]:
+    def health_section(self) -> ProfilesSection:
         document = self.book.reported_document()
         return {
             "effective": document["effective"],
@@ -441,7 +441,7 @@ class ProfileListener:
         ]
 
     def health_section(self) -> dict[str, Any]:
-        return self.manager.health_section()
+        return dict(self.manager.health_section())
 
     async def run(self) -> None:
         async with asyncio.TaskGroup() as group:
