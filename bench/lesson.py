@@ -115,7 +115,7 @@ from agent.stream.ice import gather, new_peer_connection  # noqa: E402
 from agent.stream.peer import h264_preferences  # noqa: E402
 from agent.stream.sinks import luma  # noqa: E402
 from agent.sync import MqttLink  # noqa: E402
-from agent.testkit.impair import LinkImpairment, impaired  # noqa: E402
+from agent.testkit.impair import PRESETS, LinkImpairment, impaired  # noqa: E402
 
 LOOPBACK = ["127.0.0.1"]
 BITRATE_KBPS = 1000
@@ -909,18 +909,6 @@ def _fmt(value: float | None, spec: str) -> str:
     return "-" if value is None else format(value, spec)
 
 
-PRESETS: dict[str, LinkImpairment] = {
-    # Thin ADSL at a village school: what the project tested first.
-    "rural-good": LinkImpairment(delay_ms=60, loss=0.02, rate_kbps=2000, queue_ms=200, seed=7),
-    # A poor line: the lesson stopped being two-way here (issue 13).
-    "rural-poor": LinkImpairment(delay_ms=150, loss=0.05, rate_kbps=1000, queue_ms=200, seed=7),
-    # 4G: bursty (Gilbert) loss averaging 3 %, 50 ms of jitter.
-    "4g-burst": LinkImpairment(
-        delay_ms=80, jitter_ms=50, loss=0.03, loss_burst=4, rate_kbps=3000, queue_ms=200, seed=7
-    ),
-    # Geostationary satellite: long, mostly clean.
-    "satellite": LinkImpairment(delay_ms=600, loss=0.01, rate_kbps=2000, queue_ms=200, seed=7),
-}
 RURAL = PRESETS["rural-good"]
 
 

@@ -271,6 +271,24 @@ def _deliver(deliver: Callable[[], None]) -> None:
         log.exception("delivering an impaired datagram failed")
 
 
+# -- named links -------------------------------------------------------------------------
+
+PRESETS: dict[str, LinkImpairment] = {
+    # Thin ADSL at a village school: what the project tested first.
+    "rural-good": LinkImpairment(delay_ms=60, loss=0.02, rate_kbps=2000, queue_ms=200, seed=7),
+    # A poor line: the lesson stopped being two-way here (issue 13).
+    "rural-poor": LinkImpairment(delay_ms=150, loss=0.05, rate_kbps=1000, queue_ms=200, seed=7),
+    # 4G: bursty (Gilbert) loss averaging 3 %, 50 ms of jitter.
+    "4g-burst": LinkImpairment(
+        delay_ms=80, jitter_ms=50, loss=0.03, loss_burst=4, rate_kbps=3000, queue_ms=200, seed=7
+    ),
+    # Geostationary satellite: long, mostly clean.
+    "satellite": LinkImpairment(delay_ms=600, loss=0.01, rate_kbps=2000, queue_ms=200, seed=7),
+}
+"""The links of issue 13 (bench/lesson.py --preset, tests/test_stream_rural.py), each
+with a 200 ms drop-tail queue and a fixed seed."""
+
+
 # -- the aioice hook ------------------------------------------------------------------------
 
 _active: list[ImpairedLink] = []  # the one active link, if any
