@@ -118,6 +118,10 @@ class FleetTopics:
         return self._all("alert")
 
     @property
+    def sensing_all(self) -> str:
+        return self._all("sensing")
+
+    @property
     def config_desired_all(self) -> str:
         return self._all("config/desired")
 

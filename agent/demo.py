@@ -32,6 +32,7 @@ from agent.contracts import ContractError, DeviceState, FleetTopics
 from agent.dashboard import DashboardConfig, DashboardServer
 from agent.panel import PanelClient, PanelUnavailable
 from agent.sync import Message, MqttLink, generate_key
+from agent.testkit import DemoClass, make_demo_class, photos_dir
 
 GROUP = "g5-english"
 ROOMS = [
@@ -86,6 +87,7 @@ class RoomView:
     live_at: float | None = None  # when the main room's panel first showed this room live
     panel_port: int = 0
     g2g_ms: float | None = None  # last glass-to-glass median reported while live
+    attendance: dict[str, Any] | None = None  # the sensing room's counts at the lesson end
     process: asyncio.subprocess.Process | None = None
     exit_code: int | None = None
     stop_s: float | None = None
@@ -109,6 +111,7 @@ def site_file(
     *,
     password_file: Path,
     trusted_keys: list[str] | None = None,
+    sensing_video: Path | None = None,
 ) -> Path:
     site, name, _, _ = room
     config = {
@@ -129,6 +132,19 @@ def site_file(
     }
     if trusted_keys:
         config["profiles"] = {"trusted_keys": trusted_keys}
+    if sensing_video is not None:
+        # The sensing room: its camera is a video of a class of real faces, and sensing
+        # is on (off by default everywhere else), quick to settle for a short demo.
+        config["capture"] = {
+            "video": {
+                "source": "file",
+                "path": str(sensing_video),
+                "width": 640,
+                "height": 360,
+                "fps": 25,
+            }
+        }
+        config["sensing"] = {"enabled": True, "sample_fps": 4, "embed_every_s": 0.5}
     path = workdir / f"{site}.{name}.yaml"
     path.write_text(yaml.safe_dump(config, sort_keys=False))
     return path
@@ -146,7 +162,8 @@ def render(views: list[RoomView], broker_url: str, started: float) -> str:
         f"{time.monotonic() - started:.0f} s",
         "",
         f"{'ROOM':<26} {'ROLE':<10} {'STATE':<8} {'SEQ':>3}  {'CAMERA':<9} {'FPS':>5} "
-        f"{'FRAMES':>7}  {'MIC dBFS':>8}  {'CPU%':>5}  {'LESSON':<14} {'G2G ms':>6}",
+        f"{'FRAMES':>7}  {'MIC dBFS':>8}  {'CPU%':>5}  {'LESSON':<14} {'G2G ms':>6} "
+        f"{'HEADS':>5}",
     ]
     for view in views:
         status = view.state.get("status", "-")
@@ -159,9 +176,19 @@ def render(views: list[RoomView], broker_url: str, started: float) -> str:
             f"{video.get('state', '-')!s:<9} {_num(video.get('fps')):>5} "
             f"{video.get('frames_read', '-')!s:>7}  {_num(level):>8}  "
             f"{_num(agent.get('cpu_percent')):>5}  {lesson_state(view):<14} "
-            f"{_num(view.g2g_ms):>6}"
+            f"{_num(view.g2g_ms):>6} {head_count(view):>5}"
         )
     return "\n".join(lines)
+
+
+def head_count(view: RoomView) -> str:
+    """Faces the room's sensing sees now ('-' where sensing is off, as by default)."""
+    sensing = view.health.get("sensing")
+    if not isinstance(sensing, dict):
+        return "-"
+    if sensing.get("state") != "running":
+        return str(sensing.get("state", "-"))
+    return str(sensing.get("head_count", "-"))
 
 
 def lesson_state(view: RoomView) -> str:
@@ -212,6 +239,10 @@ class Demo:
         self.credentials: LocalCredentials  # made with the broker, in run()
         self._tasks: set[asyncio.Task[None]] = set()
         self.panels_text = ""
+        # The first receiving room senses its class (a video of real faces).
+        self.sensing_room = self.receivers[0] if self.receivers else None
+        self.sensing_class: DemoClass | None = None
+        self._attendance = asyncio.Event()
 
     def _print_panels(self) -> None:
         lines = []
@@ -320,6 +351,7 @@ class Demo:
             view = self.views[f"{room[0]}.{room[1]}"]
             view.panel_port = free_port(PANEL_PORT + index, taken)
             taken.add(view.panel_port)
+            video = await asyncio.to_thread(self._sensing_class, view.device)
             path = site_file(
                 self.workdir,
                 room,
@@ -328,6 +360,7 @@ class Demo:
                 view.panel_port,
                 password_file=self.credentials.password_file(view.device),
                 trusted_keys=pinned(self.keys),
+                sensing_video=video,
             )
             log_file = (logs / f"{view.device}.log").open("wb")
             view.process = await asyncio.create_subprocess_exec(
@@ -342,13 +375,36 @@ class Demo:
             )
             log_file.close()
 
+    def _sensing_class(self, device: str) -> Path | None:
+        """The sensing room's camera video, with its roster enrolled (None elsewhere)."""
+        if device != self.sensing_room:
+            return None
+        photos = photos_dir()
+        if photos is None:
+            self.out.write("sensing room: no face photos here (run from a checkout); off\n")
+            return None
+        store = self.workdir / "state" / device / "sensing"
+        self.sensing_class = make_demo_class(photos, self.workdir, store)
+        truth = self.sensing_class
+        self.out.write(
+            f"sensing room {device}: {truth.enrolled} students enrolled (encrypted in "
+            f"{store}), {truth.in_room} of them and {truth.strangers} visitor in the video "
+            f"{truth.video}\n"
+        )
+        return truth.video
+
     async def _watch(self, monitor: MqttLink) -> None:
         await monitor.wait_connected()
         async with (
             monitor.subscribe(FLEET.state_all) as states,
             monitor.subscribe(FLEET.health_all, qos=0) as health,
+            monitor.subscribe(FLEET.sensing_all) as sensing,
         ):
-            await asyncio.gather(self._consume(states, "state"), self._consume(health, "health"))
+            await asyncio.gather(
+                self._consume(states, "state"),
+                self._consume(health, "health"),
+                self._consume(sensing, "sensing"),
+            )
 
     async def _consume(self, messages: Any, kind: str) -> None:
         async for message in messages:
@@ -362,6 +418,11 @@ class Demo:
         try:
             data = json.loads(message.payload)
         except ValueError:
+            return
+        if kind == "sensing":
+            if isinstance(data, dict) and data.get("kind") == "attendance":
+                view.attendance = data
+                self._attendance.set()
             return
         if kind == "state":
             if not isinstance(data, dict):
@@ -481,7 +542,27 @@ class Demo:
             if ended
             else "lesson end: a room did not go back to 'waiting' within 10 s\n"
         )
+        await self._report_attendance()
         return healthy and everyone_joined and ended
+
+    async def _report_attendance(self) -> None:
+        """The sensing room's attendance counts, as published at the lesson's end."""
+        if self.sensing_room is None or self.sensing_class is None or self.button_at is None:
+            return
+        view = self.views[self.sensing_room]
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._attendance.wait(), timeout=10)
+        counts = view.attendance
+        if counts is None:
+            self.out.write(f"{view.device}: no attendance published within 10 s\n")
+            return
+        truth = self.sensing_class
+        self.out.write(
+            f"{view.device} attendance: present {counts['present']}, late {counts['late']}, "
+            f"left early {counts['left_early']}, absent {counts['absent']} of "
+            f"{counts['enrolled']} enrolled; {counts['unknown']} unknown face(s) "
+            f"(in the video: {truth.in_room} enrolled students, {truth.strangers} visitor)\n"
+        )
 
     async def _stop_agents(self) -> None:
         async def stop(view: RoomView) -> None:

@@ -62,6 +62,12 @@ def test_demo_brings_rooms_online_and_stops_them_cleanly(tmp_path: Path) -> None
         r"watch page of central-school\.room-101: \S+/watch#token=\S{16,}", result.stdout
     )
     assert "lesson ended: receiving rooms back to 'waiting'" in result.stdout
+    # The sensing room (village-a): a video of 6 enrolled students and 1 visitor, 1
+    # enrolled student absent; counts only, from its sensing topic at the lesson's end.
+    assert (
+        "village-a.room-1 attendance: present 6, late 0, left early 0, absent 1 of 7 "
+        "enrolled; 1 unknown face(s)" in result.stdout
+    ), result.stdout
     assert result.stdout.count("exit code 0") == 2
     assert re.search(r"maintenance dashboard: http://127\.0\.0\.1:\d+/", result.stdout)
     assert (tmp_path / "logs" / "village-a.room-1.log").exists()

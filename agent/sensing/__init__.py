@@ -35,6 +35,7 @@ from agent.sensing.models import (
     shipped_models_dir,
 )
 from agent.sensing.pipeline import STAGES, FaceResult, Gallery, Match, Pipeline, StageTimes
+from agent.sensing.roster import Enrolled, RosterError, RosterStore, open_store, read_roster
 from agent.sensing.service import SensingService, sensing_service
 from agent.sensing.track import UNKNOWN, Track, Tracker, iou
 
@@ -50,6 +51,7 @@ __all__ = [
     "DlibResnetEmbedder",
     "Embedder",
     "Embedding",
+    "Enrolled",
     "Face",
     "FaceResult",
     "Gallery",
@@ -58,6 +60,8 @@ __all__ = [
     "ModelInfo",
     "Pipeline",
     "RetinaFaceDetector",
+    "RosterError",
+    "RosterStore",
     "SensingService",
     "StageTimes",
     "Track",
@@ -70,6 +74,8 @@ __all__ = [
     "make_embedder",
     "model_info",
     "open_session",
+    "open_store",
+    "read_roster",
     "read_verified",
     "register_detector",
     "register_embedder",

@@ -6,11 +6,21 @@ datagram path; `SimFleet` / `fleet_layout` simulate rooms for the dashboard's te
 its benchmark and ``classroom-agent dashboard --simulate N``.
 """
 
-from agent.testkit.classroom import FaceCrop, PlacedFace, compose, cut_faces, recall
+from agent.testkit.classroom import (
+    DemoClass,
+    FaceCrop,
+    PlacedFace,
+    compose,
+    cut_faces,
+    make_demo_class,
+    photos_dir,
+    recall,
+)
 from agent.testkit.pki import make_test_pki
 from agent.testkit.simulate import GroupSpec, RoomSpec, SimFleet, SimRoom, fleet_layout
 
 __all__ = [
+    "DemoClass",
     "FaceCrop",
     "GroupSpec",
     "PlacedFace",
@@ -20,6 +30,8 @@ __all__ = [
     "compose",
     "cut_faces",
     "fleet_layout",
+    "make_demo_class",
     "make_test_pki",
+    "photos_dir",
     "recall",
 ]

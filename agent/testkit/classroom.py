@@ -140,3 +140,56 @@ def recall(
             used.add(best)
             found += 1
     return found, len(boxes) - len(used)
+
+
+# -- the demo's sensing room ----------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class DemoClass:
+    """A class for the demo: a camera video, an enrolled roster, and what is true in it."""
+
+    video: Path
+    enrolled: int
+    in_room: int  # enrolled students in the picture
+    strangers: int  # faces in the picture that are not enrolled
+
+
+def photos_dir() -> Path | None:
+    """The real face photos kept with the tests (a source checkout), or None."""
+    folder = Path(__file__).resolve().parents[2] / "tests" / "data" / "faces"
+    return folder if any(folder.glob("faceapi-sample*.jpg")) else None
+
+
+def make_demo_class(photos: Path, workdir: Path, store_dir: Path) -> DemoClass:
+    """Enrol students cut from face-api's group photos (MIT, see tests/data/faces/
+    LICENSES.md) into an encrypted store, and write a 640x360 video of the class: most of
+    them at their desks, one absent, one visitor who is not enrolled."""
+    from agent.config import SensingConfig  # noqa: PLC0415
+    from agent.sensing import (  # noqa: PLC0415
+        Enrolled,
+        Pipeline,
+        RetinaFaceDetector,
+        model_info,
+        open_store,
+    )
+
+    pipeline = Pipeline(SensingConfig())
+    full = RetinaFaceDetector(model_info("retinaface-mnet025"), detect_width=4000)
+    crops = cut_faces(sorted(photos.glob("faceapi-sample*.jpg")), full)
+    students, visitor = crops[:7], crops[7]
+    store = open_store(store_dir, create=True)
+    assert pipeline.embedder is not None
+    for i, crop in enumerate(students, start=1):
+        face = max(pipeline.detect(crop.image), key=lambda f: f.height)
+        embedding = pipeline.embedder.embed([pipeline.embedder.align(crop.image, face)])[0]
+        store.put(Enrolled(f"demo-s{i:02d}", f"Student {i}", "demo-class", True, [embedding], 0))
+    store.save()
+    seated: list[FaceCrop | None] = [*students[:-1], None, visitor]  # the last one is absent
+    frame, _ = compose(seated, width=640, height=360, face_px=(60, 70), rows=2, seed=7)
+    video = workdir / "sensing-class.avi"
+    writer = cv2.VideoWriter(str(video), cv2.VideoWriter.fourcc(*"MJPG"), 10, (640, 360))
+    for i in range(30):  # the camera's own small wobble
+        writer.write(np.roll(frame, (i % 4) - 2, axis=1))
+    writer.release()
+    return DemoClass(video, len(students), len(students) - 1, 1)
