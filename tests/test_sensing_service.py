@@ -130,6 +130,8 @@ async def test_a_lesson_with_sensing_on_sends_only_counts(
             store_dir=store_dir,
             minute_s=2.0,
         )
+        observed: list[int] = []  # part 2's analyses hook in here, in the worker thread
+        service.observers.append(lambda now, image, faces: observed.append(len(faces)))
         async with _running(publisher.run(), service.run()):
             announcement = await main.host.start_lesson("maths")
             await until_live(room2)
@@ -157,6 +159,7 @@ async def test_a_lesson_with_sensing_on_sends_only_counts(
             done = await observer.wait_for(
                 topic, lambda m: json.loads(m.payload)["kind"] == "attendance", within=30
             )
+    assert max(observed) == 3
     sensing_schema = _sensing_schema()
     jsonschema.validate(json.loads(minute.payload), sensing_schema)
     counts = json.loads(done.payload)
@@ -233,3 +236,22 @@ def test_the_composition_builds_sensing_only_when_enabled(tmp_path: Path) -> Non
     assert isinstance(built, SensingService)
     assert built.store_dir == tmp_path / "sensing"
     assert built.lesson() == "lesson-9"
+
+
+def test_sensing_only_periods_come_from_the_timetable() -> None:
+    import datetime
+
+    from pydantic import ValidationError
+
+    from agent.sensing.service import period_id
+
+    periods = ["08:00-08:45", "13:30-14:15"]
+    assert SensingConfig(periods=periods).periods == periods
+    at = datetime.datetime(2026, 12, 4, 8, 44)
+    assert period_id(periods, at) == "period-20261204-0800"
+    assert period_id(periods, at.replace(hour=8, minute=45)) is None
+    assert period_id(periods, at.replace(hour=13, minute=30)) == "period-20261204-1330"
+    with pytest.raises(ValidationError, match="write a period as HH:MM-HH:MM"):
+        SensingConfig(periods=["8am-9am"])
+    with pytest.raises(ValidationError, match="the end must be after the start"):
+        SensingConfig(periods=["09:00-08:00"])

@@ -40,7 +40,7 @@ from agent.config.profiles import (
     load_profile_file,
 )
 from agent.config.pushed import FORBIDDEN_PROFILE_KEYS, ProfilesConfig
-from agent.config.sensing import SensingConfig
+from agent.config.sensing import SensingConfig, period_minutes
 from agent.config.sources import (
     DEFAULT_SITE_FILE,
     ConfigSources,
@@ -94,6 +94,7 @@ __all__ = [
     "load_config",
     "load_profile",
     "load_profile_file",
+    "period_minutes",
     "profile_layer",
     "read_yaml_file",
 ]

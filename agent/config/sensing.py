@@ -7,14 +7,25 @@ early is a field here, with the reason for its default in its description.
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field
+from pydantic import Field, field_validator
 
 from agent.config.base import StrictModel
 
 ExecutionProvider = Literal["auto", "cpu", "openvino"]
+PERIOD_PATTERN = re.compile(r"^([01]\d|2[0-3]):([0-5]\d)-([01]\d|2[0-3]):([0-5]\d)$")
+
+
+def period_minutes(period: str) -> tuple[int, int]:
+    """'08:00-08:45' -> (480, 525): minutes after local midnight, start and end."""
+    match = PERIOD_PATTERN.match(period)
+    if match is None:
+        raise ValueError(f"{period!r} is not HH:MM-HH:MM")
+    h1, m1, h2, m2 = (int(g) for g in match.groups())
+    return h1 * 60 + m1, h2 * 60 + m2
 
 
 class SensingConfig(StrictModel):
@@ -129,6 +140,12 @@ class SensingConfig(StrictModel):
         "a child who looks down for a few seconds (people facing away for the whole window "
         "are not counted)",
     )
+    periods: list[str] = Field(
+        default_factory=list,
+        description="Local-time windows 'HH:MM-HH:MM' (the room's timetable) in which a room "
+        "with no live lesson takes attendance as a sensing-only period; empty: attendance "
+        "only during live lessons (head count is always reported)",
+    )
     roster_dir: Path | None = Field(
         default=None,
         description="Encrypted roster store (enrolled embeddings); empty: "
@@ -140,3 +157,17 @@ class SensingConfig(StrictModel):
         "'sensing-key' ($CREDENTIALS_DIRECTORY/sensing-key), else "
         "{roster_dir}/store.key created on first enrolment",
     )
+
+    @field_validator("periods")
+    @classmethod
+    def _periods(cls, periods: list[str]) -> list[str]:
+        for period in periods:
+            try:
+                start, end = period_minutes(period)
+            except ValueError:
+                raise ValueError(
+                    f"{period!r}: write a period as HH:MM-HH:MM in local time, e.g. 08:00-08:45"
+                ) from None
+            if end <= start:
+                raise ValueError(f"{period!r}: the end must be after the start (same day)")
+        return periods

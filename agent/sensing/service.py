@@ -17,6 +17,7 @@ Never names, student ids, boxes, embeddings or images.
 from __future__ import annotations
 
 import asyncio
+import datetime
 import logging
 import time
 from collections.abc import Callable
@@ -25,8 +26,9 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from agent.capture import FrameHub
-from agent.config import AgentConfig, SensingConfig
+from agent.config import AgentConfig, SensingConfig, period_minutes
 from agent.sensing.attendance import Attendance
+from agent.sensing.faces import Image
 from agent.sensing.models import ModelError
 from agent.sensing.pipeline import STAGES, FaceResult, Pipeline
 from agent.sensing.roster import RosterError, RosterStore, open_store
@@ -81,6 +83,9 @@ class SensingService:
         self._skipped = 0
         self._minute_started = 0.0
         self._lesson_id: str | None = None
+        # Further per-sample analyses (head pose, hand raising: part 2) run here, in the
+        # worker thread, on the same frame and tracked faces: (time, BGR image, faces).
+        self.observers: list[Callable[[float, Image, list[FaceResult]], None]] = []
 
     # -- health -----------------------------------------------------------------------
 
@@ -151,9 +156,7 @@ class SensingService:
                 next_due = max(next_due + period, time.monotonic())
                 now = self.clock()
                 await self._follow_lesson(now)
-                results = await loop.run_in_executor(
-                    executor, self.pipeline.frame, frame.image, now
-                )
+                results = await loop.run_in_executor(executor, self._analyse, frame.image, now)
                 self._after_sample(now, results)
                 self._skipped = subscription.stats().skipped
                 if now - self._minute_started >= self.minute_s:
@@ -165,6 +168,17 @@ class SensingService:
             executor.shutdown(wait=True, cancel_futures=True)
             if self.state != "failed":
                 self.state = "stopped"
+
+    def _analyse(self, image: Image, now: float) -> list[FaceResult]:
+        """One sample, in the worker thread: the pipeline, then every observer."""
+        assert self.pipeline is not None
+        results = self.pipeline.frame(image, now)
+        for observer in self.observers:
+            try:
+                observer(now, image, results)
+            except Exception:  # one analysis failing must not stop attendance
+                log.exception("sensing observer %r failed", observer)
+        return results
 
     def _after_sample(self, now: float, results: list[FaceResult]) -> None:
         assert self.pipeline is not None
@@ -236,6 +250,16 @@ class SensingService:
                 await self._send(body)
 
 
+def period_id(periods: list[str], now: datetime.datetime) -> str | None:
+    """The sensing-only period ``now`` falls in, as an id ('period-20261204-0800'), or None."""
+    minute = now.hour * 60 + now.minute
+    for period in periods:
+        start, end = period_minutes(period)
+        if start <= minute < end:
+            return f"period-{now:%Y%m%d}-{start // 60:02d}{start % 60:02d}"
+    return None
+
+
 def sensing_service(
     config: AgentConfig,
     video: FrameHub,
@@ -250,7 +274,9 @@ def sensing_service(
 
     def lesson() -> str | None:
         live = live_lesson()
-        return None if live is None else live[0]
+        if live is not None:
+            return live[0]
+        return period_id(sensing.periods, datetime.datetime.now())
 
     return SensingService(
         sensing,
