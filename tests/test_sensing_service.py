@@ -255,3 +255,27 @@ def test_sensing_only_periods_come_from_the_timetable() -> None:
         SensingConfig(periods=["8am-9am"])
     with pytest.raises(ValidationError, match="the end must be after the start"):
         SensingConfig(periods=["09:00-08:00"])
+
+
+def test_a_roster_enrolled_while_running_is_taken_at_the_next_lesson(tmp_path: Path) -> None:
+    video = FrameHub(open_video_source(SMALL.video), SMALL)
+    service = SensingService(
+        SensingConfig(enabled=True),
+        video,
+        None,  # type: ignore[arg-type]  (nothing is published here)
+        "edu/s/r/sensing",
+        device="s.r",
+        lesson=lambda: None,
+        store_dir=tmp_path / "store",
+    )
+    service.pipeline = service._load()
+    assert service.pipeline.embedder is None  # no roster yet: head count only
+    service._refresh_roster()
+    assert service.pipeline.gallery is None
+    store = open_store(tmp_path / "store", create=True)
+    store.put(Enrolled("s-a", "A", "g", True, [np.zeros(128, np.float32)], 0.0))
+    store.save()
+    service._refresh_roster()
+    assert service.pipeline.embedder is not None
+    assert service.pipeline.gallery is not None
+    assert service.pipeline.gallery.students == {"s-a"}

@@ -134,6 +134,17 @@ class Pipeline:
         )
         self.times = StageTimes()
 
+    def use_gallery(self, gallery: Gallery) -> None:
+        """A new roster (between lessons): load the embedder if sensing ran without one."""
+        if self.embedder is None:
+            self.embedder = make_embedder(
+                self.config.embedder,
+                model_info(self.config.embedder, self.config.models_dir),
+                threads=self.config.threads,
+                provider=self.config.execution_provider,
+            )
+        self.gallery = gallery
+
     def models(self) -> list[dict[str, Any]]:
         out = [self.detector.info.to_dict()]  # type: ignore[attr-defined]
         if self.embedder is not None:

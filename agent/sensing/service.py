@@ -30,8 +30,8 @@ from agent.config import AgentConfig, SensingConfig, period_minutes
 from agent.sensing.attendance import Attendance
 from agent.sensing.faces import Image
 from agent.sensing.models import ModelError
-from agent.sensing.pipeline import STAGES, FaceResult, Pipeline
-from agent.sensing.roster import RosterError, RosterStore, open_store
+from agent.sensing.pipeline import STAGES, FaceResult, Gallery, Pipeline
+from agent.sensing.roster import STORE_FILE, RosterError, RosterStore, open_store
 
 log = logging.getLogger(__name__)
 
@@ -83,6 +83,8 @@ class SensingService:
         self._skipped = 0
         self._minute_started = 0.0
         self._lesson_id: str | None = None
+        self._executor: ThreadPoolExecutor | None = None
+        self._stamp: float | None = None
         # Further per-sample analyses (head pose, hand raising: part 2) run here, in the
         # worker thread, on the same frame and tracked faces: (time, BGR image, faces).
         self.observers: list[Callable[[float, Image, list[FaceResult]], None]] = []
@@ -114,21 +116,46 @@ class SensingService:
 
     # -- running ----------------------------------------------------------------------
 
-    def _load(self) -> Pipeline:
-        gallery = None
+    def _store_stamp(self) -> float | None:
+        try:
+            return (self.store_dir / STORE_FILE).stat().st_mtime
+        except OSError:
+            return None
+
+    def _open_store(self) -> Gallery | None:
+        self._stamp = self._store_stamp()
         try:
             self.store = open_store(self.store_dir, key_file=self.config.key_file)
-            gallery = self.store.gallery(self.config.match_distance)
         except RosterError as exc:
             # No roster: head count only. A store that exists but cannot be opened is
             # worth saying loudly; a room that never enrolled anyone is not.
-            level = logging.WARNING if (self.store_dir / "roster.enc").exists() else logging.INFO
+            self.store = None
+            level = logging.WARNING if self._stamp is not None else logging.INFO
             log.log(level, "sensing without a roster (head count only): %s", exc)
+            return None
+        return self.store.gallery(self.config.match_distance)
+
+    def _load(self) -> Pipeline:
+        gallery = self._open_store()
         return Pipeline(self.config, gallery=gallery, identify=gallery is not None)
+
+    def _refresh_roster(self) -> None:
+        """At a lesson's start: take a roster enrolled (or changed) since the last one."""
+        if self.pipeline is None or self._store_stamp() == self._stamp:
+            return
+        gallery = self._open_store()
+        if gallery is None:
+            return
+        try:
+            self.pipeline.use_gallery(gallery)
+        except ModelError as exc:
+            log.error("sensing: cannot identify students (%s); head count only", exc)
+            return
+        log.info("sensing: roster reloaded, %d students", len(gallery.students))
 
     async def run(self) -> None:
         loop = asyncio.get_running_loop()
-        executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="sensing")
+        executor = self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="sensing")
         subscription = None
         try:
             self.state, self.reason = "loading", ""
@@ -199,6 +226,8 @@ class SensingService:
             return
         await self._end_lesson(now)
         self._lesson_id = lesson
+        if lesson is not None and self._executor is not None:
+            await asyncio.get_running_loop().run_in_executor(self._executor, self._refresh_roster)
         self._open(PERIOD_ID if lesson is None else lesson, now)
 
     def _open(self, lesson_id: str, now: float) -> None:
@@ -234,7 +263,9 @@ class SensingService:
             return
         record = attendance.finish(now)
         if self.store is not None and attendance.enrolled:
-            path = self.store.seal_record(f"{attendance.lesson_id}", record)
+            path = await asyncio.to_thread(  # a synchronous, fsynced write
+                self.store.seal_record, attendance.lesson_id, record
+            )
             log.info("sensing: lesson %s attendance sealed in %s", attendance.lesson_id, path)
         counts = {
             "kind": "attendance",
