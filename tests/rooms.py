@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -27,7 +27,8 @@ from agent.config.models import (
 )
 from agent.panel import PanelServer
 from agent.stream import EncoderSettings, JoinState, ProbeSink, StreamService
-from agent.stream.sinks import FanOutSink, LatestFrames
+from agent.stream.playback import AudioPlayback
+from agent.stream.sinks import FanOutSink, FrameObserver, LatestFrames
 from agent.sync import MqttLink
 from tests.brokers import BrokerUnderTest, eventually, running
 
@@ -89,8 +90,14 @@ async def room(
     keyframe_interval_s: float = 2.0,
     hubs: tuple[FrameHub, AudioHub] | None = None,
     receivers: tuple[str, ...] = (ROOM2, ROOM3),
+    playback: AudioPlayback | None = None,
+    observers: Sequence[FrameObserver] = (),
 ) -> AsyncIterator[Room]:
-    """One classroom's agent (link + hubs + stream service [+ panel]), stopped on exit."""
+    """One classroom's agent (link + hubs + stream service [+ panel]), stopped on exit.
+
+    ``playback``: its loudspeakers (the stream service runs it and wires it to the
+    microphone's echo canceller, as in the daemon); ``observers``: more consumers of
+    the media it receives."""
     role = LessonRole.MAIN if main else LessonRole.RECEIVING
     link = MqttLink(
         broker.broker_config(None),
@@ -112,8 +119,9 @@ async def room(
         audio,
         config,
         host_addresses=["127.0.0.1"],
-        sink=FanOutSink([probe, board]),
+        sink=FanOutSink([probe, board, *observers, *([playback] if playback else [])]),
         encoder_settings=EncoderSettings(bitrate_kbps=400, keyframe_interval_s=keyframe_interval_s),
+        playback=playback,
     )
     server = None
     if panel:

@@ -77,28 +77,47 @@ def _power(signal: NDArray[Any]) -> float:
 
 
 class _Timeline:
-    """Back-to-back sample times from jittery per-block stamps: blocks are placed one
-    after the other, a pause or a jump (more than 100 ms off) starts anew, and a
-    disagreement that persists past 5 ms (one clock drifting against the other) moves
-    the timeline by that much at once."""
+    """Back-to-back sample times from per-block stamps.
 
-    def __init__(self) -> None:
+    Blocks are placed one after the other. A stamp far off the timeline (100 ms) starts
+    a new one, except a late one when ``late_is_jitter``: a microphone read that returns
+    late (the reader thread was held up) still delivers the audio the sound card
+    buffered, so only the earliest stamp of the last second tells where the timeline
+    is. A disagreement that persists past 5 ms (one clock drifting against the other)
+    moves the timeline by that much at once.
+    """
+
+    def __init__(self, *, late_is_jitter: bool = False) -> None:
         self._next: float | None = None
+        self._late_is_jitter = late_is_jitter
+        self._errors: deque[float] = deque(maxlen=50)
         self._error = 0.0
         self.steps = 0
 
     def place(self, stamp_ns: int, frames: int, rate: int) -> float:
         """The start time (ns) of a block whose stamp says it starts at ``stamp_ns``."""
         duration = frames * 1e9 / rate
-        if self._next is None or abs(stamp_ns - self._next) > _JUMP_NS:
-            start, self._error = float(stamp_ns), 0.0
+        error = 0.0 if self._next is None else stamp_ns - self._next
+        far_off = abs(error) > _JUMP_NS and not (self._late_is_jitter and error > 0)
+        if self._next is None or far_off:
+            start = float(stamp_ns)
+            self._errors.clear()
+            self._error = 0.0
         else:
-            self._error = 0.9 * self._error + 0.1 * (stamp_ns - self._next)
             start = self._next
-            if abs(self._error) > _STEP_NS:
-                start += self._error
-                self._error = 0.0
-                self.steps += 1
+            if self._late_is_jitter:
+                self._errors.append(error)
+                drift = min(self._errors)  # lateness is one-sided: the earliest is right
+                if len(self._errors) == self._errors.maxlen and abs(drift) > _STEP_NS:
+                    start += drift
+                    self._errors.clear()
+                    self.steps += 1
+            else:
+                self._error = 0.9 * self._error + 0.1 * error
+                if abs(self._error) > _STEP_NS:
+                    start += self._error
+                    self._error = 0.0
+                    self.steps += 1
         self._next = start + duration
         return start
 
@@ -337,7 +356,7 @@ class AudioProcessor:
         self._engine: _Engine | None = None
         self._format: AudioFormat | None = None
         self._estimator: _DelayEstimator | None = None
-        self._timeline = _Timeline()
+        self._timeline = _Timeline(late_is_jitter=True)
         self._shift_ns = 0.0  # reference read this much earlier than its stamps say
         self._delay_ms: float | None = None
         self._confidence: float | None = None

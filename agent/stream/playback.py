@@ -239,6 +239,7 @@ class WavFileOutput(AudioOutput):
         self._wav: wave.Wave_write | None = None
         self._t0 = 0.0
         self._written = 0  # frames since _t0
+        self._base = 0  # frames in the file when the timeline (re)started
         self.frames_written = 0
         self.gap_frames = 0  # silence written for pauses
 
@@ -262,6 +263,7 @@ class WavFileOutput(AudioOutput):
         self._raw = raw
         self._interrupt.clear()
         self._t0, self._written = time.monotonic(), 0
+        self._base = 0
         log.info("playing the lesson's sound into %s (%s)", self.path, self._format)
         return self._format
 
@@ -274,6 +276,7 @@ class WavFileOutput(AudioOutput):
         late_s = now - (self._t0 + self._written / rate)
         if late_s > self._max_gap_s:
             self._t0, self._written = now, 0  # a long pause: start a new timeline
+            self._base = self.frames_written
         elif late_s > 0:
             gap = round(late_s * rate)
             self._frames(np.zeros((gap, self._format.channels), np.int16))
@@ -293,6 +296,13 @@ class WavFileOutput(AudioOutput):
             ) from exc
         self._written += int(samples.shape[0])
         self.frames_written += int(samples.shape[0])
+
+    def frame_heard_at(self, monotonic_s: float) -> int | None:
+        """The file's frame that plays at ``monotonic_s`` on its timeline (None before
+        the file is open): what a microphone next to this "loudspeaker" hears."""
+        if self._wav is None:
+            return None
+        return self._base + round((monotonic_s - self._t0) * self._format.sample_rate)
 
     def heard_at_ns(self, frames: int, rate: int) -> int:
         # The file's own timeline: where these frames sit in it is when they are heard.

@@ -16,6 +16,7 @@ import subprocess
 import threading
 import time
 import wave
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -329,14 +330,16 @@ class LoudspeakerEcho(AudioSource):
     :attr:`talking` is set, and white noise. Used to loop a room's sound back into its
     own microphone in the live-lesson and self-test tests.
 
-    The file is written ``buffer_ms`` ahead of what it plays; the reader keeps that far
-    (and two frames more) behind its end, so what it hears is what the file's timeline
-    has just played.
+    The file is written ahead of what it plays; ``clock`` (the output's
+    ``frame_heard_at``) says which of its frames plays at a given moment, so each read
+    returns the 20 ms just played; a reader thread held up (a busy test machine) gets
+    the buffered frames back to back, as from a sound card.
     """
 
     def __init__(
         self,
         speaker: Path,
+        clock: Callable[[float], int | None],
         *,
         rate: int = 48_000,
         frame_ms: int = 20,
@@ -344,7 +347,6 @@ class LoudspeakerEcho(AudioSource):
         echo_db: float = -6.0,
         noise_dbfs: float = -60.0,
         talker: Signal | None = None,
-        buffer_ms: float = 60.0,
     ) -> None:
         self._path = speaker
         self._rate = rate
@@ -352,9 +354,7 @@ class LoudspeakerEcho(AudioSource):
         self._period_s = frame_ms / 1000
         self._due = 0.0
         self._interrupt = threading.Event()
-        # The file's end runs buffer_ms to buffer_ms + one period ahead of what is heard,
-        # and a frame read now holds the period that has just been heard.
-        self._behind = round(rate * (buffer_ms + 2 * frame_ms) / 1000)
+        self._clock = clock
         response = room_response(rate, delay_ms=delay_ms) * np.float32(10 ** (echo_db / 20))
         self._size = 1 << (len(response) + self._n - 1).bit_length()
         self._spectrum = np.fft.rfft(response, self._size)
@@ -363,7 +363,6 @@ class LoudspeakerEcho(AudioSource):
         self._talker_at = 0
         self._noise = 10 ** (noise_dbfs / 20)
         self._rng = np.random.default_rng(11)
-        self._position: int | None = None
         self._channels = 0
         self.talking = threading.Event()
         self.heard_frames = 0  # frames of loudspeaker sound read so far
@@ -377,18 +376,24 @@ class LoudspeakerEcho(AudioSource):
         self._interrupt.clear()
         return AudioFormat(self._rate, 1, self._n)
 
-    def _pace(self) -> None:
-        """Return when the next frame is due, like a sound card; catch up after a stall."""
+    def _pace(self) -> float:
+        """Wait until the next frame is complete, like a sound card, and return when it
+        ended. A reader held up gets what the "card" buffered, back to back; held up
+        past 0.5 s, the card overran and that sound is lost."""
         self._due += self._period_s
         wait = self._due - time.monotonic()
         if wait > 0:
             self._interrupt.wait(wait)
-        elif wait < -0.2:
+        elif wait < -0.5:
             self._due = time.monotonic()
+        return self._due
 
-    def _speaker(self) -> NDArray[np.float64]:
-        """The next frame the loudspeaker plays (silence before it starts)."""
+    def _speaker(self, ended: float) -> NDArray[np.float64]:
+        """The frame the loudspeaker played until ``ended`` (silence before it starts)."""
         n = self._n
+        end = self._clock(ended)
+        if end is None or end <= 0:
+            return np.zeros(n)
         try:
             size = self._path.stat().st_size
         except OSError:
@@ -400,22 +405,18 @@ class LoudspeakerEcho(AudioSource):
                 f.seek(22)
                 self._channels = int.from_bytes(f.read(2), "little") or 1
             frame_bytes = 2 * self._channels
-            available = (size - 44) // frame_bytes
-            if self._position is None or available - self._position > 4 * self._behind:
-                self._position = max(0, available - self._behind)  # start, or catch up
-            f.seek(44 + self._position * frame_bytes)
-            data = f.read(n * frame_bytes)
+            start = max(0, end - n)
+            f.seek(44 + start * frame_bytes)
+            data = f.read((end - start) * frame_bytes)
         got = len(data) // frame_bytes
         pcm = np.frombuffer(data[: got * frame_bytes], "<i2").reshape(-1, self._channels)
         out = np.zeros(n)
-        out[:got] = pcm.mean(axis=1) / 32768.0
-        self._position += got
+        out[n - (end - start) : n - (end - start) + got] = pcm.mean(axis=1) / 32768.0
         self.heard_frames += got
         return out
 
     def read(self) -> NDArray[np.int16]:
-        self._pace()
-        frame = self._speaker()
+        frame = self._speaker(self._pace())
         wet = np.fft.irfft(np.fft.rfft(frame, self._size) * self._spectrum, self._size)
         self._tail += wet
         echo = self._tail[: self._n].copy()
@@ -429,7 +430,7 @@ class LoudspeakerEcho(AudioSource):
         return to_int16(mic.astype(np.float32))[:, None]
 
     def close(self) -> None:
-        self._position = None
+        pass
 
     def interrupt(self) -> None:
         self._interrupt.set()
