@@ -22,6 +22,10 @@ For each library, with echo cancellation alone (plus its high-pass filter):
 * CPU: process CPU time (all threads: livekit runs its own) per 10 ms frame with every
   stage on (AEC, NS, HPF, AGC) as the daemon runs it, in % of one core.
 
+The last row is the daemon's own stage (``agent.capture.AudioProcessor``: the engine
+plus the reference's timeline, the delay search and the health figures), fed 20 ms
+chunks with jittered stamps as the playback thread and the microphone hub make them.
+
 Then ERLE against the bulk delay, to show what range each canceller handles unaided.
 The machine is shared: CPU figures are noisy, compare within one run.
 """
@@ -43,6 +47,8 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))  # a script in a checkout: the package may not be installed
 
+from agent.capture import AudioFormat, AudioProcessor, FarEndReference  # noqa: E402
+from agent.config import AudioProcessingConfig  # noqa: E402
 from agent.testkit.acoustics import (  # noqa: E402
     FAR_TEXT,
     NEAR_TEXT,
@@ -161,6 +167,10 @@ def measure(key: str, scene: Scene) -> Result:
     label, factory = LIBRARIES[key]
     out, _ = run(factory(False), scene)
     _, cpu = run(factory(True), scene)
+    return _result(label, scene, out, cpu)
+
+
+def _result(label: str, scene: Scene, out: NDArray[np.float32], cpu: float) -> Result:
     near = scene.span("near_alone")
     lag = lag_samples(scene.mic[near], out[near], max_lag=RATE // 10)
     return Result(
@@ -174,6 +184,45 @@ def measure(key: str, scene: Scene) -> Result:
         latency_ms=1000 * lag / RATE,
         cpu_percent=100 * cpu / 0.010,
     )
+
+
+def run_agent_stage(
+    scene: Scene, config: AudioProcessingConfig
+) -> tuple[NDArray[np.float32], float]:
+    """The scene through the daemon's own stage (`AudioProcessor`: the engine plus the
+    reference's timeline, the delay search and the health figures), 20 ms chunks with
+    stamps as the playback thread and the microphone hub make them (jittered)."""
+    chunk = 2 * FRAME
+    reference = FarEndReference(RATE)
+    stage = AudioProcessor(config, reference)
+    fmt = AudioFormat(RATE, 1, chunk)
+    mic, far = to_int16(scene.mic), to_int16(scene.far)
+    out = np.zeros_like(mic)
+    rng = np.random.default_rng(3)
+    t0 = time.monotonic_ns() + 1_000_000_000
+    lead, period = 30, 20_000_000
+    cpu = 0.0
+    for k in range(-lead, len(mic) // chunk):
+        j = k + lead
+        block = far[j * chunk : (j + 1) * chunk]
+        if len(block) < chunk:
+            block = np.zeros(chunk, np.int16)
+        stamp = t0 + j * period + round(rng.uniform(-3e6, 3e6))
+        started = time.process_time()
+        reference.push(block[:, None], RATE, stamp)
+        if k >= 0:
+            part = slice(k * chunk, (k + 1) * chunk)
+            read_at = t0 + (k + 1) * period + round(rng.uniform(0, 4e6))
+            out[part] = stage.process(mic[part][:, None], read_at, fmt)[:, 0]
+        cpu += time.process_time() - started
+    return to_float(out), cpu / (len(mic) // FRAME)
+
+
+def measure_agent_stage(scene: Scene) -> Result:
+    aec_only = AudioProcessingConfig(mode="on", noise_suppression=False, auto_gain_control=False)
+    out, _ = run_agent_stage(scene, aec_only)
+    _, cpu = run_agent_stage(scene, AudioProcessingConfig(mode="on"))
+    return _result("agent stage (pywebrtc-audio)", scene, out, cpu)
 
 
 def _s(value: float | None) -> str:
@@ -238,7 +287,10 @@ def main() -> None:
         f"{scene.change_s:.0f} s, mic clock +100 ppm, 48 kHz mono, 10 ms frames "
         "(shared machine: CPU figures are noisy)\n"
     )
-    print_table([measure(key, scene) for key in keys])
+    results = [measure(key, scene) for key in keys]
+    if "pywebrtc" in keys:
+        results.append(measure_agent_stage(scene))
+    print_table(results)
     if not args.quick:
         delays = [float(d) for d in args.delays.split(",")]
         delay_sweep(keys, delays, speech(FAR_TEXT), speech(NEAR_TEXT, voice="en-gb+f3", wpm=165))
