@@ -1,12 +1,13 @@
 """Speech Opus and RED (agent/stream/voice.py): the payload format, the decoder's
-repair, and real aiortc peers negotiating it (or declining it, as a browser offering
-plain Opus first does)."""
+repair, real aiortc peers negotiating it (or declining it, as a browser offering plain
+Opus first does), and Debian's Chromium getting plain speech Opus and decoding it."""
 
 from __future__ import annotations
 
 import asyncio
 import fractions
 import itertools
+import time
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -29,6 +30,7 @@ from agent.stream.voice import (
     RedPacker,
     VoiceEncoder,
     VoiceSettings,
+    decline_red,
     pack_red,
     parse_red,
     sent_audio_codec,
@@ -148,6 +150,26 @@ def test_sent_audio_codec_reads_the_answer() -> None:
     assert sent_audio_codec(sdp) == "opus"
     assert sent_audio_codec(sdp, ["red", "opus"]) == "red"
     assert sent_audio_codec("v=0\r\nm=video 9 RTP 97\r\n") is None
+
+
+def test_red_is_declined_unless_it_is_ours() -> None:
+    ours = (
+        "v=0\r\nm=audio 9 UDP/TLS/RTP/SAVPF 63 96\r\na=rtpmap:63 red/48000/2\r\n"
+        "a=fmtp:63 96/96\r\na=rtpmap:96 opus/48000/2\r\nm=video 9 RTP 97\r\n"
+    )
+    assert decline_red(ours, accept=True) == ours
+    declined = decline_red(ours, accept=False)
+    assert "m=audio 9 UDP/TLS/RTP/SAVPF 96\r\n" in declined
+    assert "red" not in declined
+    assert "a=fmtp:63" not in declined
+    assert declined.endswith("m=video 9 RTP 97\r\n")
+    browser = (
+        "v=0\r\nm=audio 9 UDP/TLS/RTP/SAVPF 63 111\r\na=rtpmap:63 red/48000/2\r\n"
+        "a=fmtp:63 111/111\r\na=rtpmap:111 opus/48000/2\r\na=rtcp-fb:111 transport-cc\r\n"
+    )
+    assert sent_audio_codec(decline_red(browser, accept=True)) == "opus"
+    plain = "v=0\r\nm=audio 9 RTP 96\r\na=rtpmap:96 opus/48000/2\r\n"
+    assert decline_red(plain, accept=True) == plain
 
 
 # -- real peers ---------------------------------------------------------------------------------
@@ -278,3 +300,87 @@ async def test_baseline_rooms_offer_no_red() -> None:
         await session.close()
     assert "red/48000" not in offer
     assert "opus/48000" in offer
+
+
+# -- Chromium ----------------------------------------------------------------------------------
+
+CHROMIUM_LISTENS = """async (redFirst) => {
+  const pc = new RTCPeerConnection();
+  window.pc = pc;
+  pc.ontrack = (event) => {  // played, so Chromium decodes what arrives
+    const element = new Audio();
+    element.srcObject = new MediaStream([event.track]);
+    element.play();
+    window.player = element;
+  };
+  const audio = pc.addTransceiver('audio', {direction: 'recvonly'});
+  if (redFirst) {
+    const codecs = RTCRtpReceiver.getCapabilities('audio').codecs;
+    audio.setCodecPreferences([
+      ...codecs.filter((c) => c.mimeType.toLowerCase() === 'audio/red'),
+      ...codecs.filter((c) => c.mimeType.toLowerCase() !== 'audio/red'),
+    ]);
+  }
+  await pc.setLocalDescription(await pc.createOffer());
+  await new Promise((done) => {
+    if (pc.iceGatheringState === 'complete') return done();
+    pc.addEventListener('icegatheringstatechange', () => {
+      if (pc.iceGatheringState === 'complete') done();
+    });
+  });
+  return pc.localDescription.sdp;
+}"""
+
+CHROMIUM_HEARS = """async () => {
+  const stats = await window.pc.getStats();
+  let heard = null;
+  stats.forEach((s) => {
+    if (s.type === 'inbound-rtp' && s.kind === 'audio' && s.packetsReceived > 50) {
+      const codec = stats.get(s.codecId);
+      heard = {packets: s.packetsReceived, samples: s.totalSamplesReceived,
+               codec: codec ? codec.mimeType : null};
+    }
+  });
+  return heard;
+}"""
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("red_first", [False, True], ids=["chromium-offer", "red-first"])
+async def test_chromium_gets_plain_opus_and_plays_it(red_first: bool) -> None:
+    """Chromium offers Opus before RED: the main room sends it plain speech Opus, which
+    it decodes. A page that puts RED first is declined too (our RED blocks name aiortc's
+    Opus payload type, not the browser's): RED is for our rooms only."""
+    from tests.browsers import CHROMIUM, chromium
+
+    if not CHROMIUM.exists():
+        pytest.skip("Debian's chromium is not installed at /usr/bin/chromium")
+    hub = AudioHub(open_audio_source(SMALL.audio), SMALL)
+    hub_task = asyncio.create_task(hub.run(), name="test-audio-hub")
+    main = PeerSession("viewer", "lesson-1", ICE, None)
+    try:
+        async with chromium() as browser:
+            page = await browser.new_page()
+            await page.goto("about:blank")
+            offer = await page.evaluate(CHROMIUM_LISTENS, red_first)
+            assert "red/48000" in offer
+            answer = await main.make_answer(offer, None, hub)
+            assert main.audio_codec == "opus"
+            assert "red/48000" not in answer.split("m=audio", 1)[1]
+            await page.evaluate(
+                "(sdp) => window.pc.setRemoteDescription({type: 'answer', sdp: sdp})", answer
+            )
+            heard: dict[str, Any] | None = None
+            deadline = time.monotonic() + 30
+            while heard is None and time.monotonic() < deadline:
+                heard = await page.evaluate(CHROMIUM_HEARS)
+                if heard is None:
+                    await asyncio.sleep(0.1)
+            await page.evaluate("window.pc.close()")
+    finally:
+        await main.close()
+        hub_task.cancel()
+        await asyncio.gather(hub_task, return_exceptions=True)
+    assert heard is not None, "Chromium received no audio"
+    assert heard["codec"] == "audio/opus"
+    assert heard["samples"] > 0  # decoded, not only received

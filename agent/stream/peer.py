@@ -44,7 +44,7 @@ from agent.stream.stats import (
     remote_loss_percent,
     snapshot,
 )
-from agent.stream.voice import LinkTuning, audio_preferences, sent_audio_codec
+from agent.stream.voice import LinkTuning, audio_preferences, decline_red, sent_audio_codec
 from agent.stream.voice import install as install_voice
 
 log = logging.getLogger(__name__)
@@ -340,6 +340,7 @@ class PeerSession:
     ) -> str:
         """Apply a remote offer and return the complete answer SDP (raises ValueError and
         aiortc's errors for an offer we cannot use)."""
+        offer_sdp = decline_red(offer_sdp, accept=self.tuning.voice.red)
         await self.pc.setRemoteDescription(RTCSessionDescription(sdp=offer_sdp, type="offer"))
         self._tune_audio()
         for transceiver in self.pc.getTransceivers():

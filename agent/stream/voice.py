@@ -347,3 +347,53 @@ def sent_audio_codec(sdp: str, preferred: Sequence[str] | None = None) -> str | 
         if name in names:
             return name
     return names[0]
+
+
+def decline_red(offer_sdp: str, *, accept: bool) -> str:
+    """The offer with ``audio/red`` removed from its audio section unless we ``accept``
+    it and it is RED as our rooms offer it (over Opus at aiortc's payload type 96, which
+    our RED blocks name). aiortc answers in the offer's order and sends the first codec,
+    so a browser that put RED first would otherwise get RED blocks naming a payload type
+    it does not use; it gets plain Opus instead. Offers without RED are returned as is."""
+    lines = offer_sdp.split("\r\n") if "\r\n" in offer_sdp else offer_sdp.split("\n")
+    sep = "\r\n" if "\r\n" in offer_sdp else "\n"
+    start = next((i for i, line in enumerate(lines) if line.startswith("m=audio")), None)
+    if start is None:
+        return offer_sdp
+    end = next((i for i in range(start + 1, len(lines)) if lines[i].startswith("m=")), len(lines))
+    section = lines[start:end]
+    rtpmap = {}
+    fmtp = {}
+    for line in section:
+        if line.startswith("a=rtpmap:"):
+            pt, _, encoding = line[len("a=rtpmap:") :].partition(" ")
+            rtpmap[pt] = encoding.split("/")[0].lower()
+        elif line.startswith("a=fmtp:"):
+            pt, _, params = line[len("a=fmtp:") :].partition(" ")
+            fmtp[pt] = params.strip()
+    reds = [pt for pt, name in rtpmap.items() if name == "red"]
+    if not reds:
+        return offer_sdp
+    opus = str(OPUS_PAYLOAD_TYPE)
+    ours = f"{opus}/{opus}"
+    drop = {
+        pt
+        for pt in reds
+        if not accept
+        or rtpmap.get(opus) != "opus"
+        or fmtp.get(pt, "").split("/")[:2] != ours.split("/")
+    }
+    if not drop:
+        return offer_sdp
+    head = section[0].split(" ")
+    kept = [*head[:3], *(f for f in head[3:] if f not in drop)]
+    body = [
+        line
+        for line in section[1:]
+        if not any(
+            line.startswith(f"a={attr}:{pt} ") or line == f"a={attr}:{pt}"
+            for pt in drop
+            for attr in ("rtpmap", "fmtp", "rtcp-fb")
+        )
+    ]
+    return sep.join([*lines[:start], " ".join(kept), *body, *lines[end:]])
