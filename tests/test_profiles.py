@@ -452,12 +452,15 @@ async def test_a_device_offline_during_the_push_applies_it_and_boots_on_it_witho
     async with admin_watching(mosquitto) as observer:
         await daemon.start()  # the same room again, with its broker
         await answered(observer, DEVICE_1, room, "applied", version=1)
-        it.cli("clear", room)
-        await answered(observer, DEVICE_1, room, "cleared")
+        it.cli("clear", room, "--key", str(it.dir / f"{it.keys[0].key_id}.key"), "--version", "2")
+        await answered(observer, DEVICE_1, room, "cleared", version=2)
         topic = f"{mosquitto.prefix}/school1/room1/config/reported"
         last = await observer.wait_for(
-            topic, lambda m: m.json()["effective"] == {"school:school1": 3}
+            topic, lambda m: m.json()["effective"] == {"school:school1": 3, room: 2}
         )
+        # An unsigned empty message (anyone who can publish) clears nothing.
+        await observer.publish(it.topic("school:school1"), b"", retain=True)
+        await daemon.wait_log("ignored an unsigned empty message")
         assert last is not None
 
 

@@ -56,6 +56,7 @@ from agent.sync import (
 
 EXIT_OK, EXIT_FAILURE, EXIT_REFUSED = 0, 1, 2
 BROKER_WAIT_S = 10.0
+CLEARED_PAYLOAD = b"{}\n"  # a profile that sets nothing
 STATUS_SETTLE_S = 0.6  # retained messages arrive right after subscribing; then quiet
 
 
@@ -516,8 +517,19 @@ def cmd_push(args: argparse.Namespace) -> int:
 
 
 def cmd_clear(args: argparse.Namespace) -> int:
+    """A signed empty profile: the layer then sets nothing, and the rooms fall back to
+    their other layers (an unsigned empty message would let anyone clear a layer)."""
     try:
         scope = Scope.parse(args.scope)
+        keys = [load_private_key(args.key)]
+        envelope = sign(
+            CLEARED_PAYLOAD,
+            payload_type="config",
+            scope=scope,
+            version=args.version,
+            keys=keys,
+            expires_in=args.expires,
+        )
     except ValueError as exc:
         return _fail(str(exc))
     fleet = FleetTopics(args.prefix)
@@ -525,8 +537,11 @@ def cmd_clear(args: argparse.Namespace) -> int:
     async def work(link: MqttLink) -> int:
         for layer in scope.layers():
             topic = fleet.config_desired_for(layer)
-            await link.publish(topic, b"", qos=1, retain=True)
-            print(f"cleared {topic}: devices fall back to their other layers")
+            await link.publish(topic, envelope.raw, qos=1, retain=True)
+            print(
+                f"cleared {layer} with a signed empty profile v{envelope.version} on {topic}: "
+                "devices fall back to their other layers"
+            )
         return EXIT_OK
 
     return _run(args, work)
@@ -651,6 +666,16 @@ def add_profile_parser(sub: Any) -> None:
 
     clear = cmds.add_parser("clear", help="remove a scope's profile (devices fall back)")
     clear.add_argument("scope")
+    clear.add_argument("--key", type=Path, required=True, help="private key file")
+    clear.add_argument(
+        "--version", type=int, required=True, help="higher than the scope's current version"
+    )
+    clear.add_argument(
+        "--expires",
+        type=_duration,
+        default=_duration("365d"),
+        help="how long the clearing holds (default 365d)",
+    )
     add_broker_client_options(clear, default_url=None, user_help="an IT (admin) user")
     clear.set_defaults(func=cmd_clear)
 

@@ -215,10 +215,9 @@ class ProfileManager:
             return  # a retained message delivered again (reconnect, resubscribe)
         self._last[layer] = payload
         if not payload:
-            if layer in self.book.applied or (
-                self._deferred is not None and self._deferred.layer == layer
-            ):
-                await self._apply(layer, None)
+            # Anyone who can publish can send an empty retained message: it clears nothing.
+            # IT clears a layer with a signed empty profile (`profile clear`).
+            log.warning("ignored an unsigned empty message on %s (use 'profile clear')", topic)
             return
         try:
             envelope = self.book.verify(layer, payload)
@@ -282,7 +281,8 @@ class ProfileManager:
         what = envelope.describe() if envelope else f"removal of the {layer} profile"
         try:
             layers = self._candidate_layers(layer, envelope)
-            candidate = self.target.load_with(layers)
+            # Reading the site files and validating is pydantic and YAML work: off the loop.
+            candidate = await asyncio.to_thread(self.target.load_with, layers)
         except ConfigError as exc:
             if envelope is not None:
                 self.book.seen(layer, envelope.version)  # signed, and wrong: never again
@@ -315,9 +315,12 @@ class ProfileManager:
         self.book.commit(layer, envelope)
         self.target.set_pushed(pushed_layers(self.book))
         self.applied_count += 1
-        if envelope is None:
-            self._report(layer, None, LayerState.CLEARED, "IT removed this layer's profile")
-            self.book.history(layer, LayerState.CLEARED, None, "removed by IT")
+        if envelope is not None and not envelope.payload.strip(b"{} \n"):
+            self._report(layer, envelope, LayerState.CLEARED, "IT cleared this layer's profile")
+            self.book.history(layer, LayerState.CLEARED, envelope.version, "cleared by IT")
+        elif envelope is None:
+            self._report(layer, None, LayerState.CLEARED, "this layer's profile was removed")
+            self.book.history(layer, LayerState.CLEARED, None, "removed")
         else:
             self._report(layer, envelope, LayerState.APPLIED, "")
             self.book.history(

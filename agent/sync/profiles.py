@@ -137,6 +137,7 @@ class ProfileBook:
             with contextlib.suppress(KeyError, ValueError, TypeError):
                 self.reports[layer] = LayerReport.from_dict(data)
         self.applied: dict[str, Envelope] = {}
+        self._history_lines = len(self.read_history())
 
     # -- the layers ----------------------------------------------------------------------------
 
@@ -247,10 +248,11 @@ class ProfileBook:
         return in_wave(envelope, self.device_id)
 
     def seen(self, layer: str, version: int) -> None:
-        """Never take this version (or an older one) of the layer again."""
+        """Never take this version (or an older one) of the layer again (durably: this is
+        what makes a replay fail after a power cut too)."""
         if version > self.high_water.get(layer, 0):
             self.high_water[layer] = version
-            self._save_state()
+            self._save_state(durable=True)
 
     # -- keys ----------------------------------------------------------------------------------
 
@@ -367,7 +369,7 @@ class ProfileBook:
         if report.applied_version is None and layer in self.applied:
             report.applied_version = self.applied[layer].version
         self.reports[layer] = report
-        self._save_state()
+        self._save_state(durable=False)  # an answer is resent anyway; versions are durable
 
     def reported_document(self, now: float | None = None) -> dict[str, Any]:
         moment = dt.datetime.fromtimestamp(time.time() if now is None else now, dt.UTC)
@@ -402,11 +404,16 @@ class ProfileBook:
             "reason": reason,
         }
         path = self.directory / "history.jsonl"
-        lines = self.read_history()[-(self.history_size - 1) :]
-        lines.append(entry)
-        write_atomic(path, "".join(json.dumps(e) + "\n" for e in lines).encode())
+        with path.open("a", encoding="utf-8") as handle:  # an append, not a rewrite
+            handle.write(json.dumps(entry) + "\n")
+            self._history_lines += 1
+        if self._history_lines > 2 * self.history_size:  # trimmed now and then
+            kept = self.read_history()[-self.history_size :]
+            write_atomic(path, "".join(json.dumps(e) + "\n" for e in kept).encode())
+            self._history_lines = len(kept)
 
     def read_history(self) -> list[dict[str, Any]]:
+        """The audit log, oldest first, at most ``history_size`` entries."""
         try:
             text = (self.directory / "history.jsonl").read_text(encoding="utf-8")
         except (FileNotFoundError, UnicodeDecodeError):
@@ -417,16 +424,16 @@ class ProfileBook:
                 entry = json.loads(line)
                 if isinstance(entry, dict):
                     entries.append(entry)
-        return entries
+        return entries[-self.history_size :]
 
     # -- persistence ---------------------------------------------------------------------------
 
-    def _save_state(self) -> None:
+    def _save_state(self, *, durable: bool) -> None:
         document = {
             "high_water": self.high_water,
             "reports": {layer: report.to_dict() for layer, report in self.reports.items()},
         }
-        write_atomic(self.directory / "state.json", json.dumps(document).encode())
+        write_atomic(self.directory / "state.json", json.dumps(document).encode(), durable=durable)
 
     @staticmethod
     def _read_json(path: Path) -> dict[str, Any] | None:
