@@ -232,6 +232,26 @@ def test_mic_silent_only_during_a_live_lesson() -> None:
     assert [(e.rule, e.state) for e in events] == [("mic_silent", "cleared")]
 
 
+def test_mic_silent_judges_the_raw_microphone_when_processing_is_active() -> None:
+    # Echo cancellation and noise suppression make a quiet room's *sent* sound silent;
+    # only the raw input tells a working microphone from a dead one.
+    clock = FakeClock()
+    engine = engine_for(clock, [True], mic_silent_alert_s=0, mic_silent_dbfs=-60)
+    snap = healthy()
+    snap["capture"]["audio"]["level_dbfs"] = -75.0
+    snap["capture"]["audio"]["processing"] = {"active": True, "input_level_dbfs": -52.0}
+    assert run(engine, clock, snap, 5) == []
+    snap["capture"]["audio"]["processing"]["input_level_dbfs"] = -95.0  # unplugged
+    events = run(engine, clock, snap, 5)
+    assert [(e.rule, e.state) for e in events] == [("mic_silent", "raised")]
+    assert events[0].details["level_dbfs"] == -95.0
+    # An inactive stage (mode auto, no loudspeakers): the sent level is the raw one.
+    snap["capture"]["audio"]["processing"] = {"active": False, "input_level_dbfs": None}
+    snap["capture"]["audio"]["level_dbfs"] = -40.0
+    events = run(engine, clock, snap, 120)  # clearing has its own hysteresis
+    assert [(e.rule, e.state) for e in events] == [("mic_silent", "cleared")]
+
+
 def test_disk_temperature_and_clock_rules() -> None:
     clock = FakeClock()
     engine = engine_for(

@@ -337,3 +337,18 @@ def test_speakerphone_profile_turns_the_software_canceller_off() -> None:
     settings = AudioProcessingConfig.model_validate(processing)
     assert settings.echo_cancellation is False
     assert settings.high_pass_filter is True
+
+
+def test_microphone_timeline_rides_out_a_held_up_reader_but_follows_a_gap() -> None:
+    from agent.capture.processing import _Timeline
+
+    line = _Timeline(late_is_jitter=True)
+    period = 20_000_000
+    assert line.place(0, CHUNK, RATE) == 0
+    # Held up for 200 ms: ten buffered reads then return 1 ms apart; the timeline keeps
+    # them contiguous instead of believing the late stamps.
+    late = [line.place(200_000_000 + k * 1_000_000, CHUNK, RATE) for k in range(1, 11)]
+    assert late == [float(k * period) for k in range(1, 11)]
+    assert line.place(11 * period, CHUNK, RATE) == 11 * period
+    # Reopened after 2 s: a gap, not buffered audio.
+    assert line.place(12 * period + 2_000_000_000, CHUNK, RATE) == 12 * period + 2_000_000_000

@@ -30,7 +30,8 @@ from agent.health.selftest import CheckStatus, SelftestThresholds, check_echo_pa
 from agent.stream.playback import AudioPlayback, WavFileOutput
 from agent.testkit.acoustics import FAR_TEXT, NEAR_TEXT, LoudspeakerEcho, speech, to_int16
 from tests import rooms
-from tests.brokers import BrokerUnderTest, eventually
+from tests.brokers import BrokerUnderTest, eventually, observing
+from tests.test_daemon import daemon_factory, site_config  # noqa: F401  (a fixture)
 
 QUICK = SelftestThresholds(first_item_timeout_s=5.0)
 
@@ -229,3 +230,34 @@ async def test_live_lesson_the_main_room_does_not_hear_its_teacher_back(
     assert stats["cancelling"] is True
     assert stats["reference"] == "playing"
     assert stats["echo_path_ms"] is not None
+
+
+@pytest.mark.slow
+async def test_the_daemon_processes_the_microphone_of_a_room_with_loudspeakers(
+    mosquitto: BrokerUnderTest,
+    tmp_path: Path,
+    daemon_factory: Any,  # noqa: F811  (the fixture imported above)
+) -> None:
+    """The daemon's own wiring: a room whose stream.playback plays (a WAV file here)
+    gets the processing stage on by default, and health says so."""
+    config = site_config(
+        mosquitto,
+        tmp_path,
+        stream={"panel_port": 0, "playback": {"output": "file", "path": str(tmp_path / "s.wav")}},
+    )
+    daemon = daemon_factory(config)
+    base = f"{mosquitto.prefix}/school1/room1"
+    async with observing(mosquitto, f"{base}/health") as observer:
+        await daemon.start()
+        health = await observer.wait_for(
+            f"{base}/health",
+            lambda m: (m.json()["capture"]["audio"].get("processing") or {}).get("frames", 0) > 0,
+        )
+    processing = health.json()["capture"]["audio"]["processing"]
+    assert processing["mode"] == "auto"
+    assert processing["active"] is True
+    assert processing["stages"] == dict.fromkeys(
+        ("echo_cancellation", "noise_suppression", "high_pass_filter", "auto_gain_control"), True
+    )
+    assert processing["reference"] == "idle"  # no lesson: the loudspeakers are quiet
+    assert processing["errors"] == 0

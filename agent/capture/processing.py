@@ -47,6 +47,7 @@ log = logging.getLogger(__name__)
 FRAME_MS = 10  # WebRTC's APM works on 10 ms frames
 _JUMP_NS = 100_000_000  # a stamp this far off the timeline starts a new one (a pause)
 _STEP_NS = 5_000_000  # a smoothed disagreement this large moves the timeline (drift)
+_BUFFERED_NS = 500_000_000  # a read this late can still be buffered audio; later: a gap
 _REFERENCE_KEEP_NS = 3_000_000_000  # reference kept for realignment
 _PLAYING_NS = 1_000_000_000  # the loudspeakers count as playing this long after a block
 _ESTIMATE_RATE = 8_000  # delay estimation runs on a decimated copy
@@ -83,8 +84,9 @@ class _Timeline:
     a new one, except a late one when ``late_is_jitter``: a microphone read that returns
     late (the reader thread was held up) still delivers the audio the sound card
     buffered, so only the earliest stamp of the last second tells where the timeline
-    is. A disagreement that persists past 5 ms (one clock drifting against the other)
-    moves the timeline by that much at once.
+    is; later than half a second (more than a card buffers) is a gap, as when the
+    device was reopened. A disagreement that persists past 5 ms (one clock drifting
+    against the other) moves the timeline by that much at once.
     """
 
     def __init__(self, *, late_is_jitter: bool = False) -> None:
@@ -98,7 +100,8 @@ class _Timeline:
         """The start time (ns) of a block whose stamp says it starts at ``stamp_ns``."""
         duration = frames * 1e9 / rate
         error = 0.0 if self._next is None else stamp_ns - self._next
-        far_off = abs(error) > _JUMP_NS and not (self._late_is_jitter and error > 0)
+        buffered = self._late_is_jitter and 0 < error < _BUFFERED_NS
+        far_off = abs(error) > _JUMP_NS and not buffered
         if self._next is None or far_off:
             start = float(stamp_ns)
             self._errors.clear()

@@ -218,6 +218,12 @@ def _mic_silent(
         if not isinstance(audio, Mapping) or audio.get("state") != "ok":
             return INACTIVE
         level = _number(audio.get("level_dbfs"))
+        processing = audio.get("processing")
+        if isinstance(processing, Mapping) and processing.get("active"):
+            # What is sent is silent whenever the room is quiet or hears only the
+            # loudspeakers (the canceller removes them, the suppressor the hum): a dead
+            # or muted microphone shows on the raw input, which the stage reports.
+            level = _number(processing.get("input_level_dbfs"))
         if level is None or level >= config.mic_silent_dbfs:
             return INACTIVE
         try:
