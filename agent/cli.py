@@ -150,10 +150,15 @@ def cmd_run(args: argparse.Namespace) -> int:
 def cmd_selftest(args: argparse.Namespace) -> int:
     from agent.health import run_selftest_cli
     from agent.logs import setup_logging
+    from agent.stream import open_playback
 
     loaded = _load(args)
     setup_logging("warning")
-    return run_selftest_cli(loaded, json_output=args.json)
+    # The room's loudspeakers, for the echo-path check (none: the check is skipped).
+    playback = loaded.config.stream.playback
+    return run_selftest_cli(
+        loaded, json_output=args.json, open_speaker=lambda: open_playback(playback)
+    )
 
 
 def cmd_demo(args: argparse.Namespace) -> int:

@@ -35,6 +35,7 @@ from agent.health.selftest import (
     run_selftest_cli,
     selftest_handler,
 )
+from agent.stream import open_playback
 from agent.sync.commands import CommandService
 from tests.brokers import ADMIN, DEVICE_1, BrokerUnderTest, make_link, observing, running
 
@@ -358,6 +359,46 @@ def test_cli_prints_a_table_or_json(tmp_path: Path, monkeypatch: pytest.MonkeyPa
     assert run_selftest_cli(broken, json_output=False, out=table, thresholds=quick_fail) == 1
     assert "FAIL  camera" in table.getvalue()
     assert "/dev/video9 does not exist" in table.getvalue()
+
+
+def test_cli_plays_the_echo_test_sound_on_the_configured_loudspeakers(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr("agent.health.selftest.read_clock_synced", always_synced)
+    speaker = tmp_path / "speaker.wav"
+    site = tmp_path / "agent.yaml"
+    site.write_text(
+        yaml.safe_dump(
+            {
+                "identity": {"site": "s1", "room": "r1"},
+                "capture": {"video": {"width": 320, "height": 240, "fps": 15}},
+                "stream": {"playback": {"output": "file", "path": str(speaker)}},
+                "supervisor": {"state_dir": str(tmp_path / "state")},
+            }
+        )
+    )
+    loaded = load_config([site], profile="virtual")
+    limits = SelftestThresholds.from_health(
+        loaded.config.health, video_s=0.5, audio_s=1.0, min_free_mb=1
+    )
+    out = io.StringIO()
+    playback = loaded.config.stream.playback
+    code = run_selftest_cli(
+        loaded,
+        json_output=True,
+        out=out,
+        thresholds=limits,
+        open_speaker=lambda: open_playback(playback),
+    )
+    report = json.loads(out.getvalue())
+    echo = next(c for c in report["checks"] if c["name"] == "echo_path")
+    # The synthetic microphone does not hear the file: nothing comes back, and the
+    # stage ran with the loudspeakers as its reference.
+    assert code == 0, out.getvalue()
+    assert echo["status"] == "pass", echo
+    assert echo["details"]["processing"]["reference"] == "playing"
+    with wave.open(str(speaker)) as wav:  # the test sound went to the loudspeakers
+        assert wav.getnframes() >= 3 * 48_000
 
 
 async def test_cli_checks_the_broker_without_knocking_the_daemon_off(

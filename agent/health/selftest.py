@@ -41,7 +41,7 @@ from typing import TYPE_CHECKING, Any, Protocol, TextIO, TypeVar
 import av
 import numpy as np
 
-from agent.capture import AudioChunk, AudioHub, Frame, FrameHub
+from agent.capture import AudioChunk, AudioHub, FarEndReference, Frame, FrameHub
 from agent.health.system import existing_parent, read_clock_synced
 from agent.sync import CommandHandler, LinkError, Message, MqttLink, Topics
 
@@ -492,6 +492,16 @@ class Speaker(Protocol):
     def observe(self, source: str, kind: str, frame: Any) -> None: ...
 
 
+class Loudspeakers(Speaker, Protocol):
+    """A playback the standalone self-test runs itself (``AudioPlayback``)."""
+
+    reference: FarEndReference | None
+
+    def start(self) -> None: ...
+
+    async def stop(self) -> None: ...
+
+
 ECHO_TEST_SOURCE = "selftest"
 _ECHO_RATE = 48_000
 _ECHO_FRAME = _ECHO_RATE // 50  # 20 ms, as the lesson's Opus frames
@@ -746,13 +756,19 @@ def _cli_link(loaded: LoadedConfig) -> tuple[MqttLink | None, str]:
 
 
 async def _selftest_standalone(
-    loaded: LoadedConfig, thresholds: SelftestThresholds | None
+    loaded: LoadedConfig,
+    thresholds: SelftestThresholds | None,
+    open_speaker: Callable[[], Loudspeakers | None] | None = None,
 ) -> SelftestReport:
     from agent.capture import open_audio_source, open_video_source  # noqa: PLC0415
 
     config = loaded.config
     video = FrameHub(open_video_source(config.capture.video), config.capture)
     audio = AudioHub(open_audio_source(config.capture.audio), config.capture)
+    speaker = open_speaker() if open_speaker is not None else None
+    if speaker is not None:  # wired as the daemon wires it: the canceller hears it
+        speaker.reference = audio.echo_reference()
+        speaker.start()
     link, why_not = _cli_link(loaded)
     tasks = [
         asyncio.create_task(video.run(), name="selftest:video"),
@@ -771,11 +787,14 @@ async def _selftest_standalone(
             probe=Topics(
                 config.broker.topic_prefix, config.identity.site, config.identity.room
             ).probe,
+            speaker=speaker,
         )
     finally:
         for task in tasks:
             task.cancel()
         results = await asyncio.gather(*tasks, return_exceptions=True)
+        if speaker is not None:
+            await speaker.stop()
     for task, outcome in zip(tasks, results, strict=True):
         if isinstance(outcome, Exception):
             log.warning("%s stopped with an error: %s", task.get_name(), outcome)
@@ -792,14 +811,17 @@ def run_selftest_cli(
     json_output: bool,
     out: TextIO | None = None,
     thresholds: SelftestThresholds | None = None,
+    open_speaker: Callable[[], Loudspeakers | None] | None = None,
 ) -> int:
     """``classroom-agent selftest``: start capture, run the checks, print, exit 0 or 1.
 
     Writes a table (or the JSON report with ``json_output``) to ``out`` (stdout).
+    ``open_speaker`` builds the room's playback (``stream.playback``) for the
+    echo-path check; without it that check is skipped.
     """
     stream = out if out is not None else sys.stdout
     limits = thresholds or SelftestThresholds.from_health(loaded.config.health)
-    report = asyncio.run(_selftest_standalone(loaded, limits))
+    report = asyncio.run(_selftest_standalone(loaded, limits, open_speaker))
     if json_output:
         stream.write(json.dumps(report.to_dict(), indent=2) + "\n")
     else:
