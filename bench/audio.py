@@ -273,6 +273,8 @@ def main() -> None:
     parser.add_argument("--libraries", default="pywebrtc,livekit,speex")
     parser.add_argument("--quick", action="store_true", help="skip the delay sweep")
     parser.add_argument("--delays", default="20,100,200,300,450")
+    parser.add_argument("--echo-dbfs", type=float, default=-24.0, help="echo at the mic")
+    parser.add_argument("--near-dbfs", type=float, default=-28.0, help="near-end talker")
     args = parser.parse_args()
     keys = []
     for key in args.libraries.split(","):
@@ -281,9 +283,10 @@ def main() -> None:
             keys.append(key)
         else:
             print(f"{key}: {why}")
-    scene = classroom_scene()
+    scene = classroom_scene(echo_dbfs=args.echo_dbfs, near_dbfs=args.near_dbfs)
     print(
-        f"simulated room: delay {scene.delays_ms[0]:.0f} ms -> {scene.delays_ms[1]:.0f} ms at "
+        f"simulated room: echo {args.echo_dbfs:g} dBFS, talker {args.near_dbfs:g} dBFS, "
+        f"delay {scene.delays_ms[0]:.0f} ms -> {scene.delays_ms[1]:.0f} ms at "
         f"{scene.change_s:.0f} s, mic clock +100 ppm, 48 kHz mono, 10 ms frames "
         "(shared machine: CPU figures are noisy)\n"
     )
