@@ -891,8 +891,9 @@ def _print_rural(preset: str, row: RuralRow, summary: list[tuple[str, str, str]]
 MODES: dict[str, tuple[str, StreamConfig]] = {
     "before": (
         "issue 13 off (aiortc's 96 kbit/s stereo Opus, no RED, no keyframe limit per room, "
-        "aiortc's video jitter buffer)",
-        StreamConfig(link=LinkConfig(voice_opus=False, red=False, keyframe_request_gap_s=0.0)),
+        "aiortc's video jitter buffer, 1 s keyframe bursts, rooms start on the high layer, "
+        "no floor layer)",
+        StreamConfig(link=LinkConfig.baseline()),
     ),
     "after": ("the defaults (speech Opus 32 kbit/s with FEC, RED, ...)", StreamConfig()),
 }

@@ -24,6 +24,8 @@ from agent.capture import (
     AudioHub,
     Frame,
     FrameHub,
+    Stamp,
+    draw_stamp,
     open_audio_source,
     open_video_source,
     read_stamp,
@@ -51,6 +53,13 @@ MEDIUM = CaptureConfig(
     video=VideoConfig(width=640, height=480, fps=15), audio=AudioConfig(frame_ms=20)
 )
 TWO_LAYERS = EncoderSettings(bitrate_kbps=800, low_bitrate_kbps=200, low_height=240)
+
+
+def next_stamped_image(width: int, height: int) -> Any:
+    """A grey picture with the capture stamp the synthetic camera draws."""
+    image = np.full((height, width, 3), 128, np.uint8)
+    draw_stamp(image, Stamp(frame=7, time_ns=123))
+    return image
 
 
 @contextlib.asynccontextmanager
@@ -308,6 +317,22 @@ def test_odd_frame_sizes_are_cropped_to_what_420_allows() -> None:
     # The low layer keeps the aspect with even sizes: 240 -> 120 lines, 320 -> 160 columns.
     low = decode(packets["low"])
     assert (low[0].width, low[0].height) == (160, 120)
+
+
+def test_the_floor_layer_is_the_smallest_and_keeps_the_stamp() -> None:
+    """stream.link.floor_layer: a third encoding below the low layer, for lines that
+    cannot carry the low one; the receiving room still reads the capture stamp."""
+    settings = EncoderSettings(
+        low_height=360, floor_enabled=True, floor_height=180, floor_bitrate_kbps=150
+    )
+    encoder = SharedH264Encoder(video_hub(), settings)
+    image = next_stamped_image(1280, 720)
+    packets = encoder._encode(Frame(image, 7, 0, 0), {"floor": True})
+    assert set(packets) == {"floor"}  # only what the plan asked for: no high, no low
+    (floor,) = decode(packets["floor"])
+    assert (floor.width, floor.height) == (320, 180)
+    assert read_stamp(floor.to_ndarray(format="gray")) is not None
+    assert settings.layer_kbps("floor") == 150
 
 
 def test_low_layer_size_keeps_aspect_even_and_never_upscales() -> None:

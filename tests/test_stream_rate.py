@@ -13,6 +13,8 @@ from __future__ import annotations
 import dataclasses
 from typing import Any
 
+from agent.config import LinkConfig, StreamConfig
+from agent.stream import EncoderSettings, LinkTuning
 from agent.stream.layers import LayerPolicy, LayerPolicySettings
 from agent.stream.peer import GCC_LOSS_HOLD_PERCENT, UP_ESTIMATE_RATIO
 
@@ -42,14 +44,14 @@ RURAL_GOOD = [
 
 def tuned(**changes: Any) -> LayerPolicySettings:
     """What PeerSession builds with the default stream.link (start_low)."""
-    return dataclasses.replace(
-        LayerPolicySettings(high_kbps=2500, low_kbps=500),
-        start="low",
-        first_up_after_s=4.0,
-        corroborate_loss_percent=GCC_LOSS_HOLD_PERCENT,
-        up_estimate_ratio=UP_ESTIMATE_RATIO,
+    fields: dict[str, Any] = {
+        "start": "low",
+        "first_up_after_s": 4.0,
+        "corroborate_loss_percent": GCC_LOSS_HOLD_PERCENT,
+        "up_estimate_ratio": UP_ESTIMATE_RATIO,
         **changes,
-    )
+    }
+    return dataclasses.replace(LayerPolicySettings(high_kbps=2500, low_kbps=500), **fields)
 
 
 def replay(p: LayerPolicy, feedback: list[tuple[Any, ...]]) -> list[str]:
@@ -113,3 +115,68 @@ def test_no_climb_while_the_estimate_shows_no_room() -> None:
         state="low",
     )
     assert replay(untuned, flat)[-1] == "high"  # the timed probe the tuning holds back
+
+
+# -- the floor layer -----------------------------------------------------------------------
+
+
+def with_floor(**changes: Any) -> LayerPolicySettings:
+    return tuned(floor_kbps=200, **changes)
+
+
+def thin_line(at: float, loss: float, rtt: float, estimate: float) -> tuple[Any, ...]:
+    return (at, estimate, loss, rtt, 440)
+
+
+def test_a_line_too_thin_for_the_low_layer_gets_the_floor_before_audio_only() -> None:
+    """A 400 kbit/s line: the low layer (~440 kbps sent) queues, the RTT climbs 150 ms
+    over its floor and the estimate falls; the ladder takes the floor first, and only a
+    line that cannot carry that either loses its picture."""
+    p = LayerPolicy(with_floor(), now=0.0, state="low")
+    queued = [thin_line(t, 6.0, 150 + 40 * (t - 1), 330) for t in range(1, 12)]
+    states = replay(p, queued)
+    assert states[-1] == "floor", states
+    assert p.cause in {"delay", "bandwidth"}
+    # On the floor (~200 kbps) the queue drains: it stays, no pause.
+    p.observe_rates(high_kbps=None, low_kbps=None, floor_kbps=190)
+    drained = [(t, 330, 4.0, 152.0, 440) for t in (12.0, 14.0, 16.0, 18.0)]
+    for at, estimate, loss, rtt, _ in drained:
+        p.observe_estimate(int(estimate * 1000), at)
+        p.observe_link(at, loss_percent=loss, rtt_ms=rtt)
+        assert p.decide(at) == "floor"
+
+
+def test_the_floor_steps_to_audio_only_on_heavy_loss_and_climbs_back_through_the_ladder() -> None:
+    p = LayerPolicy(with_floor(first_up_after_s=None, up_after_s=4.0), now=0.0, state="floor")
+    for at in (1.0, 2.0, 3.5):
+        p.observe_link(at, loss_percent=30.0, rtt_ms=160.0)
+        p.decide(at)
+    assert p.state == "paused"
+    assert p.cause == "loss"
+    states = []
+    for at in range(5, 40):
+        p.observe_link(float(at), loss_percent=0.0, rtt_ms=150.0)
+        states.append(p.decide(float(at)))
+    assert "floor" in states  # the ladder is climbed one rung at a time
+    assert states.index("floor") < states.index("low") < states.index("high")
+
+
+def test_without_the_floor_the_ladder_is_as_before() -> None:
+    p = LayerPolicy(tuned(), now=0.0, state="low")
+    assert p.settings.levels() == ("paused", "low", "high")
+    queued = [thin_line(t, 6.0, 150 + 40 * (t - 1), 330) for t in range(1, 12)]
+    assert replay(p, queued)[-1] == "paused"
+
+
+def test_the_baseline_turns_every_part_off() -> None:
+    """The benchmark's "before" (LinkConfig.baseline()) is the lesson as it was: aiortc's
+    audio, its video buffer, two layers with 1 s keyframe bursts, rooms starting high."""
+    config = StreamConfig(link=LinkConfig.baseline())
+    assert LinkTuning.from_config(config.link) == LinkTuning.baseline()
+    settings = EncoderSettings.from_config(config)
+    assert not settings.floor_enabled
+    assert settings.low_vbv_buffer_s == settings.vbv_buffer_s == 1.0
+    assert LayerPolicySettings.for_encoder(settings).levels() == ("paused", "low", "high")
+    tuned_settings = EncoderSettings.from_config(StreamConfig())
+    assert tuned_settings.floor_enabled
+    assert tuned_settings.low_vbv_buffer_s == 0.25

@@ -60,3 +60,28 @@ class LinkConfig(StrictModel):
         le=60,
         description="With start_low: how long the link must be good before the first climb",
     )
+    floor_layer: bool = Field(
+        default=True,
+        description="A third, smallest video layer (floor_height, floor_bitrate_kbps) for "
+        "lines that cannot carry the low one, before a room's video pauses (audio only); "
+        "encoded only while some room is on it",
+    )
+    floor_bitrate_kbps: int = Field(
+        default=200, ge=50, le=1000, description="Floor layer bitrate (150-250 suits 240p)"
+    )
+    floor_height: int = Field(
+        default=240, ge=90, le=720, description="Picture height of the floor layer"
+    )
+
+    @classmethod
+    def baseline(cls) -> LinkConfig:
+        """Everything above off: the lesson as it was before (the benchmark's "before")."""
+        return cls(
+            voice_opus=False,
+            red=False,
+            keyframe_request_gap_s=0.0,
+            give_up_lost_video=False,
+            low_layer_burst_ms=1000,
+            start_low=False,
+            floor_layer=False,
+        )

@@ -77,11 +77,11 @@ RATE_WINDOW_S = 3.0  # a layer's measured bitrate: bytes over this window
 CAMERA_WAIT_S = 1.0  # a dead camera must not keep the encoder from noticing a mute
 SLATE_TEXT = "Camera off"
 
-VideoLayer = Literal["high", "low"]
+VideoLayer = Literal["high", "low", "floor"]
 """The two encodings of the room's camera: full size, and the low layer for poor links."""
-LayerState = Literal["high", "low", "paused"]
+LayerState = Literal["high", "low", "floor", "paused"]
 """What one track sends: a layer, or nothing (``paused``: the link cannot take video)."""
-LAYERS: tuple[VideoLayer, ...] = ("high", "low")
+LAYERS: tuple[VideoLayer, ...] = ("high", "low", "floor")
 
 
 @dataclass(frozen=True, slots=True)
@@ -101,7 +101,12 @@ class EncoderSettings:
     # bigger than that loses its tail, is asked for again, and the room's link fills with
     # keyframes (stream.link.low_layer_burst_ms).
     vbv_buffer_s: float = 1.0
-    low_vbv_buffer_s: float = 1.0
+    low_vbv_buffer_s: float = 1.0  # the low and floor layers'
+    # The floor: a third, smallest layer for lines that cannot carry the low one, before
+    # a room's video pauses (stream.link.floor_layer). Off: two layers, as before.
+    floor_enabled: bool = False
+    floor_bitrate_kbps: int = 200
+    floor_height: int = 240
 
     @classmethod
     def from_config(cls, config: StreamConfig) -> EncoderSettings:
@@ -113,10 +118,21 @@ class EncoderSettings:
             low_bitrate_kbps=config.low_bitrate_kbps,
             low_height=config.low_layer_height,
             low_vbv_buffer_s=config.link.low_layer_burst_ms / 1000,
+            floor_enabled=config.link.floor_layer,
+            floor_bitrate_kbps=config.link.floor_bitrate_kbps,
+            floor_height=config.link.floor_height,
         )
 
     def layer_kbps(self, layer: VideoLayer) -> int:
-        return self.bitrate_kbps if layer == "high" else self.low_bitrate_kbps
+        if layer == "high":
+            return self.bitrate_kbps
+        return self.low_bitrate_kbps if layer == "low" else self.floor_bitrate_kbps
+
+    def layer_height(self, layer: VideoLayer) -> int | None:
+        """The height ``layer`` is scaled to (None: the camera's own)."""
+        if layer == "high":
+            return None
+        return self.low_height if layer == "low" else self.floor_height
 
 
 def low_layer_size(width: int, height: int, low_height: int) -> tuple[int, int]:
@@ -753,8 +769,9 @@ class SharedH264Encoder:
             codec = self._codecs[name]
             size = (width, height)
             video = picture
-            if name == "low":
-                size = low_layer_size(width, height, self.settings.low_height)
+            target_height = self.settings.layer_height(name)
+            if target_height is not None:
+                size = low_layer_size(width, height, target_height)
                 if size != (width, height):
                     video = picture.reformat(width=size[0], height=size[1], format="yuv420p")
             force = plan[name]

@@ -61,6 +61,7 @@ class LayerPolicySettings:
 
     high_kbps: int = 2500  # the layers' configured bitrates (their most)
     low_kbps: int = 500
+    floor_kbps: int | None = None  # the floor layer's (None: no floor, two layers)
     audio_headroom_kbps: int = 64  # Opus and RTCP must fit beside the video
     down_loss_percent: float = 5.0  # high -> low above this loss
     pause_loss_percent: float = 15.0  # low -> paused above this loss
@@ -83,7 +84,17 @@ class LayerPolicySettings:
     @classmethod
     def for_encoder(cls, settings: EncoderSettings, **changes: Any) -> LayerPolicySettings:
         """Thresholds for the layers ``settings`` makes (``changes``: other fields)."""
-        return cls(high_kbps=settings.bitrate_kbps, low_kbps=settings.low_bitrate_kbps, **changes)
+        floor = settings.floor_bitrate_kbps if settings.floor_enabled else None
+        return cls(
+            high_kbps=settings.bitrate_kbps,
+            low_kbps=settings.low_bitrate_kbps,
+            floor_kbps=floor,
+            **changes,
+        )
+
+    def levels(self) -> tuple[LayerState, ...]:
+        """The ladder, lowest first: paused, (floor,) low, high."""
+        return _LEVELS if self.floor_kbps is None else ("paused", "floor", "low", "high")
 
 
 LayerCause = Literal["start", "loss", "bandwidth", "delay", "probe", "pinned"]
@@ -132,7 +143,8 @@ class LayerPolicy:
         self._loss: tuple[float, float] | None = None  # (at, percent)
         self._rtt: tuple[float, float] | None = None  # (at, ms)
         self._min_rtt_ms: float | None = None
-        self._rates: dict[VideoLayer, float | None] = {"high": None, "low": None}
+        self._rates: dict[VideoLayer, float | None] = {"high": None, "low": None, "floor": None}
+        self._levels = self.settings.levels()
         self._bad_since: float | None = None
         self._good_since: float | None = None
         self._last_up_at: float | None = None
@@ -156,16 +168,20 @@ class LayerPolicy:
             self._rtt = (now, rtt_ms)
             self._min_rtt_ms = rtt_ms if self._min_rtt_ms is None else min(self._min_rtt_ms, rtt_ms)
 
-    def observe_rates(self, *, high_kbps: float | None, low_kbps: float | None) -> None:
+    def observe_rates(
+        self, *, high_kbps: float | None, low_kbps: float | None, floor_kbps: float | None = None
+    ) -> None:
         """What each layer really sends now (None: not encoded): a still picture needs far
         less than the configured bitrate, and the estimate is compared with that."""
-        self._rates = {"high": high_kbps, "low": low_kbps}
+        self._rates = {"high": high_kbps, "low": low_kbps, "floor": floor_kbps}
 
     # -- the decision ----------------------------------------------------------------------
 
     def need_kbps(self, layer: VideoLayer) -> float:
         """What ``layer`` needs: its measured rate, at most its configured bitrate."""
-        cap = float(self.settings.high_kbps if layer == "high" else self.settings.low_kbps)
+        s = self.settings
+        caps = {"high": s.high_kbps, "low": s.low_kbps, "floor": s.floor_kbps or s.low_kbps}
+        cap = float(caps[layer])
         measured = self._rates[layer]
         return cap if measured is None or measured <= 0 else min(cap, measured)
 
@@ -192,7 +208,7 @@ class LayerPolicy:
         return self._estimate[1] / 1000
 
     def _floor(self) -> LayerState:
-        return "paused" if self.settings.allow_pause else "low"
+        return "paused" if self.settings.allow_pause else self._levels[1]
 
     def _bad(self, now: float) -> str | None:
         """Why the current layer does not fit (None: it does, as far as we know)."""
@@ -200,7 +216,14 @@ class LayerPolicy:
         if self.state == "paused":
             return None
         loss = self._fresh(self._loss, now)
-        limit = s.down_loss_percent if self.state == "high" else s.pause_loss_percent
+        # Loss stops the lowest video layer only when it is heavy; a middle rung (low,
+        # with a floor below it) steps down at GCC's 10 % (rural lines lose 5 % at random).
+        if self.state == "high":
+            limit = s.down_loss_percent
+        elif self.state == self._levels[1]:
+            limit = s.pause_loss_percent
+        else:
+            limit = max(s.down_loss_percent, s.corroborate_loss_percent or 0.0)
         if loss is not None and loss > limit:
             return f"loss {loss:.1f} % > {limit:g} %"
         estimate = self._estimate_kbps(now)
@@ -277,7 +300,7 @@ class LayerPolicy:
 
     def _step(self, direction: int, now: float, reason: str) -> None:
         before = self.state
-        self.state = _LEVELS[_LEVELS.index(before) + direction]
+        self.state = self._levels[self._levels.index(before) + direction]
         if direction < 0:
             self.downs += 1
             failed = (
@@ -350,7 +373,11 @@ class LayerControl:
         self._apply(now)
 
     def _apply(self, now: float) -> None:
-        self.policy.observe_rates(high_kbps=self._rates("high"), low_kbps=self._rates("low"))
+        self.policy.observe_rates(
+            high_kbps=self._rates("high"),
+            low_kbps=self._rates("low"),
+            floor_kbps=self._rates("floor"),
+        )
         self.policy.decide(now)
         self.track.set_state(self.state)  # a no-op when already there
 

@@ -64,7 +64,12 @@ const LAYER_CAUSES = {
 
 function layerText(f) {
   // The layer the main room sends this room, and why: "low layer (packet loss)".
-  const what = f.layer === "paused" ? t("panel.figures.audio_only") : t("panel.figures.low_layer");
+  const what =
+    f.layer === "paused"
+      ? t("panel.figures.audio_only")
+      : f.layer === "floor"
+        ? t("panel.figures.floor_layer")
+        : t("panel.figures.low_layer");
   const cause = LAYER_CAUSES[f.layer_cause];
   return cause ? t("panel.figures.because", { what: what, cause: t(cause) }) : what;
 }
