@@ -363,7 +363,9 @@ def test_bad_config_exits_2_without_traceback(tmp_path: Path) -> None:
 async def test_commands_over_mqtt_ping_restart_capture_and_selftest(
     mosquitto: BrokerUnderTest, tmp_path: Path, daemon_factory: Any
 ) -> None:
-    daemon = daemon_factory(site_config(mosquitto, tmp_path))
+    # Loudspeakers into a WAV file: the self-test's echo-path check plays through them.
+    playback = {"playback": {"output": "file", "path": str(tmp_path / "speakers.wav")}}
+    daemon = daemon_factory(site_config(mosquitto, tmp_path, stream=playback))
     base = f"{mosquitto.prefix}/school1/room1"
     async with observing(mosquitto, f"{base}/#", user=ADMIN) as it:
         await daemon.start()
@@ -384,6 +386,8 @@ async def test_commands_over_mqtt_ping_restart_capture_and_selftest(
         assert checks["camera"] == "pass"
         assert checks["microphone"] == "pass"
         assert checks["broker"] == "pass"
+        # The synthetic microphone does not hear the WAV file: nothing comes back.
+        assert checks["echo_path"] == "pass", selftest["result"]["checks"]
 
         await it.publish(f"{base}/cmd/reboot", json.dumps({"id": "x1", "args": {}}))
         unknown = (await it.wait_for(f"{base}/cmd/reboot/result")).json()

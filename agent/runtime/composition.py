@@ -192,6 +192,7 @@ def _commands(host: Host) -> CommandService:
     config = host.config
     link: MqttLink = host.part("mqtt")
     capture: CaptureService = host.part("capture")
+    stream: StreamService = host.part("stream")
     commands = CommandService(link)
     commands.register(
         "ping", ping_handler(link, version=__version__, started_monotonic=time.monotonic()), args={}
@@ -204,6 +205,8 @@ def _commands(host: Host) -> CommandService:
             state_dir=config.supervisor.state_dir,
             link=link,
             thresholds=SelftestThresholds.from_health(config.health),
+            # The room's loudspeakers, for the echo-path check (none: it is skipped).
+            speaker=stream.playback,
         ),
         args={},
         timeout_s=60,
