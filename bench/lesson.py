@@ -928,7 +928,8 @@ def _impairment(args: argparse.Namespace) -> list[tuple[str, LinkImpairment]]:
     for name in args.preset.split(","):
         if name not in PRESETS:
             raise SystemExit(f"--preset {name}: unknown; choose from {', '.join(PRESETS)}")
-        links.append((name, dataclasses.replace(PRESETS[name], **given)))
+        label = name + "".join(f" {k}={v:g}" for k, v in given.items())
+        links.append((label, dataclasses.replace(PRESETS[name], **given)))
     if given and not args.preset_given:
         links = [("custom", dataclasses.replace(PRESETS["rural-good"], **given))]
     return links

@@ -180,3 +180,27 @@ def test_the_baseline_turns_every_part_off() -> None:
     tuned_settings = EncoderSettings.from_config(StreamConfig())
     assert tuned_settings.floor_enabled
     assert tuned_settings.low_vbv_buffer_s == 0.25
+
+
+def test_reports_about_the_layer_left_behind_do_not_push_the_floor_to_audio_only() -> None:
+    """Stepping down to the floor, the next receiver reports still count the loss of the
+    low layer's congestion: with settle_after_down_s they are not used against the floor;
+    loss that goes on after it still is."""
+    settle = with_floor(settle_after_down_s=3.0, down_after_s=2.0)
+    p = LayerPolicy(settle, now=0.0, state="low")
+    for at in (1.0, 2.0, 3.5):
+        p.observe_link(at, loss_percent=12.0, rtt_ms=160.0)
+        p.decide(at)
+    assert p.state == "floor"
+    for at in (4.0, 5.0, 6.0):  # old news: the low layer's congestion
+        p.observe_link(at, loss_percent=25.0, rtt_ms=160.0)
+        assert p.decide(at) == "floor"
+    for at in (7.0, 8.0, 9.5):  # still losing a quarter on the floor: audio only
+        p.observe_link(at, loss_percent=25.0, rtt_ms=160.0)
+        p.decide(at)
+    assert p.state == "paused"
+    eager = LayerPolicy(with_floor(down_after_s=2.0), now=0.0, state="low")
+    for at in (1.0, 2.0, 3.5, 4.0, 5.0, 6.0):
+        eager.observe_link(at, loss_percent=12.0 if at < 4 else 25.0, rtt_ms=160.0)
+        eager.decide(at)
+    assert eager.state == "paused"  # the control: without settling it paused at once

@@ -78,6 +78,7 @@ class LayerPolicySettings:
     # takes 2-10 % loss as no reason to slow down, and the RTT shows real queues.
     corroborate_loss_percent: float | None = None
     up_estimate_ratio: float | None = None  # a climb needs estimate >= this x need
+    settle_after_down_s: float = 0.0  # after a step down, loss/RTT this old are not used
     start: LayerState = "high"  # the layer a new session starts on
     first_up_after_s: float | None = None  # the first climb's hysteresis (None: up_after_s)
 
@@ -148,6 +149,7 @@ class LayerPolicy:
         self._bad_since: float | None = None
         self._good_since: float | None = None
         self._last_up_at: float | None = None
+        self._settled_at = -1e9  # loss and RTT taken before this are not used
 
     # -- samples ---------------------------------------------------------------------------
 
@@ -196,7 +198,7 @@ class LayerPolicy:
         """A sample taken in this state and recent enough to judge it by."""
         if (
             sample is None
-            or sample[0] < self.since
+            or sample[0] < max(self.since, self._settled_at)
             or now - sample[0] > self.settings.sample_max_age_s
         ):
             return None
@@ -303,6 +305,8 @@ class LayerPolicy:
         self.state = self._levels[self._levels.index(before) + direction]
         if direction < 0:
             self.downs += 1
+            # The next receiver reports still count the congestion that made us step down.
+            self._settled_at = now + self.settings.settle_after_down_s
             failed = (
                 self._last_up_at is not None
                 and now - self._last_up_at < self.settings.failed_within_s

@@ -54,6 +54,9 @@ GCC_LOSS_HOLD_PERCENT = 10.0
 AUDIO_ONLY_AFTER_S = 2.0  # no new picture this long while sound arrives: audio only
 AUDIO_FLOWING_S = 1.0
 UP_ESTIMATE_RATIO = 1.3  # a climb needs the receiver's estimate this far above the layer
+# A receiver report covers about the second before it and the poller reads one every 2 s:
+# after stepping down, the first reports still describe the layer we left.
+SETTLE_AFTER_DOWN_S = 3.0
 
 # Constrained baseline first: what browsers offer and what our libx264 produces.
 _H264_PROFILES = ("42e01f", "42001f")
@@ -274,6 +277,7 @@ class PeerSession:
                 first_up_after_s=self.tuning.first_up_after_s,
                 corroborate_loss_percent=GCC_LOSS_HOLD_PERCENT,
                 up_estimate_ratio=UP_ESTIMATE_RATIO,
+                settle_after_down_s=SETTLE_AFTER_DOWN_S,
             )
         policy = LayerPolicy(settings, now=time.monotonic(), state=settings.start)
         self.layers = LayerControl(track, policy, encoder.layer_kbps)
