@@ -90,7 +90,7 @@ def main() -> int:
     detector = RetinaFaceDetector(model_info("retinaface-mnet025"), detect_width=4000)
     embedder = DlibResnetEmbedder(model_info("dlib-resnet-v1"))
 
-    mapped, network, pipeline = [], [], []
+    mapped, network, pipeline, faces = [], [], [], []
     for path in args.images:
         bgr = cv2.imread(str(path))
         rgb = cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB)
@@ -110,6 +110,7 @@ def main() -> int:
             matrix = chip_mapping(dlib.get_face_chip_details(shape, 150, 0.25))
             points = np.hstack([best.landmarks, np.ones((5, 1), np.float32)])
             mapped.append(points @ matrix.T)
+            faces.append((bgr, best, reference))
     if not mapped:
         raise SystemExit("no face found by both detectors")
     net, pipe = np.array(network), np.array(pipeline)
@@ -121,6 +122,21 @@ def main() -> int:
     print(
         f"pipeline (RetinaFace + template + ONNX) vs dlib: mean {pipe.mean():.4f} median "
         f"{np.median(pipe):.4f} p90 {np.percentile(pipe, 90):.4f} max {pipe.max():.4f}"
+    )
+    # Leave-one-out: each face aligned to a template fitted without it (is the shipped
+    # template's figure an in-sample one?).
+    from agent.sensing.faces import similarity_transform, warp_chip
+
+    left_out = []
+    for i, (bgr, face, reference) in enumerate(faces):
+        template = np.mean([m for j, m in enumerate(mapped) if j != i], axis=0)
+        chip = warp_chip(bgr, similarity_transform(face.landmarks, template), 150)
+        got = embedder.embed([np.ascontiguousarray(chip[:, :, ::-1])])[0]
+        left_out.append(float(np.linalg.norm(reference - got)))
+    loo = np.array(left_out)
+    print(
+        f"pipeline, template fitted without the face (leave-one-out): mean {loo.mean():.4f} "
+        f"max {loo.max():.4f}"
     )
     if args.fit:
         template = np.mean(mapped, axis=0)
