@@ -528,6 +528,99 @@ def test_lesson_overview_from_announcements_and_stream_sections() -> None:
     assert "village-a.r1" in model.take_changes().rooms
 
 
+def test_the_lesson_view_says_which_rooms_are_on_a_lower_layer_or_audio_only() -> None:
+    clock = Clock()
+    model = make_model(clock)
+    for device in ("central.r1", "village-a.r1", "village-b.r1"):
+        site, name = device.split(".")
+        model.apply(f"edu/{site}/{name}/state", state("online", 1, device=device))
+    model.apply("edu/lesson/g5-english", lesson(["village-a.r1", "village-b.r1"]))
+    floor = {**peer(150, 5.0, 25), "layer": "floor", "layer_reason": "5 % loss on the low layer"}
+    paused = {**peer(150, 9.0, 0), "layer": "paused", "audio_only": True}
+    main_stream = {
+        "lesson": "les-1",
+        "role": "main",
+        "peers": {"village-a.r1": floor, "village-b.r1": paused},
+    }
+    model.apply(
+        "edu/central/r1/health", health(clock.wall, 1, device="central.r1", stream=main_stream)
+    )
+    [overview] = model.lessons_view()
+    assert overview["layers"] == [
+        {
+            "device": "village-a.r1",
+            "layer": "floor",
+            "reason": "5 % loss on the low layer",
+            "audio_only": False,
+        },
+        {"device": "village-b.r1", "layer": "paused", "reason": None, "audio_only": True},
+    ]
+
+
+def test_a_rooms_echo_canceller_is_in_its_health_view() -> None:
+    clock = Clock()
+    model = make_model(clock)
+    message = json.loads(health(clock.wall, 1))
+    message["capture"]["audio"]["processing"] = {
+        "active": True,
+        "cancelling": True,
+        "stages": {"echo_cancellation": True},
+        "echo_path_ms": 21.4,
+        "erle_db": 34.6,
+    }
+    model.apply("edu/school1/room1/health", json.dumps(message).encode())
+    assert view(model)["health"]["echo"] == {
+        "active": True,
+        "aec": True,
+        "cancelling": True,
+        "echo_path_ms": 21.0,
+        "erle_db": 35.0,
+    }
+    model.apply("edu/school1/room1/health", health(clock.wall + 1, 2))
+    assert view(model)["health"]["echo"] is None
+
+
+def test_pushed_profiles_show_per_room_and_count_the_broken() -> None:
+    clock = Clock()
+    model = make_model(clock)
+    entry = {
+        "state": "rolled-back",
+        "version": 4,
+        "scope": "room:school1.room1",
+        "reason": "after 4 s: the broker is not connected",
+        "code": "check-failed",
+        "since": "2026-12-04T10:00:00Z",
+        "applied_version": None,
+    }
+    report = {
+        "v": 1,
+        "device": "school1.room1",
+        "groups": [],
+        "time": "2026-12-04T10:00:00Z",
+        "keys": {"version": 0, "pinned": [], "last": None},
+        "effective": {},
+        "layers": {"room:school1.room1": entry},
+    }
+    assert model.apply("edu/school1/room1/config/reported", json.dumps(report).encode())
+    config = view(model)["config"]
+    assert config["problem"] is True
+    assert config["layers"][0]["state"] == "rolled-back"
+    assert model.counts()["profile_problems"] == 1
+    wrong = {**report, "device": "school1.room2"}
+    assert not model.apply("edu/school1/room1/config/reported", json.dumps(wrong).encode())
+    assert not model.apply("edu/school1/room1/config/reported", b"\xff junk")
+    assert model.stats.bad["config"] == 2
+    fixed = {
+        **report,
+        "layers": {
+            "room:school1.room1": {**entry, "state": "applied", "applied_version": 5, "version": 5}
+        },
+        "effective": {"room:school1.room1": 5},
+    }
+    assert model.apply("edu/school1/room1/config/reported", json.dumps(fixed).encode())
+    assert model.counts()["profile_problems"] == 0
+
+
 def test_lessons_not_announced_again_after_a_reconnect_are_forgotten() -> None:
     clock = Clock()
     model = make_model(clock)

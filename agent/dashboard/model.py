@@ -105,6 +105,20 @@ def _section(data: Mapping[str, Any], name: str) -> Mapping[str, Any]:
 _iso_epoch = contracts.iso_epoch
 
 
+def _echo(value: Any) -> dict[str, Any] | None:
+    """What maintenance reads of the microphone's processing when a room complains."""
+    if not isinstance(value, Mapping):
+        return None
+    stages = value.get("stages")
+    return {
+        "active": _flag(value.get("active")),
+        "aec": _flag(stages.get("echo_cancellation")) if isinstance(stages, Mapping) else None,
+        "cancelling": _flag(value.get("cancelling")),
+        "echo_path_ms": _round(_num(value.get("echo_path_ms")), 0),
+        "erle_db": _round(_num(value.get("erle_db")), 0),
+    }
+
+
 def _round(value: float | None, digits: int = 1) -> float | None:
     return None if value is None else round(value, digits)
 
@@ -123,6 +137,10 @@ class Peer:
     jitter_ms: float | None
     bitrate_kbps: float | None
     fps: float | None
+    # The ladder rung the main room sends this room and why; audio only below the floor.
+    layer: str | None = None
+    layer_reason: str | None = None
+    audio_only: bool | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -133,6 +151,9 @@ class Peer:
             "jitter_ms": _round(self.jitter_ms),
             "bitrate_kbps": _round(self.bitrate_kbps, 0),
             "fps": _round(self.fps),
+            "layer": self.layer,
+            "layer_reason": self.layer_reason,
+            "audio_only": self.audio_only,
         }
 
 
@@ -159,6 +180,7 @@ class Health:
     mic: str | None
     mic_dbfs: float | None
     clipping: bool | None
+    echo: dict[str, Any] | None  # the microphone's echo canceller (None: no processing)
     cpu_percent: float | None
     memory_percent: float | None
     temperature_c: float | None
@@ -182,6 +204,7 @@ class Health:
             "mic": self.mic,
             "mic_dbfs": _round(self.mic_dbfs),
             "clipping": self.clipping,
+            "echo": self.echo,
             "cpu_percent": _round(self.cpu_percent),
             "memory_percent": _round(self.memory_percent),
             "temperature_c": _round(self.temperature_c),
@@ -647,6 +670,7 @@ class FleetModel:
             mic=_text(audio.get("state"), 20),
             mic_dbfs=_num(audio.get("level_dbfs")),
             clipping=_flag(audio.get("clipping")),
+            echo=_echo(audio.get("processing")),
             cpu_percent=_num(system.get("cpu_percent")),
             memory_percent=_num(system.get("memory_percent")),
             temperature_c=_num(system.get("temperature_c")),
@@ -689,6 +713,9 @@ class FleetModel:
                     jitter_ms=_num(stats.get("jitter_ms")),
                     bitrate_kbps=_num(stats.get("bitrate_kbps")),
                     fps=_num(stats.get("fps")),
+                    layer=_text(stats.get("layer"), 20),
+                    layer_reason=_text(stats.get("layer_reason"), 200),
+                    audio_only=_flag(stats.get("audio_only")),
                 )
             )
         role = value.get("role")
@@ -969,6 +996,18 @@ class FleetModel:
                 peers.extend(stream.peers)
         quality, detail = lesson_quality(peers)
         main = self.rooms.get(lesson.main)
+        # What the main room sends each receiving room: its ladder rung and why.
+        main_stream = main.health.stream if main is not None and main.health is not None else None
+        layers = [
+            {
+                "device": p.device,
+                "layer": p.layer,
+                "reason": p.layer_reason,
+                "audio_only": bool(p.audio_only) or p.layer == "paused",
+            }
+            for p in (main_stream.peers if main_stream is not None else ())
+            if p.layer is not None and p.device in expected
+        ]
         return {
             "group": lesson.group,
             "lesson_id": lesson.lesson_id,
@@ -984,6 +1023,7 @@ class FleetModel:
             "quality_detail": detail,
             # The same worst-peer figures as numbers: the page words them in its language.
             "quality_figures": worst_figures(peers),
+            "layers": layers,
         }
 
 

@@ -107,6 +107,16 @@
     return room.lesson !== null && room.lesson !== undefined;
   }
 
+  function echoText(echo) {
+    // The echo canceller, for a technician when a room says it hears itself.
+    if (!echo) return "";
+    if (!echo.active || !echo.aec) return t("dash.mic.echo_off");
+    const parts = [t(echo.cancelling ? "dash.mic.echo_cancelling" : "dash.mic.echo_idle")];
+    if (typeof echo.echo_path_ms === "number") parts.push(t("dash.mic.echo_path", { ms: fixed(echo.echo_path_ms, 0) }));
+    if (typeof echo.erle_db === "number") parts.push(t("dash.mic.erle", { db: fixed(echo.erle_db, 0) }));
+    return parts.join(", ");
+  }
+
   function profileProblem(room) {
     return Boolean(room.config && room.config.problem);
   }
@@ -415,7 +425,8 @@
       const micCls = h.mic && h.mic !== "ok" ? "v-bad" : h.clipping ? "v-warn" : "";
       const micText = h.mic && h.mic !== "ok" ? deviceText(h.mic) : fixed(h.mic_dbfs, 0);
       figure(c.mic, micText, h.mic && h.mic !== "ok" ? "" : "dBFS", micCls,
-        h.clipping ? t("dash.mic.clipping") : t("dash.mic.title", { state: h.mic ? deviceText(h.mic) : "?" }));
+        [h.clipping ? t("dash.mic.clipping") : t("dash.mic.title", { state: h.mic ? deviceText(h.mic) : "?" }),
+          echoText(h.echo)].filter(Boolean).join(" · "));
       figure(c.cpu, fixed(h.cpu_percent, 0), "%", level(h.cpu_percent, 85, 95),
         typeof h.memory_percent === "number" ? t("dash.cpu.memory", { percent: fixed(h.memory_percent, 0) }) : "");
       figure(c.temp, fixed(h.temperature_c, 0), "°C", level(h.temperature_c, 75, 85));
@@ -588,6 +599,17 @@
       quality.append(el("span", `q q-${lesson.quality}`, label));
       const detail = qualityDetail(lesson);
       if (detail) quality.append(el("span", "q-detail", detail));
+      for (const room of lesson.layers || []) {
+        if (room.layer === "high") continue;  // the full picture: nothing to say
+        const key = room.audio_only ? "dash.lessons.layer_audio_only"
+          : room.layer === "floor" ? "dash.lessons.layer_floor" : "dash.lessons.layer_low";
+        const line = el("span", `q-layer${room.audio_only ? " bad" : ""}`,
+          t(key, { room: roomLabel(room.device) }));
+        line.dataset.device = room.device;
+        line.dataset.layer = room.layer;
+        if (room.reason) line.title = room.reason;
+        quality.append(line);
+      }
       tr.append(quality);
       const started = el("td", "started num");
       started.dataset.started = lesson.started_at || "";
