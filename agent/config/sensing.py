@@ -58,6 +58,13 @@ class SensingConfig(StrictModel):
         description="Threads each model may use (intra-op); 1 leaves the other cores to the "
         "lesson's encoder",
     )
+    nice: int = Field(
+        default=10,
+        ge=0,
+        le=19,
+        description="Scheduling niceness of the sensing thread (Linux, per thread): when the "
+        "CPU is short, the lesson's encoder and network run first and sensing samples less",
+    )
     detect_width: int = Field(
         default=1280,
         ge=160,

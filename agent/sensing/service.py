@@ -19,6 +19,8 @@ from __future__ import annotations
 import asyncio
 import datetime
 import logging
+import os
+import threading
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -116,6 +118,14 @@ class SensingService:
 
     # -- running ----------------------------------------------------------------------
 
+    def _lower_priority(self) -> None:
+        """Runs in the worker thread: on Linux a thread has its own nice value, and with
+        one intra-op thread onnxruntime computes in this thread, so the lesson wins."""
+        try:
+            os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), self.config.nice)
+        except (OSError, AttributeError) as exc:  # another OS, or not allowed
+            log.debug("sensing thread keeps its priority: %s", exc)
+
     def _store_stamp(self) -> float | None:
         try:
             return (self.store_dir / STORE_FILE).stat().st_mtime
@@ -155,7 +165,9 @@ class SensingService:
 
     async def run(self) -> None:
         loop = asyncio.get_running_loop()
-        executor = self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="sensing")
+        executor = self._executor = ThreadPoolExecutor(
+            max_workers=1, thread_name_prefix="sensing", initializer=self._lower_priority
+        )
         subscription = None
         try:
             self.state, self.reason = "loading", ""
