@@ -279,3 +279,23 @@ def test_a_roster_enrolled_while_running_is_taken_at_the_next_lesson(tmp_path: P
     assert service.pipeline.embedder is not None
     assert service.pipeline.gallery is not None
     assert service.pipeline.gallery.students == {"s-a"}
+
+
+def test_the_daemon_carries_sensing_in_health_and_a_reload_restarts_only_it(
+    tmp_path: Path,
+) -> None:
+    from tests.test_reload import agent_for
+
+    off = agent_for(tmp_path)
+    assert off.part("sensing") is None
+    assert "sensing" not in off.health_sections()  # the reporter sends null
+    on = agent_for(tmp_path, sensing={"enabled": True})
+    service = on.part("sensing")
+    assert isinstance(service, SensingService)
+    assert service in on.services()
+    assert on.health_sections()["sensing"]["state"] == "starting"
+    # Turning sensing on, or changing a threshold, touches sensing alone, never the lesson.
+    for change in ({"enabled": True}, {"enabled": True, "match_distance": 0.45}):
+        plan = off.plan(agent_for(tmp_path, sensing=change).loaded, None)
+        assert plan.restarts == ["sensing"], plan.describe()
+        assert plan.live == ()
