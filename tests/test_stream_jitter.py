@@ -350,3 +350,16 @@ async def test_video_receivers_get_the_video_buffer_and_audio_ones_do_not() -> N
         assert tune_video_receiver(audio.receiver) is None
     finally:
         await pc.close()
+
+
+def test_after_a_skip_the_backlog_is_jumped_to_its_newest_keyframe() -> None:
+    """With a long wait (a satellite's round trip), frames pile up behind the hole; the
+    older keyframe among them is seconds late by the time the hole is given up on, so
+    the buffer jumps to the newest one instead of trickling the backlog out."""
+    clock = [0.0]
+    buffer = VideoJitterBuffer(hole_wait_s=0.6, clock=lambda: clock[0])
+    packets = video_packets(60)
+    del packets[3 * 12 + 1]
+    frames, _ = feed_video(buffer, packets, clock)
+    assert frames == [*range(12), *range(30, 59)], frames
+    assert buffer.counters.frames_dropped >= 17  # 13 to 29, never decoded

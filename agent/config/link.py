@@ -67,10 +67,14 @@ class LinkConfig(StrictModel):
         "encoded only while some room is on it",
     )
     floor_bitrate_kbps: int = Field(
-        default=200, ge=50, le=1000, description="Floor layer bitrate (150-250 suits 240p)"
+        default=200, ge=50, le=1000, description="Floor layer bitrate (150-250 suits 180p)"
     )
     floor_height: int = Field(
-        default=240, ge=90, le=720, description="Picture height of the floor layer"
+        default=180,
+        ge=90,
+        le=720,
+        description="Picture height of the floor layer (180: a quarter of 720p, so the "
+        "picture, and the synthetic camera's latency stamp, scale cleanly)",
     )
 
     @classmethod

@@ -106,7 +106,7 @@ class EncoderSettings:
     # a room's video pauses (stream.link.floor_layer). Off: two layers, as before.
     floor_enabled: bool = False
     floor_bitrate_kbps: int = 200
-    floor_height: int = 240
+    floor_height: int = 180
 
     @classmethod
     def from_config(cls, config: StreamConfig) -> EncoderSettings:

@@ -112,6 +112,7 @@ HOLE_WAIT_MIN_S = 0.25  # at least one retransmission's worth on a short link
 HOLE_WAIT_MAX_S = 1.2
 _START_CODE = b"\x00\x00\x00\x01"
 _NAL_IDR = 5
+_NAL_SPS = 7
 
 
 def is_keyframe(annex_b: bytes) -> bool:
@@ -120,6 +121,17 @@ def is_keyframe(annex_b: bytes) -> bool:
     pos = annex_b.find(_START_CODE)
     while pos >= 0 and pos + 4 < len(annex_b):
         if annex_b[pos + 4] & 0x1F == _NAL_IDR:
+            return True
+        pos = annex_b.find(_START_CODE, pos + 4)
+    return False
+
+
+def starts_keyframe(annex_b: bytes) -> bool:
+    """Whether a packet's payload (depayloaded, Annex B) opens a keyframe: an IDR slice
+    or the sequence parameter set our encoder repeats before every IDR."""
+    pos = annex_b.find(_START_CODE)
+    while pos >= 0 and pos + 4 < len(annex_b):
+        if annex_b[pos + 4] & 0x1F in (_NAL_IDR, _NAL_SPS):
             return True
         pos = annex_b.find(_START_CODE, pos + 4)
     return False
@@ -188,6 +200,7 @@ class VideoJitterBuffer(JitterBuffer):
         if now - self._blocked_since < self.hole_wait_s:
             return pli, None
         self._skip(head)
+        self._skip_backlog()
         self._blocked_since = None
         self.counters.holes_skipped += 1
         self._need_keyframe = True
@@ -231,6 +244,41 @@ class VideoJitterBuffer(JitterBuffer):
                 break
             count += 1
         self.remove(count)
+
+    def _skip_backlog(self) -> None:
+        """After a skip, jump to the newest keyframe waiting in the buffer (or, with none,
+        to the newest frame): the complete frames that queued up behind the hole are
+        seconds old by now, cannot be decoded without the lost one, and aiortc's buffer
+        hands over only one frame per arriving packet, so they would trickle out late."""
+        origin = self._origin
+        if origin is None or self._newest is None:
+            return
+        newest = (self._newest - origin) & 0xFFFF
+        if newest >= self._capacity:
+            return
+        target = None
+        last_timestamp = None
+        newest_start = None
+        for count in range(newest + 1):
+            packet = self._packets[(origin + count) % self._capacity]
+            if packet is None:
+                continue
+            if packet.timestamp != last_timestamp:
+                newest_start = count
+                if starts_keyframe(getattr(packet, "_data", b"")):
+                    target = count
+            last_timestamp = packet.timestamp
+        jump = target if target is not None else newest_start
+        if jump:
+            dropped = len(
+                {
+                    p.timestamp
+                    for c in range(jump)
+                    if (p := self._packets[(origin + c) % self._capacity]) is not None
+                }
+            )
+            self.counters.frames_dropped += dropped
+            self.remove(jump)
 
     def _next_frame(self) -> JitterFrame | None:
         """A frame now complete at the head (the skip may have uncovered one)."""
