@@ -326,3 +326,47 @@ def test_a_roster_matches_in_analyze_then_list_and_remove(tmp_path: Path) -> Non
     )
     assert again.returncode == 1
     assert "s-obama: not enrolled" in again.stderr
+
+
+def test_a_roster_signed_by_it_is_verified_before_it_is_read(tmp_path: Path) -> None:
+    from agent.config import AgentConfig
+    from agent.sensing import read_signed_roster
+    from agent.sync import Scope, generate_key, public_key_text, sign
+
+    keys = [generate_key(tmp_path / "keys"), generate_key(tmp_path / "keys")]
+    config = AgentConfig.model_validate(
+        {
+            "identity": {"site": "school1", "room": "room1"},
+            "profiles": {"trusted_keys": [public_key_text(k.public) for k in keys]},
+        }
+    )
+    text = b"class: g3\nstudents:\n- {id: s1, name: A, consent: true}\n"
+
+    def signed(name: str, payload: bytes = text, **options: object) -> Path:
+        envelope = sign(
+            payload,
+            payload_type=str(options.get("payload_type", "roster")),
+            scope=Scope.parse(str(options.get("scope", "room:school1.room1"))),
+            version=1,
+            keys=[keys[0]],
+        )
+        path = tmp_path / name
+        path.write_bytes(envelope.to_json())
+        return path
+
+    roster = read_signed_roster(signed("ok.json"), config)
+    assert [s.id for s in roster.students] == ["s1"]
+    tampered = signed("tampered.json")
+    tampered.write_bytes(tampered.read_bytes().replace(b'"version": 1', b'"version": 2'))
+    with pytest.raises(RosterError, match="refused: bad-signature"):
+        read_signed_roster(tampered, config)
+    with pytest.raises(RosterError, match=r"does not include school1\.room1"):
+        read_signed_roster(signed("other.json", scope="room:school2.room9"), config)
+    with pytest.raises(RosterError, match="a signed config document, not a roster"):
+        read_signed_roster(signed("config.json", payload_type="config"), config)
+    dupes = text + b"- {id: s1, name: B, consent: true}\n"
+    with pytest.raises(RosterError, match="duplicate student ids: s1"):
+        read_signed_roster(signed("dupes.json", dupes), config)
+    unpinned = AgentConfig.model_validate({"identity": {"site": "school1", "room": "room1"}})
+    with pytest.raises(RosterError, match="pins no IT keys"):
+        read_signed_roster(signed("again.json"), unpinned)

@@ -35,7 +35,15 @@ from agent.sensing.models import (
     shipped_models_dir,
 )
 from agent.sensing.pipeline import STAGES, FaceResult, Gallery, Match, Pipeline, StageTimes
-from agent.sensing.roster import Enrolled, RosterError, RosterStore, open_store, read_roster
+from agent.sensing.roster import (
+    Enrolled,
+    RosterError,
+    RosterStore,
+    is_signed,
+    open_store,
+    read_roster,
+    read_signed_roster,
+)
 from agent.sensing.service import SensingService, sensing_service
 from agent.sensing.track import UNKNOWN, Track, Tracker, iou
 
@@ -69,6 +77,7 @@ __all__ = [
     "add_sensing_commands",
     "choose_providers",
     "iou",
+    "is_signed",
     "load_catalogue",
     "make_detector",
     "make_embedder",
@@ -76,6 +85,7 @@ __all__ = [
     "open_session",
     "open_store",
     "read_roster",
+    "read_signed_roster",
     "read_verified",
     "register_detector",
     "register_embedder",

@@ -134,7 +134,12 @@ def add_roster_parser(sub: Any) -> None:
     roster.add_argument("--key-file", type=Path, help="the store's key (default: from config)")
     actions = roster.add_subparsers(dest="roster_command", required=True)
     enroll = actions.add_parser("enroll", help="enrol consenting students from their photos")
-    enroll.add_argument("--roster", type=Path, required=True, help="roster file (YAML)")
+    enroll.add_argument(
+        "--roster",
+        type=Path,
+        required=True,
+        help="roster file (YAML), or one IT signed (profile sign --type roster)",
+    )
     enroll.add_argument(
         "--photos",
         type=Path,
@@ -187,7 +192,7 @@ def cmd_roster(args: argparse.Namespace) -> int:
     key_file = args.key_file or sensing.key_file
     try:
         if args.roster_command == "enroll":
-            return _enroll(args, sensing, directory, key_file)
+            return _enroll(args, sensing, config, directory, key_file)
         store = open_store(directory, key_file=key_file)
     except RosterError as exc:
         print(str(exc), file=sys.stderr)
@@ -211,16 +216,38 @@ def cmd_roster(args: argparse.Namespace) -> int:
 
 
 def _enroll(
-    args: argparse.Namespace, sensing: SensingConfig, directory: Path, key_file: Path | None
+    args: argparse.Namespace,
+    sensing: SensingConfig,
+    config: AgentConfig | None,
+    directory: Path,
+    key_file: Path | None,
 ) -> int:
     import cv2
     import numpy as np
 
     from agent.sensing.models import ModelError
     from agent.sensing.pipeline import Pipeline
-    from agent.sensing.roster import Enrolled, now, open_store, read_roster
+    from agent.sensing.roster import (
+        Enrolled,
+        is_signed,
+        now,
+        open_store,
+        read_roster,
+        read_signed_roster,
+    )
 
-    roster = read_roster(args.roster)
+    if is_signed(args.roster):
+        if config is None:
+            print(
+                f"{args.roster}: a signed roster needs the site file (--config): its "
+                "pinned IT keys and this room's identity",
+                file=sys.stderr,
+            )
+            return EXIT_FAILURE
+        roster = read_signed_roster(args.roster, config)
+        print(f"{args.roster}: signature verified", file=sys.stderr)
+    else:
+        roster = read_roster(args.roster)
     if not args.photos.is_dir():
         print(f"{args.photos}: not a folder of photos", file=sys.stderr)
         return EXIT_FAILURE

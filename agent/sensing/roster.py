@@ -29,9 +29,10 @@ from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
-from agent.config import SLUG_PATTERN
+from agent.config import SLUG_PATTERN, AgentConfig
 from agent.sensing.faces import Embedding
 from agent.sensing.pipeline import Gallery
+from agent.sync import Keyring, Rejected, check_time, parse_envelope
 
 STORE_FILE = "roster.enc"
 KEY_FILE = "store.key"
@@ -84,6 +85,59 @@ def read_roster(path: Path) -> RosterFile:
         raw = path.read_bytes()
     except OSError as exc:
         raise RosterError(f"{path}: cannot read ({exc.strerror})") from None
+    return _parse_roster(raw, str(path))
+
+
+def is_signed(path: Path) -> bool:
+    """Whether the file is a signed envelope (``profile sign --type roster``), by its head."""
+    try:
+        with path.open("rb") as handle:
+            head = handle.read(4096)
+    except OSError:
+        return False
+    return head.lstrip().startswith(b"{") and b'"envelope"' in head
+
+
+def read_signed_roster(path: Path, config: AgentConfig, now: float | None = None) -> RosterFile:
+    """A roster IT signed (``classroom-agent profile sign --type roster``): one valid
+    signature by a key this device pins (``profiles.trusted_keys``), in date, for a scope
+    that includes this room; then checked like a roster file."""
+    try:
+        raw = path.read_bytes()
+    except OSError as exc:
+        raise RosterError(f"{path}: cannot read ({exc.strerror})") from None
+    identity = config.identity
+    try:
+        envelope = parse_envelope(raw)
+        if envelope.payload_type != "roster":
+            raise RosterError(
+                f"{path}: a signed {envelope.payload_type} document, not a roster "
+                "(sign it with --type roster)"
+            )
+        texts = config.profiles.trusted_keys
+        if not texts:
+            raise RosterError(
+                f"{path}: signed, but this device pins no IT keys (profiles.trusted_keys)"
+            )
+        Keyring.from_texts(texts, config.profiles.keys_threshold).verify_single(envelope)
+        check_time(
+            envelope,
+            time.time() if now is None else now,
+            config.profiles.max_clock_skew_s,
+            "see timedatectl",
+        )
+        groups = [g.group for g in identity.groups]
+        if not envelope.scope.includes(identity.device_id, groups):
+            raise RosterError(
+                f"{path}: signed for {envelope.scope}, which does not include {identity.device_id}"
+            )
+    except Rejected as exc:
+        raise RosterError(f"{path}: refused: {exc}") from None
+    return _parse_roster(envelope.payload, f"{path} ({envelope.describe()})")
+
+
+def _parse_roster(raw: bytes, where: str) -> RosterFile:
+    path = where
     try:
         text = raw.decode("utf-8")
     except UnicodeDecodeError as exc:
