@@ -10,7 +10,10 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import re
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -172,6 +175,26 @@ async def test_a_lesson_with_sensing_on_sends_only_counts(
     assert record["students"]["s-ben"]["status"] == "absent"
     assert record["students"]["s-obama"]["status"] == "present"
     assert b"s-obama" not in record_path.read_bytes()
+    shown = await asyncio.to_thread(
+        subprocess.run,
+        [
+            sys.executable,
+            "-m",
+            "agent.cli",
+            "sensing",
+            "attendance",
+            "--store",
+            str(store_dir),
+            record_path.stem,
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=True,
+    )
+    assert "present 2" in shown.stdout
+    assert re.search(r"s-ben +Ben +absent +not seen", shown.stdout), shown.stdout
+    assert re.search(r"s-obama +欧巴马 +present +seen", shown.stdout), shown.stdout
     # Privacy: every message of the lesson, on every topic: no student id or name, no
     # boxes, no vector of numbers, no image.
     assert len(observer.messages) > 10

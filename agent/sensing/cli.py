@@ -44,6 +44,15 @@ def add_sensing_parsers(sub: Any) -> None:
     analyze.add_argument("--key-file", type=Path, help="the store's key (default: from config)")
     analyze.add_argument("--json", action="store_true", help="a JSON list, one object an image")
     analyze.set_defaults(func=cmd_analyze)
+    attendance = actions.add_parser(
+        "attendance", help="this room's sealed attendance records (they stay on the device)"
+    )
+    add_config_options(attendance)
+    attendance.add_argument("lesson", nargs="?", help="lesson id (default: list the records)")
+    attendance.add_argument("--store", type=Path, help="store folder (default: from config)")
+    attendance.add_argument("--key-file", type=Path, help="the store's key (default: config)")
+    attendance.add_argument("--json", action="store_true")
+    attendance.set_defaults(func=cmd_attendance)
 
 
 def read_image(path: Path) -> Any:
@@ -357,3 +366,46 @@ def _enroll(
                 f"{row['sharpness']:>6.0f} {own_text:>6} {near_text:>20}  {', '.join(notes)}"
             )
     return EXIT_OK if refused == 0 else EXIT_FAILURE
+
+
+def cmd_attendance(args: argparse.Namespace) -> int:
+    from agent.sensing.roster import RosterError, open_store
+
+    sensing, config = _config(args)
+    try:
+        store = open_store(_store_dir(args, config), key_file=args.key_file or sensing.key_file)
+        if args.lesson is None:
+            records = [(p.stem, store.open_record(p)) for p in store.records()]
+        else:
+            path = store.directory / "attendance" / f"{args.lesson}.enc"
+            if not path.exists():
+                print(f"{args.lesson}: no attendance record in {path.parent}", file=sys.stderr)
+                return EXIT_FAILURE
+            records = [(args.lesson, store.open_record(path))]
+    except RosterError as exc:
+        print(str(exc), file=sys.stderr)
+        return EXIT_FAILURE
+    if args.json:
+        print(json.dumps([r for _, r in records], indent=2, ensure_ascii=False))
+        return EXIT_OK
+    if not records:
+        print("no attendance records")
+    for name, record in records:
+        counts = ", ".join(f"{k.replace('_', ' ')} {v}" for k, v in record["counts"].items())
+        minutes = (record["end"] - record["start"]) / 60
+        print(f"{name}: {minutes:.0f} min; {counts}; unknown faces {record['unknown']}")
+        if args.lesson is None:
+            continue
+        for student, row in record["students"].items():
+            enrolled = store.students.get(student)
+            who = enrolled.name if enrolled is not None else "(no longer enrolled)"
+            seen = (
+                f"seen {row['first_seen_min']:.1f}-{row['last_seen_min']:.1f} min"
+                if "first_seen_min" in row
+                else "not seen"
+            )
+            print(
+                f"  {student:<14} {who:<20} {row['status']:<10} {seen:<22} "
+                f"confidence {row['confidence']:.2f}"
+            )
+    return EXIT_OK

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import secrets
 import stat
 import time
@@ -39,6 +40,7 @@ KEY_FILE = "store.key"
 CREDENTIAL = "sensing-key"
 _MAGIC = b"CEAS1"  # classroom edge agent sealed, version 1
 _NONCE = 12
+RECORD_NAME = re.compile(r"[A-Za-z0-9_-]{1,80}")
 
 
 class RosterError(Exception):
@@ -295,12 +297,21 @@ class RosterStore:
         )
 
     def seal_record(self, name: str, payload: dict[str, Any]) -> Path:
+        if not RECORD_NAME.fullmatch(name):  # lesson ids are checked upstream; be sure
+            raise RosterError(f"{name!r}: not a record name (letters, digits, - and _)")
         path = self.directory / "attendance" / f"{name}.enc"
         write_private(path, seal(self._key, payload, b"attendance"))
         return path
 
     def open_record(self, path: Path) -> dict[str, Any]:
         return unseal(self._key, path.read_bytes(), b"attendance", str(path))
+
+    def records(self) -> list[Path]:
+        """The sealed attendance records, oldest first."""
+        folder = self.directory / "attendance"
+        if not folder.is_dir():
+            return []
+        return sorted(folder.glob("*.enc"), key=lambda p: p.stat().st_mtime)
 
 
 def open_store(
