@@ -535,7 +535,12 @@ def test_the_lesson_view_says_which_rooms_are_on_a_lower_layer_or_audio_only() -
         site, name = device.split(".")
         model.apply(f"edu/{site}/{name}/state", state("online", 1, device=device))
     model.apply("edu/lesson/g5-english", lesson(["village-a.r1", "village-b.r1"]))
-    floor = {**peer(150, 5.0, 25), "layer": "floor", "layer_reason": "5 % loss on the low layer"}
+    floor = {
+        **peer(150, 5.0, 25),
+        "layer": "floor",
+        "layer_reason": "5 % loss on the low layer",
+        "layer_cause": "loss",
+    }
     paused = {**peer(150, 9.0, 0), "layer": "paused", "audio_only": True}
     main_stream = {
         "lesson": "les-1",

@@ -140,6 +140,7 @@ class Peer:
     # The ladder rung the main room sends this room and why; audio only below the floor.
     layer: str | None = None
     layer_reason: str | None = None
+    layer_cause: str | None = None  # start | loss | bandwidth | delay | probe | pinned
     audio_only: bool | None = None
 
     def to_dict(self) -> dict[str, Any]:
@@ -153,6 +154,7 @@ class Peer:
             "fps": _round(self.fps),
             "layer": self.layer,
             "layer_reason": self.layer_reason,
+            "layer_cause": self.layer_cause,
             "audio_only": self.audio_only,
         }
 
@@ -715,6 +717,7 @@ class FleetModel:
                     fps=_num(stats.get("fps")),
                     layer=_text(stats.get("layer"), 20),
                     layer_reason=_text(stats.get("layer_reason"), 200),
+                    layer_cause=_text(stats.get("layer_cause"), 20),
                     audio_only=_flag(stats.get("audio_only")),
                 )
             )

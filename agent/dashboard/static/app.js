@@ -121,6 +121,11 @@
     return Boolean(room.config && room.config.problem);
   }
 
+  const LAYER_CAUSE_TEXT = {
+    start: "dash.lessons.cause.start", loss: "dash.lessons.cause.loss",
+    bandwidth: "dash.lessons.cause.bandwidth", delay: "dash.lessons.cause.delay",
+    probe: "dash.lessons.cause.probe", pinned: "dash.lessons.cause.pinned",
+  };
   const PROFILE_STATE_TEXT = {
     applied: "dash.profile.state.applied", cleared: "dash.profile.state.cleared",
     pending: "dash.profile.state.pending", waiting: "dash.profile.state.waiting",
@@ -607,7 +612,8 @@
           t(key, { room: roomLabel(room.device) }));
         line.dataset.device = room.device;
         line.dataset.layer = room.layer;
-        if (room.reason) line.title = room.reason;
+        const cause = LAYER_CAUSE_TEXT[room.cause];
+        line.title = cause ? t(cause) : room.reason || "";
         quality.append(line);
       }
       tr.append(quality);
