@@ -100,7 +100,7 @@ def speed(frames: int) -> dict[str, Any]:
     config = SensingConfig(threads=1)
     detector = RetinaFaceDetector(model_info("retinaface-mnet025"), threads=1)
     embedder = DlibResnetEmbedder(model_info("dlib-resnet-v1"), threads=1)
-    full = RetinaFaceDetector(model_info("retinaface-mnet025"), detect_width=4000)
+    full = RetinaFaceDetector(model_info("retinaface-mnet025"), detect_width=None)
     crops = cut_faces([*GROUP, *SAME, OTHER], full)
     return {
         f"{count} faces": _speed_case(

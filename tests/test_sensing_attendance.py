@@ -41,7 +41,7 @@ def test_a_simulated_lesson_gives_present_late_left_early_absent_and_unknown(
     models: tuple[RetinaFaceDetector, DlibResnetEmbedder],
 ) -> None:
     detector, embedder = models
-    full = RetinaFaceDetector(model_info("retinaface-mnet025"), detect_width=4000)
+    full = RetinaFaceDetector(model_info("retinaface-mnet025"), detect_width=None)
     group = cut_faces(GROUP_PHOTOS[:3], full)
     seen_obama = cut_faces([OBAMA[2]], full)
     assert len(group) >= 5

@@ -58,7 +58,7 @@ def test_the_schema_matches_the_contracts() -> None:
 def _class_video(tmp_path: Path) -> tuple[Path, Path]:
     """A 640x360 video of a class (s-obama, s-ana and a stranger; s-ben absent) and an
     encrypted store with the three students enrolled from other photos / full size."""
-    full = RetinaFaceDetector(model_info("retinaface-mnet025"), detect_width=4000)
+    full = RetinaFaceDetector(model_info("retinaface-mnet025"), detect_width=None)
     detector = RetinaFaceDetector(model_info("retinaface-mnet025"))
     embedder = DlibResnetEmbedder(model_info("dlib-resnet-v1"))
     group = cut_faces(GROUP_PHOTOS[:2], full)

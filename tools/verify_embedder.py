@@ -87,7 +87,7 @@ def main() -> int:
     resnet = dlib.face_recognition_model_v1(
         str(folder / "dlib_face_recognition_resnet_model_v1.dat")
     )
-    detector = RetinaFaceDetector(model_info("retinaface-mnet025"), detect_width=4000)
+    detector = RetinaFaceDetector(model_info("retinaface-mnet025"), detect_width=None)
     embedder = DlibResnetEmbedder(model_info("dlib-resnet-v1"))
 
     mapped, network, pipeline, faces = [], [], [], []

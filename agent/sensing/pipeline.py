@@ -117,6 +117,7 @@ class Pipeline:
             provider=config.execution_provider,
             detect_width=config.detect_width,
             score_threshold=config.detect_score,
+            upscale=config.detect_upscale,
         )
         self.embedder: Embedder | None = None
         if identify:

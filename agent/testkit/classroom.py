@@ -175,7 +175,7 @@ def make_demo_class(photos: Path, workdir: Path, store_dir: Path) -> DemoClass:
     )
 
     pipeline = Pipeline(SensingConfig())
-    full = RetinaFaceDetector(model_info("retinaface-mnet025"), detect_width=4000)
+    full = RetinaFaceDetector(model_info("retinaface-mnet025"), detect_width=None)
     crops = cut_faces(sorted(photos.glob("faceapi-sample*.jpg")), full)
     students, visitor = crops[:7], crops[7]
     store = open_store(store_dir, create=True)
