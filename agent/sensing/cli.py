@@ -21,6 +21,7 @@ from agent.config import (
     SensingConfig,
     add_config_options,
 )
+from agent.sensing.talk_cli import add_talk_parser
 
 EXIT_OK, EXIT_FAILURE, EXIT_USAGE = 0, 1, 2
 
@@ -53,6 +54,7 @@ def add_sensing_parsers(sub: Any) -> None:
     attendance.add_argument("--key-file", type=Path, help="the store's key (default: config)")
     attendance.add_argument("--json", action="store_true")
     attendance.set_defaults(func=cmd_attendance)
+    add_talk_parser(actions)
 
 
 def read_image(path: Path) -> Any:

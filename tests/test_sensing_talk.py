@@ -1,0 +1,195 @@
+"""Who is talking and S-T analysis, on lessons spoken by espeak-ng with a known script.
+
+Honestly synthetic: the voices are Debian's espeak-ng (the teacher ``en-gb``, the pupils
+``en-us+f4``), the room is agent/testkit/acoustics.py's synthetic impulse response, and
+the distance is a level: the teacher reaches the microphone at -20 dBFS (RMS while
+speaking), pupils at their seats at -36 dBFS, more reverberant; white noise at -65 dBFS.
+In the receiving room the remote teacher comes out of the loudspeaker (the agent's own
+playback, passed as the reference) at -24 dBFS through the room's response.
+
+The lessons are short: one sample every 4 s instead of the standard 30 s (the sample
+interval is a parameter; 30 s stays the default), 10 samples a lesson. Tolerances: at
+most one sample of ten wrong against the script, so Rt and Ch each within 0.1 (one sample
+changes Rt by 0.1 and the run count by at most 2), and the mode exact.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from agent.sensing.st_analysis import SAMPLE_INTERVAL_S, analyse, sample
+from agent.sensing.talk import SileroVad, analyse_talk, write_wav
+from agent.testkit.acoustics import espeak_available, room_response, speech
+
+pytestmark = pytest.mark.skipif(not espeak_available(), reason="espeak-ng not installed")
+
+RATE = 48_000
+INTERVAL_S = 4.0
+TEACHER_TEXT = (
+    "Good morning class. Today we look at fractions. A fraction has a top number and a "
+    "bottom number. The bottom number says into how many equal parts the whole is cut. "
+    "The top number says how many of those parts we take. Look at the cake on the board."
+)
+PUPIL_TEXT = (
+    "I think the answer is three quarters, because we took three of the four pieces. "
+    "Can we cut it into eight pieces instead? Then it would be six eighths, I think."
+)
+
+
+def _level(signal: np.ndarray, dbfs: float) -> np.ndarray:
+    active = np.abs(signal) > 1e-3
+    rms = float(np.sqrt(np.mean(signal[active].astype(np.float64) ** 2)))
+    return (signal * (10 ** (dbfs / 20) * np.sqrt(0.5) / rms)).astype(np.float32)
+
+
+@pytest.fixture(scope="module")
+def voices() -> dict[str, np.ndarray]:
+    teacher = speech(TEACHER_TEXT, voice="en-gb", rate=RATE)
+    pupil = speech(PUPIL_TEXT, voice="en-us+f4", rate=RATE, wpm=140)
+    reverb = room_response(RATE, delay_ms=12, rt60_s=0.5, drr_db=-9, seed=3)
+    pupil = np.convolve(pupil, reverb)[: len(pupil)].astype(np.float32)
+    return {"T": _level(teacher, -20), "S": _level(pupil, -36)}
+
+
+def _chunk(voice: np.ndarray, k: int, seconds: float) -> np.ndarray:
+    """A different ``seconds`` of ``voice`` for each ``k`` (wrapping round)."""
+    n = int(seconds * RATE)
+    start = (k * n * 7 // 3) % max(1, len(voice) - n)
+    return voice[start : start + n]
+
+
+def lesson(
+    script: str, voices: dict[str, np.ndarray], *, remote_teacher: bool = False
+) -> tuple[np.ndarray, np.ndarray | None]:
+    """The microphone (and, for a receiving room, what the agent played) for ``script``:
+    per interval 'T' the teacher talks 2.8 s, 'S' a pupil talks 2.8 s, '.' silence
+    (silent practice: an S sample). Each talk starts 0.5 s into its interval."""
+    n = int(len(script) * INTERVAL_S * RATE)
+    mic = np.random.default_rng(7).standard_normal(n).astype(np.float32) * 10 ** (-65 / 20)
+    played = np.zeros(n, np.float32) if remote_teacher else None
+    echo = room_response(RATE, delay_ms=20, rt60_s=0.4, drr_db=-6, seed=5)
+    for k, who in enumerate(script):
+        if who == ".":
+            continue
+        start = int((k * INTERVAL_S + 0.5) * RATE)
+        part = _chunk(voices[who], k, 2.8)
+        if who == "T" and played is not None:
+            remote = _level(part, -12)
+            played[start : start + len(part)] = remote
+            heard = np.convolve(remote, echo)[: len(part)] * 10 ** (-12 / 20)
+            mic[start : start + len(part)] += heard.astype(np.float32)
+        else:
+            mic[start : start + len(part)] += part
+    return mic, played
+
+
+def truth(script: str) -> str:
+    return script.replace(".", "S")
+
+
+LESSONS = {
+    # name: (script, the mode the S-T standard gives the true samples)
+    "lecture": ("TTTTSTTTTT", "lecture"),  # Rt 0.9, Ch 0.2
+    "practice": ("TS..S.S.ST", "practice"),  # Rt 0.2
+    "dialogue": ("TSTSTSTSTS", "dialogue"),  # Rt 0.5, Ch 0.9
+    "mixed": ("TTTTT.SSS.", "mixed"),  # Rt 0.5, Ch 0.1
+}
+
+
+@pytest.fixture(scope="module")
+def vad() -> SileroVad:
+    return SileroVad()
+
+
+def _check(result_samples: str, script: str, mode: str) -> None:
+    expected = analyse(truth(script), INTERVAL_S)
+    assert expected.mode == mode  # the script itself is the mode it claims
+    got = analyse(result_samples, INTERVAL_S)
+    wrong = sum(a != b for a, b in zip(result_samples, truth(script), strict=True))
+    assert wrong <= 1, f"{result_samples} vs script {truth(script)}"
+    assert abs(got.rt - expected.rt) <= 0.1 + 1e-9
+    assert abs(got.ch - expected.ch) <= 0.1 + 1e-9
+    assert got.mode == mode, f"{result_samples}: Rt {got.rt} Ch {got.ch}"
+
+
+@pytest.mark.parametrize("name", list(LESSONS))
+def test_main_room_lessons_get_their_mode(
+    name: str, voices: dict[str, np.ndarray], vad: SileroVad
+) -> None:
+    script, mode = LESSONS[name]
+    mic, _ = lesson(script, voices)
+    result = analyse_talk(mic, RATE, role="main", vad=vad)
+    samples = sample(result.spans, result.duration_s, interval_s=INTERVAL_S)
+    _check(samples, script, mode)
+    # Talk time per speaker: 50-110 % of the script's 2.8 s per talking interval (the
+    # script counts espeak's pauses between words and sentences as talk; the VAD does not).
+    for who in "TS":
+        scripted = 2.8 * script.count(who)
+        assert 0.5 * scripted <= result.talk_s(who) <= 1.1 * scripted + 0.3, who
+
+
+def test_receiving_room_counts_the_loudspeaker_as_the_teacher(
+    voices: dict[str, np.ndarray], vad: SileroVad
+) -> None:
+    script = "TTTSTTTSTT"  # the remote teacher on the loudspeaker, local pupils answering
+    mic, played = lesson(script, voices, remote_teacher=True)
+    result = analyse_talk(mic, RATE, role="receiving", reference=played, vad=vad)
+    assert {s.source for s in result.spans if s.speaker == "T"} == {"loudspeaker"}
+    samples = sample(result.spans, result.duration_s, interval_s=INTERVAL_S)
+    _check(samples, script, "lecture")
+    # Without the reference the loudspeaker is just the room talking: all S (a practice
+    # lesson), which is why the agent passes what it plays.
+    blind = analyse_talk(mic, RATE, role="receiving", vad=vad)
+    assert sample(blind.spans, blind.duration_s, interval_s=INTERVAL_S) == "S" * len(script)
+
+
+def test_st_figures_and_modes_by_the_standard_thresholds() -> None:
+    assert SAMPLE_INTERVAL_S == 30.0
+    r = analyse("TTSSSTTS")
+    assert (r.n, r.runs, r.rt, r.ch, r.mode) == (8, 4, 0.5, 3 / 8, "mixed")
+    assert analyse("TTTSTTT").mode == "lecture"  # Rt 6/7
+    assert analyse("SSSTSSSSSS").mode == "practice"  # Rt 0.1
+    assert analyse("TSTSTS").mode == "dialogue"  # Rt 0.5, Ch 5/6
+    assert analyse("TTTSSSS").mode == "mixed"  # Rt 3/7, Ch 1/7
+    assert analyse("TTTSSSS").to_dict()["n_t"] == 3
+    with pytest.raises(ValueError, match="T and S"):
+        analyse("TX")
+
+
+def test_cli_prints_the_sequence_and_mode(tmp_path: Path, voices: dict[str, np.ndarray]) -> None:
+    script = "TSTSTS"
+    mic, _ = lesson(script, voices)
+    wav = tmp_path / "lesson.wav"
+    write_wav(wav, mic, RATE)
+    command = [sys.executable, "-m", "agent.cli", "sensing", "talk", str(wav), "--json"]
+    run = subprocess.run(
+        [*command, "--interval", str(INTERVAL_S)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert run.returncode == 0, run.stderr
+    out = json.loads(run.stdout)
+    assert out["st"]["mode"] == "dialogue"
+    assert sum(a != b for a, b in zip(out["st"]["samples"], script, strict=True)) <= 1
+    assert all(
+        set(s) == {"start_s", "end_s", "speaker", "source", "level_dbfs"} for s in out["spans"]
+    )
+    bad = tmp_path / "bad.wav"
+    bad.write_bytes(b"not a wav")
+    run = subprocess.run(
+        [sys.executable, "-m", "agent.cli", "sensing", "talk", str(bad)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert run.returncode == 1
+    assert "bad.wav: not a readable WAV file" in run.stderr
