@@ -375,3 +375,20 @@ def test_a_roster_signed_by_it_is_verified_before_it_is_read(tmp_path: Path) -> 
     unpinned = AgentConfig.model_validate({"identity": {"site": "school1", "room": "room1"}})
     with pytest.raises(RosterError, match="pins no IT keys"):
         read_signed_roster(signed("again.json"), unpinned)
+    # IT rotates the keys (threshold-signed): a roster signed by the retired key is refused.
+    from agent.config import LoadedConfig
+    from agent.runtime import open_book
+
+    config = config.model_copy(
+        update={"supervisor": config.supervisor.model_copy(update={"state_dir": tmp_path})}
+    )
+    book = open_book(LoadedConfig(config=config, sources={}, layers=()))
+    third = generate_key(tmp_path / "keys")
+    new_set = json.dumps(
+        {"keys": [public_key_text(keys[1].public), public_key_text(third.public)], "threshold": 2}
+    ).encode()
+    book.accept_keys(
+        sign(new_set, payload_type="keys", scope=Scope("fleet"), version=1, keys=keys).raw
+    )
+    with pytest.raises(RosterError, match="refused: retired-key"):
+        read_signed_roster(signed("retired.json"), config)

@@ -33,7 +33,14 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from agent.config import SLUG_PATTERN, AgentConfig
 from agent.sensing.faces import Embedding
 from agent.sensing.pipeline import Gallery
-from agent.sync import Keyring, Rejected, check_time, parse_envelope
+from agent.sync import (
+    PROFILES_DIR,
+    Keyring,
+    Rejected,
+    check_time,
+    load_keyring,
+    parse_envelope,
+)
 
 STORE_FILE = "roster.enc"
 KEY_FILE = "store.key"
@@ -121,7 +128,10 @@ def read_signed_roster(path: Path, config: AgentConfig, now: float | None = None
             raise RosterError(
                 f"{path}: signed, but this device pins no IT keys (profiles.trusted_keys)"
             )
-        Keyring.from_texts(texts, config.profiles.keys_threshold).verify_single(envelope)
+        # The keys the device trusts now: the site file's, or a set IT has rotated to.
+        site_keys = Keyring.from_texts(texts, config.profiles.keys_threshold)
+        directory = config.supervisor.state_dir / PROFILES_DIR
+        load_keyring(directory, site_keys).verify_single(envelope)
         check_time(
             envelope,
             time.time() if now is None else now,

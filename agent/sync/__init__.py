@@ -48,9 +48,11 @@ from agent.sync.messages import (
     SubscribeRejected,
 )
 from agent.sync.profiles import (
+    PROFILES_DIR,
     LayerReport,
     LayerState,
     ProfileBook,
+    load_keyring,
     profiles_directory,
 )
 from agent.sync.routing import Subscription
@@ -65,6 +67,7 @@ from agent.sync.topics import Topics
 
 __all__ = [
     "MAX_ENVELOPE_BYTES",
+    "PROFILES_DIR",
     "CommandError",
     "CommandHandler",
     "CommandService",
@@ -100,6 +103,7 @@ __all__ = [
     "generate_key",
     "key_id",
     "layer_sort_key",
+    "load_keyring",
     "load_private_key",
     "load_public_keys",
     "parse_envelope",

@@ -126,7 +126,7 @@ class ProfileBook:
         self.history_size = history_size
         self._applied_dir = directory / "applied"
         self._applied_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
-        self.keyring = self._load_keyring(site_keys)
+        self.keyring = load_keyring(directory, site_keys)
         self._site_fingerprint = site_keys.fingerprint()
         state = self._read_json(directory / "state.json") or {}
         self.high_water: dict[str, int] = {
@@ -285,23 +285,6 @@ class ProfileBook:
         )
         return new
 
-    def _load_keyring(self, site_keys: Keyring) -> Keyring:
-        data = self._read_json(self.directory / "keyring.json")
-        if not data:
-            return site_keys
-        if data.get("based_on") != site_keys.fingerprint():
-            # IT changed the site file's pinned keys by hand: they are the new root.
-            log.warning(
-                "the site file pins other keys than the rotated set was based on; "
-                "using the site file's"
-            )
-            return site_keys
-        try:
-            return Keyring.from_dict(data)
-        except (KeyError, ValueError, TypeError) as exc:
-            log.error("ignoring an unreadable rotated key set: %s", exc)
-            return site_keys
-
     # -- applying on trial ---------------------------------------------------------------------
 
     def begin_trial(self, layer: str, envelope: Envelope | None) -> None:
@@ -447,8 +430,30 @@ class ProfileBook:
         return data if isinstance(data, dict) else None
 
 
+PROFILES_DIR = "profiles"  # under supervisor.state_dir
+
+
 def profiles_directory(state_dir: Path) -> Path:
-    path = state_dir / "profiles"
+    path = state_dir / PROFILES_DIR
     path.mkdir(parents=True, exist_ok=True, mode=0o700)
     os.chmod(path, 0o700)
     return path
+
+
+def load_keyring(directory: Path, site_keys: Keyring) -> Keyring:
+    """The IT keys this device trusts now: a set rotated by a threshold-signed ``keys``
+    document (persisted in ``directory``), or the site file's. If IT changed the site
+    file's pinned keys by hand since the rotation, those are the new root."""
+    data = ProfileBook._read_json(directory / "keyring.json")
+    if not data:
+        return site_keys
+    if data.get("based_on") != site_keys.fingerprint():
+        log.warning(
+            "the site file pins other keys than the rotated set was based on; using the site file's"
+        )
+        return site_keys
+    try:
+        return Keyring.from_dict(data)
+    except (KeyError, ValueError, TypeError) as exc:
+        log.error("ignoring an unreadable rotated key set: %s", exc)
+        return site_keys
