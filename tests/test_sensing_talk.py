@@ -24,7 +24,7 @@ import numpy as np
 import pytest
 
 from agent.sensing.st_analysis import SAMPLE_INTERVAL_S, analyse, sample
-from agent.sensing.talk import SileroVad, analyse_talk, write_wav
+from agent.sensing.talk import SileroVad, analyse_talk, resample, write_wav
 from agent.testkit.acoustics import espeak_available, room_response, speech
 
 pytestmark = pytest.mark.skipif(not espeak_available(), reason="espeak-ng not installed")
@@ -65,24 +65,25 @@ def _chunk(voice: np.ndarray, k: int, seconds: float) -> np.ndarray:
 
 
 def lesson(
-    script: str, voices: dict[str, np.ndarray], *, remote_teacher: bool = False
+    script: str, voices: dict[str, np.ndarray], *, remote: str = ""
 ) -> tuple[np.ndarray, np.ndarray | None]:
-    """The microphone (and, for a receiving room, what the agent played) for ``script``:
-    per interval 'T' the teacher talks 2.8 s, 'S' a pupil talks 2.8 s, '.' silence
-    (silent practice: an S sample). Each talk starts 0.5 s into its interval."""
+    """The microphone (and what the agent played, when ``remote`` names who is on the
+    loudspeaker) for ``script``: per interval 'T' the teacher talks 2.8 s, 'S' a pupil
+    talks 2.8 s, '.' silence (silent practice: an S sample). Each talk starts 0.5 s into
+    its interval."""
     n = int(len(script) * INTERVAL_S * RATE)
     mic = np.random.default_rng(7).standard_normal(n).astype(np.float32) * 10 ** (-65 / 20)
-    played = np.zeros(n, np.float32) if remote_teacher else None
+    played = np.zeros(n, np.float32) if remote else None
     echo = room_response(RATE, delay_ms=20, rt60_s=0.4, drr_db=-6, seed=5)
     for k, who in enumerate(script):
         if who == ".":
             continue
         start = int((k * INTERVAL_S + 0.5) * RATE)
         part = _chunk(voices[who], k, 2.8)
-        if who == "T" and played is not None:
-            remote = _level(part, -12)
-            played[start : start + len(part)] = remote
-            heard = np.convolve(remote, echo)[: len(part)] * 10 ** (-12 / 20)
+        if who == remote and played is not None:
+            loud = _level(part, -12)
+            played[start : start + len(part)] = loud
+            heard = np.convolve(loud, echo)[: len(part)] * 10 ** (-12 / 20)
             mic[start : start + len(part)] += heard.astype(np.float32)
         else:
             mic[start : start + len(part)] += part
@@ -138,7 +139,7 @@ def test_receiving_room_counts_the_loudspeaker_as_the_teacher(
     voices: dict[str, np.ndarray], vad: SileroVad
 ) -> None:
     script = "TTTSTTTSTT"  # the remote teacher on the loudspeaker, local pupils answering
-    mic, played = lesson(script, voices, remote_teacher=True)
+    mic, played = lesson(script, voices, remote="T")
     result = analyse_talk(mic, RATE, role="receiving", reference=played, vad=vad)
     assert {s.source for s in result.spans if s.speaker == "T"} == {"loudspeaker"}
     samples = sample(result.spans, result.duration_s, interval_s=INTERVAL_S)
@@ -147,6 +148,39 @@ def test_receiving_room_counts_the_loudspeaker_as_the_teacher(
     # lesson), which is why the agent passes what it plays.
     blind = analyse_talk(mic, RATE, role="receiving", vad=vad)
     assert sample(blind.spans, blind.duration_s, interval_s=INTERVAL_S) == "S" * len(script)
+
+
+def test_main_room_counts_remote_pupils_on_its_loudspeaker_as_the_class(
+    voices: dict[str, np.ndarray], vad: SileroVad
+) -> None:
+    """The main room's loudspeaker plays the receiving rooms' pupils at -24 dBFS, louder
+    than the teacher level: with the reference they are S; without it they are T, and the
+    dialogue reads as a lecture."""
+    script = "TSTSTSTSTS"
+    mic, played = lesson(script, voices, remote="S")
+    result = analyse_talk(mic, RATE, role="main", reference=played, vad=vad)
+    assert {s.source for s in result.spans if s.speaker == "S"} == {"loudspeaker"}
+    _check(sample(result.spans, result.duration_s, interval_s=INTERVAL_S), script, "dialogue")
+    blind = analyse_talk(mic, RATE, role="main", vad=vad)
+    blind_st = analyse(sample(blind.spans, blind.duration_s, interval_s=INTERVAL_S))
+    assert blind_st.mode == "lecture", blind_st
+
+
+def test_the_stream_gives_the_whole_recordings_probabilities(
+    voices: dict[str, np.ndarray], vad: SileroVad
+) -> None:
+    """The microphone arrives in blocks: fed in uneven pieces, the VAD's state carries
+    over and the probabilities are those of the whole recording."""
+    mic16 = resample(lesson("TS.T", voices)[0], RATE)
+    whole = vad.probabilities(mic16)
+    stream = vad.stream()
+    cuts = np.cumsum(np.random.default_rng(1).integers(100, 2000, 200))
+    pieces = np.split(mic16, cuts[cuts < len(mic16)])
+    fed = np.concatenate([stream.feed(p) for p in pieces])
+    assert len(fed) == len(whole) == len(mic16) // 512
+    np.testing.assert_allclose(fed, whole, atol=1e-5)
+    assert whole.max() > 0.9  # speech and silence are both there
+    assert whole.min() < 0.1
 
 
 def test_st_figures_and_modes_by_the_standard_thresholds() -> None:

@@ -15,7 +15,8 @@ Teacher or class (the heuristic, documented in the README):
 
 1. **The reference.** What the agent itself plays through the room's loudspeakers (the
    other side of the lesson) is run through the same VAD. Microphone speech while the
-   reference speaks (held ``echo_hold_s`` longer, for the room's delay and reverberation)
+   reference speaks (from ``echo_lead_s`` before the reference's VAD fires, for its
+   onset latency, to ``echo_hold_s`` after it stops, for the room's delay and reverberation)
    is the loudspeaker, never the local room talking: in a *receiving* room it is the
    remote teacher, so it counts as **T**; in the *main* room it is the receiving rooms'
    pupils answering, so it counts as **S**.
@@ -52,6 +53,7 @@ VAD_RATE = 16_000
 WINDOW = 512  # samples at 16 kHz: 32 ms, the window Silero VAD is trained on
 CONTEXT = 64  # samples of the previous window the model sees before each new one
 WINDOW_S = WINDOW / VAD_RATE
+MIN_PIECE = 3  # windows (96 ms): shorter slivers cut off at the loudspeaker's edges are dropped
 
 Role = Literal["main", "receiving"]
 Speaker = Literal["T", "S"]
@@ -68,6 +70,7 @@ class TalkSettings:
     min_speech_s: float = 0.25  # shorter spans are dropped
     teacher_dbfs: float = -28.0  # local speech at or above this RMS level is the teacher
     echo_hold_s: float = 0.3  # the loudspeaker's speech still reaches the mic this long after
+    echo_lead_s: float = 0.3  # and the reference's VAD may fire this much after its onset
 
 
 @dataclass(frozen=True)
@@ -143,17 +146,39 @@ class SileroVad:
 
     def probabilities(self, audio16k: Audio) -> NDArray[np.float32]:
         """One probability per whole 512-sample window of ``audio16k`` (16 kHz mono)."""
-        n = len(audio16k) // WINDOW
+        return self.stream().feed(audio16k)
+
+    def stream(self) -> VadStream:
+        """A live stream: feed it audio in chunks of any size, the model's state kept."""
+        return VadStream(self.session)
+
+
+class VadStream:
+    """Silero VAD over audio that arrives in pieces (the microphone's blocks): the
+    recurrent state, the 64-sample context and any part window carry over between calls,
+    so the probabilities are those of the whole recording analysed at once."""
+
+    def __init__(self, session: Any) -> None:
+        self.session = session
+        self.state = np.zeros((2, 1, 128), np.float32)
+        self.context = np.zeros((1, CONTEXT), np.float32)
+        self.pending = np.zeros(0, np.float32)
+        self.sr = np.array(VAD_RATE, dtype=np.int64)
+
+    def feed(self, audio16k: Audio) -> NDArray[np.float32]:
+        """Probabilities of the windows completed by ``audio16k`` (16 kHz mono)."""
+        audio = np.concatenate([self.pending, np.asarray(audio16k, np.float32)])
+        n = len(audio) // WINDOW
+        self.pending = audio[n * WINDOW :]
         probs = np.zeros(n, np.float32)
-        state = np.zeros((2, 1, 128), np.float32)
-        context = np.zeros((1, CONTEXT), np.float32)
-        sr = np.array(VAD_RATE, dtype=np.int64)
-        frames = np.asarray(audio16k[: n * WINDOW], np.float32).reshape(n, 1, WINDOW)
+        frames = audio[: n * WINDOW].reshape(n, 1, WINDOW)
         for i in range(n):
-            x = np.concatenate([context, frames[i]], axis=1)
-            out, state = self.session.run(None, {"input": x, "state": state, "sr": sr})
+            x = np.concatenate([self.context, frames[i]], axis=1)
+            out, self.state = self.session.run(
+                None, {"input": x, "state": self.state, "sr": self.sr}
+            )
             probs[i] = out[0, 0]
-            context = x[:, -CONTEXT:]
+            self.context = x[:, -CONTEXT:]
         return probs
 
 
@@ -221,8 +246,9 @@ def analyse_talk(
         ref_mask = np.zeros(n, bool)
         ref_mask[: len(ref_probs)] = speech_mask(ref_probs, settings)
         hold = round(settings.echo_hold_s / WINDOW_S)
+        lead = round(settings.echo_lead_s / WINDOW_S)
         for start, end in _runs(ref_mask):
-            loudspeaker[start : min(n, end + hold)] = True
+            loudspeaker[max(0, start - lead) : min(n, end + hold)] = True
     vad_s = time.perf_counter() - started
     mask = speech_mask(probs, settings)
     energy = _window_energy(mic16, n)
@@ -232,6 +258,8 @@ def analyse_talk(
         # split each speech run where the loudspeaker starts or stops speaking
         for i, j in _runs(loudspeaker[start:end]) + _runs(~loudspeaker[start:end]):
             a, b = i + start, j + start
+            if b - a < MIN_PIECE:
+                continue  # a sliver between the loudspeaker's edges, not a talker
             level = _dbfs(float(np.mean(energy[a:b])))
             source: Source = "loudspeaker" if loudspeaker[a] else "room"
             if source == "loudspeaker":
