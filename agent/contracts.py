@@ -698,6 +698,19 @@ class SensingSection(TypedDict):
     enrolled: int
     in_lesson: bool
     published: int
+    talk: SensingTalk
+
+
+class SensingTalk(TypedDict):
+    """``health.sensing.talk``: the live talk analysis (no audio, no spans)."""
+
+    state: Literal["off", "starting", "idle", "listening", "failed", "stopped"]
+    reason: str
+    role: Literal["main", "receiving"] | None  # of the lesson being analysed
+    heard_s: float  # microphone audio analysed in this lesson
+    reference: bool  # what the loudspeakers played was used in this lesson
+    dropped: int  # microphone chunks the analysis fell too far behind to take
+    lessons: int  # S-T results published
 
 
 class SensingMinute(TypedDict):
@@ -730,6 +743,26 @@ class SensingAttendance(TypedDict):
     absent: int
     unknown: int
     enrolled: int
+
+
+class SensingSt(TypedDict):
+    """``{prefix}/{site}/{room}/sensing`` at a lesson's end: its S-T figures, aggregates of
+    the talk analysis only (never audio or who spoke when)."""
+
+    v: int
+    ts: float
+    device: str
+    lesson: str | None
+    kind: Literal["st"]
+    role: Literal["main", "receiving"]
+    samples: str  # one T or S per interval
+    interval_s: float
+    n: int
+    n_t: int
+    runs: int
+    rt: float
+    ch: float
+    mode: Literal["practice", "lecture", "dialogue", "mixed"]
 
 
 class ProfilesSection(TypedDict):

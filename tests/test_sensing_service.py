@@ -53,6 +53,9 @@ def test_the_schema_matches_the_contracts() -> None:
     check("sensing.minute", node["$defs"]["minute"], contracts.SensingMinute)
     check("sensing.attendance", node["$defs"]["attendance"], contracts.SensingAttendance)
     check("health.sensing", node["$defs"]["section"], contracts.SensingSection)
+    check("sensing.st", node["$defs"]["st"], contracts.SensingSt)
+    talk = node["$defs"]["section"]["properties"]["talk"]
+    check("health.sensing.talk", talk, contracts.SensingTalk)
 
 
 def _class_video(tmp_path: Path) -> tuple[Path, Path]:
@@ -110,7 +113,9 @@ async def test_a_lesson_with_sensing_on_sends_only_counts(
     )
     video = FrameHub(open_video_source(capture.video), capture)
     audio = AudioHub(open_audio_source(capture.audio), capture)
-    config = SensingConfig(enabled=True, sample_fps=4, late_after_min=5, left_early_min=5)
+    config = SensingConfig(
+        enabled=True, sample_fps=4, late_after_min=5, left_early_min=5, st_interval_s=1
+    )
     async with (
         observing(mosquitto, "#") as observer,
         _running(video.run(), audio.run()),
@@ -132,6 +137,7 @@ async def test_a_lesson_with_sensing_on_sends_only_counts(
             lesson=lesson,
             store_dir=store_dir,
             minute_s=2.0,
+            audio=audio,  # the talk analysis too: its S-T figures are on the wire
         )
         observed: list[int] = []  # part 2's analyses hook in here, in the worker thread
         service.observers.append(lambda now, image, faces: observed.append(len(faces)))
@@ -168,6 +174,14 @@ async def test_a_lesson_with_sensing_on_sends_only_counts(
     counts = json.loads(done.payload)
     jsonschema.validate(counts, sensing_schema)
     assert (counts["present"], counts["absent"], counts["enrolled"]) == (2, 1, 3)
+    (st,) = [
+        json.loads(m.payload)
+        for m in observer.messages
+        if m.topic == topic and json.loads(m.payload)["kind"] == "st"
+    ]
+    jsonschema.validate(st, sensing_schema)
+    assert st["lesson"] == announcement.lesson_id
+    assert st["role"] == "main"
     # The per-student record stayed on the device, sealed.
     store = open_store(store_dir)
     (record_path,) = (store_dir / "attendance").iterdir()

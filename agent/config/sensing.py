@@ -161,6 +161,26 @@ class SensingConfig(StrictModel):
         "with no live lesson takes attendance as a sensing-only period; empty: attendance "
         "only during live lessons (head count is always reported)",
     )
+    talk_analysis: bool = Field(
+        default=True,
+        description="While sensing is on, also analyse who talks (Silero VAD on the room "
+        "microphone, teacher-vs-class rule) and publish the lesson's S-T figures at its "
+        "end (Rt, Ch, mode, the T/S samples; never audio)",
+    )
+    teacher_dbfs: float = Field(
+        default=-28.0,
+        ge=-80,
+        le=0,
+        description="Main room: local speech at or above this RMS level (dBFS) is the "
+        "teacher near the microphone, below it the class; set it per room from the levels "
+        "'classroom-agent sensing talk' prints for a recorded lesson",
+    )
+    st_interval_s: float = Field(
+        default=30.0,
+        ge=1,
+        le=600,
+        description="S-T sampling interval in seconds (30 s is the standard method's)",
+    )
     roster_dir: Path | None = Field(
         default=None,
         description="Encrypted roster store (enrolled embeddings); empty: "

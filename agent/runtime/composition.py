@@ -184,7 +184,12 @@ def _sensing(host: Host) -> SensingService | None:
     capture: CaptureService = host.part("capture")
     topics = host.part("mqtt").topics
     return sensing_service(
-        host.config, capture.video, host.part("publisher"), topics.sensing, stream.live_lesson
+        host.config,
+        capture.video,
+        host.part("publisher"),
+        topics.sensing,
+        stream.live_lesson,
+        audio=capture.audio,
     )
 
 

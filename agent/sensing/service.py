@@ -9,9 +9,16 @@ stream) opens an :class:`Attendance`; its end seals the per-student record into 
 encrypted store and publishes the counts. Models that fail to load leave the service
 ``failed`` in health, with the reason; the lesson goes on.
 
+Talk (``sensing.talk_analysis``, with a microphone): the service also subscribes to the
+``AudioHub`` and feeds its blocks, in the same worker thread, to the streaming Silero VAD
+with the teacher-vs-class rule (:mod:`agent.sensing.talk_live`); where the room plays (the
+echo canceller's ``FarEndReference`` exists and is playing) what was played over the same
+samples is the loudspeaker reference. At a lesson's end the S-T figures are published.
+
 What goes over MQTT (``{prefix}/{site}/{room}/sensing``, QoS 1, through the outbox): head
-count, present count, unknown count per minute, and attendance counts at a lesson's end.
-Never names, student ids, boxes, embeddings or images.
+count, present count, unknown count per minute, attendance counts and the S-T figures
+(Rt, Ch, mode, N, the T/S samples) at a lesson's end. Never names, student ids, boxes,
+embeddings, images or audio.
 """
 
 from __future__ import annotations
@@ -27,18 +34,25 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, Protocol
 
-from agent.capture import FrameHub
+import numpy as np
+
+from agent.capture import AudioChunk, AudioHub, FrameHub
 from agent.config import AgentConfig, SensingConfig, period_minutes
 from agent.sensing.attendance import Attendance
 from agent.sensing.faces import Image
 from agent.sensing.models import ModelError
 from agent.sensing.pipeline import STAGES, FaceResult, Gallery, Pipeline
 from agent.sensing.roster import STORE_FILE, RosterError, RosterStore, open_store
+from agent.sensing.st_analysis import StResult
+from agent.sensing.talk import Role, SileroVad, TalkSettings
+from agent.sensing.talk_live import LiveTalk
 
 log = logging.getLogger(__name__)
 
 MINUTE_S = 60.0
 PERIOD_ID = "no-lesson"  # samples outside a lesson count for head count only
+FEED_S = 0.5  # microphone audio handed to the worker thread at a time
+TALK_QUEUE = 500  # microphone chunks the talk analysis may fall behind (10 s of 20 ms)
 
 
 class Publisher(Protocol):
@@ -63,6 +77,8 @@ class SensingService:
         store_dir: Path,
         minute_s: float = MINUTE_S,
         clock: Callable[[], float] = time.time,
+        audio: AudioHub | None = None,
+        role: Callable[[], Role] = lambda: "main",
     ) -> None:
         self.config = config
         self.video = video
@@ -87,6 +103,15 @@ class SensingService:
         self._lesson_id: str | None = None
         self._executor: ThreadPoolExecutor | None = None
         self._stamp: float | None = None
+        self.audio = audio if config.talk_analysis else None
+        self.role = role
+        self.talk_state = "off" if self.audio is None else "starting"
+        self.talk_reason = ""
+        self.talk: LiveTalk | None = None
+        self.talk_published = 0
+        self._vad: SileroVad | None = None
+        self._talk_role: Role | None = None  # set while a lesson wants its talk analysed
+        self._talk_dropped = 0
         # Further per-sample analyses (head pose, hand raising: part 2) run here, in the
         # worker thread, on the same frame and tracked faces: (time, BGR image, faces).
         self.observers: list[Callable[[float, Image, list[FaceResult]], None]] = []
@@ -114,6 +139,19 @@ class SensingService:
             "enrolled": 0 if self.store is None else len(self.store.gallery(1.0).students),
             "in_lesson": self._lesson_id is not None,
             "published": self.published,
+            "talk": self._talk_health(),
+        }
+
+    def _talk_health(self) -> dict[str, Any]:
+        talk = self.talk
+        return {
+            "state": self.talk_state,
+            "reason": self.talk_reason,
+            "role": self._talk_role,
+            "heard_s": 0.0 if talk is None else round(talk.heard_s, 2),
+            "reference": talk is not None and talk.referenced,
+            "dropped": self._talk_dropped,
+            "lessons": self.talk_published,
         }
 
     # -- running ----------------------------------------------------------------------
@@ -147,7 +185,15 @@ class SensingService:
 
     def _load(self) -> Pipeline:
         gallery = self._open_store()
-        return Pipeline(self.config, gallery=gallery, identify=gallery is not None)
+        pipeline = Pipeline(self.config, gallery=gallery, identify=gallery is not None)
+        if self.audio is not None:
+            try:
+                self._vad = SileroVad(models_dir=self.config.models_dir)
+                self.talk_state = "idle"
+            except ModelError as exc:  # the faces go on without the talk
+                self.talk_state, self.talk_reason = "failed", str(exc)
+                log.error("sensing: no talk analysis: %s", exc)
+        return pipeline
 
     def _refresh_roster(self) -> None:
         """At a lesson's start: take a roster enrolled (or changed) since the last one."""
@@ -169,6 +215,7 @@ class SensingService:
             max_workers=1, thread_name_prefix="sensing", initializer=self._lower_priority
         )
         subscription = None
+        listening: asyncio.Task[None] | None = None
         try:
             self.state, self.reason = "loading", ""
             try:
@@ -184,6 +231,8 @@ class SensingService:
                 ", ".join(m["name"] for m in self.pipeline.models()),
             )
             subscription = self.video.subscribe("sensing")
+            if self._vad is not None:
+                listening = asyncio.create_task(self._listen(executor), name="sensing.talk")
             self._minute_started = self.clock()
             period = 1.0 / self.config.sample_fps
             next_due = time.monotonic()
@@ -203,10 +252,102 @@ class SensingService:
         finally:
             if subscription is not None:
                 subscription.close()
+            if listening is not None:
+                listening.cancel()
+                await asyncio.gather(listening, return_exceptions=True)
             await self._end_lesson(self.clock(), shielded=True)
             executor.shutdown(wait=True, cancel_futures=True)
             if self.state != "failed":
                 self.state = "stopped"
+            if self.talk_state not in ("off", "failed"):
+                self.talk_state = "stopped"
+
+    # -- talk -------------------------------------------------------------------------
+
+    async def _listen(self, executor: ThreadPoolExecutor) -> None:
+        """Microphone chunks, with what the loudspeakers played over them, handed to the
+        worker thread in FEED_S batches while a lesson is open (its talk object)."""
+        assert self.audio is not None
+        assert self._vad is not None
+        loop = asyncio.get_running_loop()
+        subscription = self.audio.subscribe("sensing", max_chunks=TALK_QUEUE)
+        batch: list[tuple[AudioChunk, Any]] = []
+        owner: LiveTalk | None = None
+        try:
+            while True:
+                chunk = await subscription.get()
+                self._talk_dropped = subscription.stats().dropped
+                if self._talk_role is None:
+                    batch.clear()
+                    continue
+                if self.talk is None:
+                    self.talk = LiveTalk(
+                        self._vad,
+                        chunk.sample_rate,
+                        role=self._talk_role,
+                        settings=TalkSettings(teacher_dbfs=self.config.teacher_dbfs),
+                        interval_s=self.config.st_interval_s,
+                    )
+                    self.talk_state = "listening"
+                if self.talk is not owner:  # a new lesson: the old one's tail is dropped
+                    batch.clear()
+                    owner = self.talk
+                batch.append((chunk, self._played(chunk)))
+                if sum(c.duration_s for c, _ in batch) >= FEED_S:
+                    blocks, batch = batch, []
+                    await loop.run_in_executor(executor, self._hear, owner, blocks)
+        finally:
+            subscription.close()
+
+    def _played(self, chunk: AudioChunk) -> Any:
+        """What the loudspeakers played over ``chunk``'s samples (a copy; None when the
+        room plays nothing: no echo reference, or none heard in the last second)."""
+        assert self.audio is not None
+        processor = self.audio.processor
+        reference = None if processor is None else processor.reference
+        if reference is None or not reference.playing(chunk.captured_ns):
+            return None
+        if reference.rate != chunk.sample_rate:
+            return None
+        count = int(chunk.samples.shape[0])
+        return reference.read(chunk.captured_ns - count * 1e9 / chunk.sample_rate, count)
+
+    @staticmethod
+    def _hear(talk: LiveTalk, blocks: list[tuple[AudioChunk, Any]]) -> None:
+        """In the worker thread: one batch of microphone blocks into the lesson's talk."""
+        mic = np.concatenate(
+            [c.samples.astype(np.float32).mean(axis=1) / 32768.0 for c, _ in blocks]
+        )
+        reference = None
+        if any(played is not None for _, played in blocks):
+            reference = np.concatenate(
+                [
+                    np.zeros(c.samples.shape[0], np.float32) if played is None else played
+                    for c, played in blocks
+                ]
+            )
+        talk.feed(mic.astype(np.float32), reference)
+
+    async def _talk_result(self) -> StResult | None:
+        talk, self.talk, self._talk_role = self.talk, None, None
+        if self.talk_state == "listening":
+            self.talk_state = "idle"
+        if talk is None:
+            return None
+        if self._executor is not None:
+            result = await asyncio.get_running_loop().run_in_executor(self._executor, talk.result)
+        else:
+            result = talk.result()
+        log.info(
+            "sensing: lesson talk %.0f s, S-T %s (Rt %.2f, Ch %.2f, %s)",
+            talk.heard_s,
+            result.samples,
+            result.rt,
+            result.ch,
+            result.mode,
+            extra={"fields": {"role": talk.role, "reference": talk.referenced}},
+        )
+        return result if result.n else None
 
     def _analyse(self, image: Image, now: float) -> list[FaceResult]:
         """One sample, in the worker thread: the pipeline, then every observer."""
@@ -246,6 +387,8 @@ class SensingService:
         enrolled = set() if self.store is None else self.store.gallery(1.0).students
         self.attendance = Attendance(self.config, lesson_id, now, enrolled)
         self._minute_started = now
+        if lesson_id != PERIOD_ID and self._vad is not None:
+            self._talk_role = self.role()
         if lesson_id != PERIOD_ID:
             log.info("sensing: lesson %s started, %d enrolled", lesson_id, len(enrolled))
 
@@ -273,6 +416,8 @@ class SensingService:
             if tail is not None and not shielded:
                 await self._send({"kind": "minute", **tail})
             return
+        talk_role = self._talk_role
+        st = await self._talk_result()
         record = attendance.finish(now)
         if self.store is not None and attendance.enrolled:
             path = await asyncio.to_thread(  # a synchronous, fsynced write
@@ -285,7 +430,11 @@ class SensingService:
             "unknown": record["unknown"],
             "enrolled": len(attendance.enrolled),
         }
-        sends = [counts] if tail is None else [{"kind": "minute", **tail}, counts]
+        sends: list[dict[str, Any]] = [] if tail is None else [{"kind": "minute", **tail}]
+        if st is not None:
+            sends.append({"kind": "st", "role": talk_role, **st.to_dict()})
+            self.talk_published += 1
+        sends.append(counts)  # last: its arrival says the lesson's messages are all in
         for body in sends:
             if shielded:  # stopping: the outbox keeps it, even if the stop is a cancel
                 await asyncio.shield(self._send(body))
@@ -309,11 +458,14 @@ def sensing_service(
     publisher: Publisher,
     topic: str,
     live_lesson: Callable[[], tuple[str, str] | None],
+    *,
+    audio: AudioHub | None = None,
 ) -> SensingService | None:
     """The composition's builder: None while ``sensing.enabled`` is false (the default)."""
     sensing = config.sensing
     if not sensing.enabled:
         return None
+    device = config.identity.device_id
 
     def lesson() -> str | None:
         live = live_lesson()
@@ -321,12 +473,19 @@ def sensing_service(
             return live[0]
         return period_id(sensing.periods, datetime.datetime.now())
 
+    def role() -> Role:
+        # the teacher is in the room unless the live lesson is hosted by another room
+        live = live_lesson()
+        return "receiving" if live is not None and live[1] != device else "main"
+
     return SensingService(
         sensing,
         video,
         publisher,
         topic,
-        device=config.identity.device_id,
+        device=device,
         lesson=lesson,
         store_dir=sensing.roster_dir or config.supervisor.state_dir / "sensing",
+        audio=audio,
+        role=role,
     )

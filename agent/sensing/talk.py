@@ -222,36 +222,34 @@ def _dbfs(energy: float) -> float:
     return float(10 * np.log10(max(energy * 2, 1e-12)))
 
 
-def analyse_talk(
-    mic: Audio,
-    rate: int,
-    *,
-    role: Role = "main",
-    reference: Audio | None = None,
-    reference_rate: int | None = None,
-    settings: TalkSettings | None = None,
-    vad: SileroVad | None = None,
-) -> TalkResult:
-    """Who talks when in a recording of the room microphone (and what the agent played)."""
-    settings = settings or TalkSettings()
-    vad = vad or SileroVad()
-    mic16 = resample(mic, rate)
-    started = time.perf_counter()
-    probs = vad.probabilities(mic16)
-    n = len(probs)
+def loudspeaker_windows(
+    ref_probs: NDArray[np.float32] | None, n: int, settings: TalkSettings
+) -> NDArray[np.bool_]:
+    """The microphone windows the loudspeaker's speech may reach: the reference's speech,
+    from ``echo_lead_s`` before to ``echo_hold_s`` after (all False without a reference)."""
     loudspeaker = np.zeros(n, bool)
-    if reference is not None:
-        ref16 = resample(reference, reference_rate or rate)
-        ref_probs = vad.probabilities(ref16)[:n]
-        ref_mask = np.zeros(n, bool)
-        ref_mask[: len(ref_probs)] = speech_mask(ref_probs, settings)
-        hold = round(settings.echo_hold_s / WINDOW_S)
-        lead = round(settings.echo_lead_s / WINDOW_S)
-        for start, end in _runs(ref_mask):
-            loudspeaker[max(0, start - lead) : min(n, end + hold)] = True
-    vad_s = time.perf_counter() - started
+    if ref_probs is None:
+        return loudspeaker
+    ref_mask = np.zeros(n, bool)
+    ref_mask[: min(n, len(ref_probs))] = speech_mask(ref_probs[:n], settings)
+    hold = round(settings.echo_hold_s / WINDOW_S)
+    lead = round(settings.echo_lead_s / WINDOW_S)
+    for start, end in _runs(ref_mask):
+        loudspeaker[max(0, start - lead) : min(n, end + hold)] = True
+    return loudspeaker
+
+
+def label_spans(
+    probs: NDArray[np.float32],
+    energy: NDArray[np.float64],
+    loudspeaker: NDArray[np.bool_],
+    *,
+    role: Role,
+    settings: TalkSettings,
+) -> list[Span]:
+    """The heuristic (module docstring) over per-window microphone speech probabilities,
+    mean-square levels and loudspeaker windows: speech spans labelled T or S."""
     mask = speech_mask(probs, settings)
-    energy = _window_energy(mic16, n)
     remote: Speaker = "T" if role == "receiving" else "S"
     spans: list[Span] = []
     for start, end in _runs(mask):
@@ -270,6 +268,33 @@ def analyse_talk(
                 speaker = "T" if level >= settings.teacher_dbfs else "S"
             spans.append(Span(a * WINDOW_S, b * WINDOW_S, speaker, source, level))
     spans.sort(key=lambda s: s.start_s)
+    return spans
+
+
+def analyse_talk(
+    mic: Audio,
+    rate: int,
+    *,
+    role: Role = "main",
+    reference: Audio | None = None,
+    reference_rate: int | None = None,
+    settings: TalkSettings | None = None,
+    vad: SileroVad | None = None,
+) -> TalkResult:
+    """Who talks when in a recording of the room microphone (and what the agent played)."""
+    settings = settings or TalkSettings()
+    vad = vad or SileroVad()
+    mic16 = resample(mic, rate)
+    started = time.perf_counter()
+    probs = vad.probabilities(mic16)
+    n = len(probs)
+    ref_probs: NDArray[np.float32] | None = None
+    if reference is not None:
+        ref16 = resample(reference, reference_rate or rate)
+        ref_probs = vad.probabilities(ref16)[:n]
+    loudspeaker = loudspeaker_windows(ref_probs, n, settings)
+    vad_s = time.perf_counter() - started
+    spans = label_spans(probs, _window_energy(mic16, n), loudspeaker, role=role, settings=settings)
     duration = len(mic) / rate
     log.debug(
         "talk analysed: %.1f s of audio, %d spans, VAD %.3f s",
