@@ -18,7 +18,7 @@ import jsonschema
 import numpy as np
 import pytest
 
-from agent.capture import AudioHub, FrameHub, open_audio_source, open_video_source
+from agent.capture import AudioChunk, AudioHub, FrameHub, open_audio_source, open_video_source
 from agent.config import AudioProcessingConfig, SensingConfig
 from agent.config.models import AudioConfig, CaptureConfig
 from agent.sensing import SensingService
@@ -170,3 +170,37 @@ async def test_the_service_publishes_a_lessons_st_figures_from_the_microphone(
     # Aggregates only: flat scalars, small.
     assert all(not isinstance(v, (list, dict)) for v in st.values())
     assert len(json.dumps(st)) < 512
+
+
+def test_the_service_reads_what_the_loudspeakers_played_over_each_chunk(
+    tmp_path: Path,
+) -> None:
+    """The reference is the echo canceller's: what the playback pushed, read for the
+    chunk's own samples (a chunk is stamped when complete); nothing when the room plays
+    nothing, or plays no more."""
+    audio = AudioHub(open_audio_source(SMALL.audio), SMALL)  # processing: auto
+    service = SensingService(
+        SensingConfig(enabled=True),
+        FrameHub(open_video_source(SMALL.video), SMALL),
+        Collected(),
+        "edu/s/r/sensing",
+        device="s.r",
+        lesson=lambda: None,
+        store_dir=tmp_path / "store",
+        audio=audio,
+    )
+    silence = np.zeros((BLOCK, 1), np.int16)
+
+    def chunk(captured_ns: int) -> AudioChunk:
+        return AudioChunk(silence, 0, captured_ns, 0, RATE)
+
+    t0 = 10**12
+    assert service._played(chunk(t0)) is None  # no playback, no reference
+    reference = audio.echo_reference()
+    assert reference is not None
+    tone = (np.sin(np.arange(RATE) * 2 * np.pi * 440 / RATE) * 8000).astype(np.int16)
+    reference.push(tone[:, None], RATE, t0)  # heard from t0 on, for 1 s
+    played = service._played(chunk(t0 + 500_000_000 + 20_000_000))  # samples 0.5-0.52 s
+    assert played is not None
+    np.testing.assert_allclose(played, tone[RATE // 2 : RATE // 2 + BLOCK] / 32768.0, atol=1e-4)
+    assert service._played(chunk(t0 + 3_000_000_000)) is None  # 2 s after it stopped
