@@ -10,6 +10,8 @@ counter grows: a frozen frame or a slate fails it.
 
 from __future__ import annotations
 
+import asyncio
+import time
 from typing import Any
 
 import pytest
@@ -131,6 +133,10 @@ async def test_the_button_and_the_tiles_in_chromium(mosquitto: BrokerUnderTest) 
         assert main.host.lesson is not None
         # ...the second one ends the lesson, and the kiosk says it is waiting again.
         await panel.keyboard.press("b")
+        deadline = time.monotonic() + 20
+        while main.host.lesson is not None:  # the end request is on its way (loaded CI)
+            assert time.monotonic() < deadline, "the second press did not end the lesson"
+            await asyncio.sleep(0.05)
         await until(
             kiosk,
             "!document.getElementById('slate').hidden && "
@@ -138,6 +144,5 @@ async def test_the_button_and_the_tiles_in_chromium(mosquitto: BrokerUnderTest) 
             within=20,
             what="the waiting slate after the end",
         )
-        assert main.host.lesson is None
         assert not errors, errors
         assert all(u.startswith(main.panel.url) for u in urls), urls
