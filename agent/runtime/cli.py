@@ -26,9 +26,11 @@ from agent.config import (
     ConfigError,
     ConfigSources,
     IdentityConfig,
+    Layer,
     add_broker_client_options,
     add_config_options,
     broker_client_fields,
+    build_config,
     profile_layer,
 )
 from agent.contracts import FleetTopics
@@ -44,6 +46,7 @@ from agent.sync import (
     Rejected,
     Scope,
     check_time,
+    device_layers,
     generate_key,
     layer_sort_key,
     load_private_key,
@@ -98,11 +101,10 @@ def cmd_keygen(args: argparse.Namespace) -> int:
 
 
 def _check_config_payload(payload: bytes, label: str) -> None:
-    """Refuse at signing time what every device would refuse: forbidden keys, bad values."""
-    layer = profile_layer(label, payload)
-    probe = {"identity": {"site": "check", "room": "check"}}
-    merged = {**layer.data, **probe}
-    AgentConfig.model_validate(merged)
+    """Refuse at signing time what every device would refuse: forbidden keys, bad values
+    (`ConfigError` with the field paths, as a device reports them)."""
+    probe = Layer("a room to check against", {"identity": {"site": "check", "room": "check"}})
+    build_config([probe, profile_layer(label, payload)])
 
 
 def cmd_sign(args: argparse.Namespace) -> int:
@@ -120,9 +122,6 @@ def cmd_sign(args: argparse.Namespace) -> int:
             _check_config_payload(payload, str(args.profile))
         except ConfigError as exc:
             return _fail("; ".join(str(i) for i in exc.issues) + " (no devices would apply it)")
-        except ValueError as exc:  # pydantic's ValidationError
-            first = str(exc).splitlines()
-            return _fail(f"{args.profile}: not a valid profile: {'; '.join(first[:3])}")
     if args.type == "keys" and len(keys) < 2:
         return _fail("a keys document needs --key at least twice (the threshold of pinned keys)")
     try:
@@ -240,17 +239,9 @@ def cmd_plan(args: argparse.Namespace) -> int:
             f"{device} is not in the {envelope.wave}% wave (its place: {bucket:.1f}); it would "
             "report 'waiting'"
         )
-    pushed = list(pushed_layers(book))
-    new_layer = profile_layer(book.layer_name(envelope), envelope.payload)
-    names = [n for n in book.layers if n in book.applied or n == layer]
-    by_name = {
-        n: profile_layer(book.layer_name(book.applied[n]), book.applied[n].payload)
-        for n in book.applied
-    }
-    by_name[layer] = new_layer
-    pushed = [by_name[n] for n in names]
     try:
-        candidate = dataclasses.replace(sources, pushed=tuple(pushed)).load()
+        pushed = pushed_layers(book, layer, envelope)
+        candidate = dataclasses.replace(sources, pushed=pushed).load()
     except ConfigError as exc:
         for issue in exc.issues:
             print(f"this device would refuse it: {issue}", file=sys.stderr)
@@ -392,18 +383,14 @@ def status_rows(
         if scope is not None and not scope.includes(device, groups):
             continue
         layers_reported: Mapping[str, Any] = report.get("layers", {})
-        wanted = (
-            [
-                lay
-                for lay in scope.layers()
-                if lay.startswith("room:") is False or lay == f"room:{device}"
-            ]
-            if scope is not None
-            else sorted(
-                set(layers_reported) | {lay for lay in desired if _mine(lay, device, groups)},
+        mine = device_layers(device, groups)
+        if scope is not None:
+            wanted = [lay for lay in scope.layers() if lay in mine]
+        else:
+            wanted = sorted(
+                set(layers_reported) | {lay for lay in desired if lay in mine},
                 key=layer_sort_key,
             )
-        )
         for layer in wanted:
             entry = layers_reported.get(layer)
             target = desired.get(layer)
@@ -432,16 +419,6 @@ def status_rows(
                 )
             rows.append(row)
     return rows
-
-
-def _mine(layer: str, device: str, groups: Iterable[str]) -> bool:
-    kind, _, name = layer.partition(":")
-    return (
-        kind == "fleet"
-        or (kind == "school" and device.partition(".")[0] == name)
-        or (kind == "group" and name in set(groups))
-        or (kind == "room" and name == device)
-    )
 
 
 def _desired(found: Mapping[str, bytes], fleet: FleetTopics) -> dict[str, Envelope]:

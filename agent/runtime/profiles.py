@@ -92,12 +92,16 @@ def open_book(loaded: LoadedConfig) -> ProfileBook:
     )
 
 
-def pushed_layers(book: ProfileBook) -> tuple[Layer, ...]:
+def pushed_layers(
+    book: ProfileBook, layer: str | None = None, envelope: Envelope | None = None
+) -> tuple[Layer, ...]:
+    """The applied profiles as config layers, in scope order; with ``envelope`` standing
+    in for ``layer``'s (the candidate a new profile would make)."""
     layers = []
-    for layer in book.layers:
-        envelope = book.applied.get(layer)
-        if envelope is not None:
-            layers.append(profile_layer(book.layer_name(envelope), envelope.payload))
+    for name in book.layers:
+        chosen = envelope if name == layer else book.applied.get(name)
+        if chosen is not None:
+            layers.append(profile_layer(book.layer_name(chosen), chosen.payload))
     return tuple(layers)
 
 
@@ -142,7 +146,7 @@ def _version(payload: bytes) -> int | None:
 @dataclass
 class _Deferred:
     layer: str
-    envelope: Envelope | None  # None: clearing the layer
+    envelope: Envelope
 
 
 class ProfileManager:
@@ -269,23 +273,14 @@ class ProfileManager:
 
     # -- applying ------------------------------------------------------------------------------
 
-    def _candidate_layers(self, layer: str, envelope: Envelope | None) -> tuple[Layer, ...]:
-        layers = []
-        for name in self.book.layers:
-            chosen = envelope if name == layer else self.book.applied.get(name)
-            if chosen is not None:
-                layers.append(profile_layer(self.book.layer_name(chosen), chosen.payload))
-        return tuple(layers)
-
-    async def _apply(self, layer: str, envelope: Envelope | None, *, retry: bool = False) -> None:
-        what = envelope.describe() if envelope else f"removal of the {layer} profile"
+    async def _apply(self, layer: str, envelope: Envelope, *, retry: bool = False) -> None:
+        what = envelope.describe()
         try:
-            layers = self._candidate_layers(layer, envelope)
+            layers = pushed_layers(self.book, layer, envelope)
             # Reading the site files and validating is pydantic and YAML work: off the loop.
             candidate = await asyncio.to_thread(self.target.load_with, layers)
         except ConfigError as exc:
-            if envelope is not None:
-                self.book.seen(layer, envelope.version)  # signed, and wrong: never again
+            self.book.seen(layer, envelope.version)  # signed, and wrong: never again
             code = "forbidden-key" if "may not set" in str(exc) else "schema-invalid"
             self._refuse(layer, envelope, code, "; ".join(str(i) for i in exc.issues))
             return
@@ -301,26 +296,22 @@ class ProfileManager:
             return
         if result.outcome is Outcome.REJECTED:
             self.book.end_trial()
-            if envelope is not None:
-                self.book.seen(layer, envelope.version)
+            self.book.seen(layer, envelope.version)
             self._refuse(layer, envelope, "media-file", result.reason)
             return
         if result.outcome is Outcome.FAILED:
             await self._rolled_back(layer, envelope, result.reason, reapply=False)
             return
-        problem = await self.target.check_applied(result, envelope.check_s if envelope else 30)
+        problem = await self.target.check_applied(result, envelope.check_s)
         if problem is not None:
             await self._rolled_back(layer, envelope, problem, reapply=True)
             return
         self.book.commit(layer, envelope)
         self.target.set_pushed(pushed_layers(self.book))
         self.applied_count += 1
-        if envelope is not None and not envelope.payload.strip(b"{} \n"):
+        if not envelope.payload.strip(b"{} \n"):
             self._report(layer, envelope, LayerState.CLEARED, "IT cleared this layer's profile")
             self.book.history(layer, LayerState.CLEARED, envelope.version, "cleared by IT")
-        elif envelope is None:
-            self._report(layer, None, LayerState.CLEARED, "this layer's profile was removed")
-            self.book.history(layer, LayerState.CLEARED, None, "removed")
         else:
             self._report(layer, envelope, LayerState.APPLIED, "")
             self.book.history(
@@ -333,11 +324,11 @@ class ProfileManager:
             "applied %s (%s)",
             what,
             ", ".join(result.touched) or "nothing to restart",
-            extra={"fields": {"layer": layer, "version": envelope.version if envelope else None}},
+            extra={"fields": {"layer": layer, "version": envelope.version}},
         )
 
     async def _rolled_back(
-        self, layer: str, envelope: Envelope | None, reason: str, *, reapply: bool
+        self, layer: str, envelope: Envelope, reason: str, *, reapply: bool
     ) -> None:
         if reapply:
             lkg = pushed_layers(self.book)
@@ -347,18 +338,15 @@ class ProfileManager:
             if back.outcome is not Outcome.APPLIED:
                 log.error("rolling back to the last-known-good profiles failed: %s", back.reason)
         self.book.end_trial()
-        if envelope is not None:
-            self.book.seen(layer, envelope.version)
+        self.book.seen(layer, envelope.version)
         log.error(
             "rolled back %s: %s",
-            envelope.describe() if envelope else layer,
+            envelope.describe(),
             reason,
             extra={"fields": {"layer": layer}},
         )
         self._report(layer, envelope, LayerState.ROLLED_BACK, reason, "check-failed")
-        self.book.history(
-            layer, LayerState.ROLLED_BACK, envelope.version if envelope else None, reason
-        )
+        self.book.history(layer, LayerState.ROLLED_BACK, envelope.version, reason)
 
     async def _fall_back(self, dropped: list[str]) -> None:
         """Layers dropped by expiry or a retired key: run on the remaining ones."""

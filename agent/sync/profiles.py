@@ -287,12 +287,12 @@ class ProfileBook:
 
     # -- applying on trial ---------------------------------------------------------------------
 
-    def begin_trial(self, layer: str, envelope: Envelope | None) -> None:
+    def begin_trial(self, layer: str, envelope: Envelope) -> None:
         """Before touching anything: remember what is being tried (see the module doc)."""
         marker = {
             "layer": layer,
-            "version": envelope.version if envelope else None,
-            "scope": str(envelope.scope) if envelope else None,
+            "version": envelope.version,
+            "scope": str(envelope.scope),
         }
         write_atomic(self.directory / "trial.json", json.dumps(marker).encode())
 
