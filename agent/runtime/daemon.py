@@ -414,13 +414,12 @@ class Daemon:
         """The new config from the site files, or None (rejected, the reason logged)."""
         try:
             candidate = self.sources.load()
-            await asyncio.to_thread(preflight_media_files, candidate.config)
-        except (ConfigError, CaptureError) as exc:
-            # Keep the last good state: the running agent is untouched.
-            problems = exc.issues if isinstance(exc, ConfigError) else [exc]
+        except ConfigError as exc:
+            # Keep the last good state: the running agent is untouched. (Media files are
+            # checked where every change is applied: `apply_config`.)
             log.error(
                 "rejected new configuration; keeping the running one: %s",
-                "; ".join(str(problem) for problem in problems),
+                "; ".join(str(issue) for issue in exc.issues),
             )
             return None
         return candidate
@@ -456,11 +455,13 @@ class Daemon:
             return ApplyResult(Outcome.FAILED, "the agent is not running")
         async with self._apply_lock:
             try:
-                await asyncio.to_thread(preflight_media_files, candidate.config)
+                if candidate.config != self._announced:  # not checked already, waiting
+                    await asyncio.to_thread(preflight_media_files, candidate.config)
             except CaptureError as exc:
                 log.error(
                     "rejected new configuration; keeping the running one: %s (from %s)", exc, origin
                 )
+                self.notifier.ready()
                 return ApplyResult(Outcome.REJECTED, str(exc))
             url = self._brokers.url_for(candidate.config)
             moving_to_embedded = url == RoomBroker.PENDING
