@@ -8,7 +8,12 @@ from __future__ import annotations
 
 from agent.config.audio_processing import AudioProcessingConfig
 from agent.config.base import StrictModel
-from agent.config.errors import ConfigError, ConfigIssue, issues_from_validation
+from agent.config.errors import (
+    ConfigError,
+    ConfigIssue,
+    ForbiddenProfileKeys,
+    issues_from_validation,
+)
 from agent.config.link import LinkConfig
 from agent.config.loader import Layer, LoadedConfig, build_config, read_yaml_file
 from agent.config.models import (
@@ -66,6 +71,7 @@ __all__ = [
     "ConfigError",
     "ConfigIssue",
     "ConfigSources",
+    "ForbiddenProfileKeys",
     "HardwareProfile",
     "HealthConfig",
     "HostFacts",

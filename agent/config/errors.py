@@ -34,6 +34,10 @@ class ConfigError(Exception):
         return cls([ConfigIssue(path, message, where)])
 
 
+class ForbiddenProfileKeys(ConfigError):
+    """A pushed profile sets what only the site file may (identity, trust, state)."""
+
+
 def _allowed_keys(model: type[BaseModel], loc: tuple[int | str, ...]) -> list[str]:
     """Field names valid at the parent of ``loc``, to suggest a fix for an unknown key."""
     current: Any = model

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from agent.config.errors import ConfigError, ConfigIssue
+from agent.config.errors import ConfigError, ConfigIssue, ForbiddenProfileKeys
 from agent.config.loader import (
     DEFAULTS_LAYER,
     Layer,
@@ -138,7 +138,7 @@ def profile_layer(name: str, payload: bytes) -> Layer:
         if any(path == key or path.startswith(key + ".") for key in FORBIDDEN_PROFILE_KEYS)
     ]
     if forbidden:
-        raise ConfigError(
+        raise ForbiddenProfileKeys(
             [
                 ConfigIssue(
                     path,

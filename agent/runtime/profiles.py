@@ -18,7 +18,6 @@ runs on; the device reports ``waiting`` meanwhile.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import dataclasses
 import logging
 import time
@@ -26,7 +25,14 @@ from dataclasses import dataclass
 from enum import StrEnum
 from typing import Any, Protocol
 
-from agent.config import ConfigError, ConfigSources, Layer, LoadedConfig, profile_layer
+from agent.config import (
+    ConfigError,
+    ConfigSources,
+    ForbiddenProfileKeys,
+    Layer,
+    LoadedConfig,
+    profile_layer,
+)
 from agent.contracts import FleetTopics, ProfilesSection
 from agent.sync import (
     Envelope,
@@ -281,7 +287,7 @@ class ProfileManager:
             candidate = await asyncio.to_thread(self.target.load_with, layers)
         except ConfigError as exc:
             self.book.seen(layer, envelope.version)  # signed, and wrong: never again
-            code = "forbidden-key" if "may not set" in str(exc) else "schema-invalid"
+            code = "forbidden-key" if isinstance(exc, ForbiddenProfileKeys) else "schema-invalid"
             self._refuse(layer, envelope, code, "; ".join(str(i) for i in exc.issues))
             return
         if not retry:
@@ -458,5 +464,4 @@ class ProfileListener:
             except LinkError as exc:
                 log.debug("config/reported not sent (%s); sending again when connected", exc)
                 self.manager.changed.set()
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.sleep(RETRY_S)
+                await asyncio.sleep(RETRY_S)
