@@ -497,10 +497,17 @@ async def test_alerts_raised_offline_arrive_in_order_flagged_delayed_without_dup
     assert unreachable[0]["since"] <= unreachable[1]["at"]
 
 
-async def _ticking(reporter: HealthReporter, period_s: float) -> None:
-    while True:
+async def _ticking(reporter: HealthReporter, period_s: float, stop: asyncio.Event) -> None:
+    """Tick until told to stop, never in the middle of a tick.
+
+    Cancelling a tick while its alert awaits a PUBACK would leave an event that may
+    have reached the broker but that the recording publisher never saw returned.
+    """
+    while not stop.is_set():
         await reporter.tick()
-        await asyncio.sleep(period_s)
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(period_s):
+                await stop.wait()
 
 
 @pytest.mark.slow
@@ -528,7 +535,8 @@ async def test_twenty_broker_restarts_lose_and_invent_no_incident(rig: Rig) -> N
 
     await rig.watch()
     async with running(link), serving(publisher):
-        ticker = asyncio.create_task(_ticking(rig.reporter, 0.05), name="test-ticker")
+        stop_ticking = asyncio.Event()
+        ticker = asyncio.create_task(_ticking(rig.reporter, 0.05, stop_ticking), name="test-ticker")
         flipper = asyncio.create_task(flipping(), name="test-flipper")
         try:
             for cycle in range(20):
@@ -543,9 +551,11 @@ async def test_twenty_broker_restarts_lose_and_invent_no_incident(rig: Rig) -> N
                 await rig.come_back()
                 await eventually(lambda: link.is_connected, 20, "the link to come back")
         finally:
-            for task in (ticker, flipper):
-                task.cancel()
-            await asyncio.gather(ticker, flipper, return_exceptions=True)
+            stop_ticking.set()
+            flipper.cancel()
+            await asyncio.gather(flipper, return_exceptions=True)
+            async with asyncio.timeout(60):  # a tick's send ends on PUBACK or in the outbox
+                await asyncio.gather(ticker, return_exceptions=True)
         await eventually(lambda: publisher.queued == 0, 30, "the backlog to drain")
         await eventually(
             lambda: len({(m["id"], m["state"]) for m in rig.arrived()}) >= len(publisher.outcomes),
