@@ -470,8 +470,11 @@ class PrivacyConfig(StrictModel):
     retention_days: int = Field(
         default=30, ge=1, le=365, description="Days local sensing records are kept before purge"
     )
-    store_face_embeddings: bool = Field(
-        default=False, description="Keep enrolled students' face embeddings (encrypted at rest)"
+    face_recognition: bool = Field(
+        default=True,
+        description="When false, sensing keeps head count and engagement figures but never "
+        "computes or stores a face embedding (and roster enrolment is refused); attendance "
+        "needs it",
     )
 
 

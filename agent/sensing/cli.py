@@ -9,10 +9,11 @@ defaults.
 from __future__ import annotations
 
 import argparse
+import datetime
 import json
 import sys
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from agent.config import (
     DEFAULT_SITE_FILE,
@@ -22,6 +23,9 @@ from agent.config import (
     add_config_options,
 )
 from agent.sensing.talk_cli import add_talk_parser
+
+if TYPE_CHECKING:
+    from agent.sensing.roster import RosterStore
 
 EXIT_OK, EXIT_FAILURE, EXIT_USAGE = 0, 1, 2
 
@@ -166,6 +170,7 @@ def add_roster_parser(sub: Any) -> None:
 def add_sensing_commands(sub: Any) -> None:
     add_sensing_parsers(sub)
     add_roster_parser(sub)
+    add_privacy_parser(sub)
 
 
 def _store_dir(args: argparse.Namespace, config: AgentConfig | None) -> Path:
@@ -247,6 +252,13 @@ def _enroll(
         read_signed_roster,
     )
 
+    if config is not None and not config.privacy.face_recognition:
+        print(
+            "enrolment refused: privacy.face_recognition is false in the site file (this "
+            "room computes and keeps no face embeddings); set it to true to enrol students",
+            file=sys.stderr,
+        )
+        return EXIT_FAILURE
     if is_signed(args.roster):
         if config is None:
             print(
@@ -379,9 +391,12 @@ def cmd_attendance(args: argparse.Namespace) -> int:
         if args.lesson is None:
             records = [(p.stem, store.open_record(p)) for p in store.records()]
         else:
-            path = store.directory / "attendance" / f"{args.lesson}.enc"
-            if not path.exists():
-                print(f"{args.lesson}: no attendance record in {path.parent}", file=sys.stderr)
+            path = store.record_path(args.lesson)
+            if path is None:
+                print(
+                    f"{args.lesson}: no attendance record in {store.directory / 'attendance'}",
+                    file=sys.stderr,
+                )
                 return EXIT_FAILURE
             records = [(args.lesson, store.open_record(path))]
     except RosterError as exc:
@@ -410,4 +425,152 @@ def cmd_attendance(args: argparse.Namespace) -> int:
                 f"  {student:<14} {who:<20} {row['status']:<10} {seen:<22} "
                 f"confidence {row['confidence']:.2f}"
             )
+    return EXIT_OK
+
+
+# -- privacy --------------------------------------------------------------------------------
+
+
+def _date(text: str) -> datetime.date:
+    try:
+        return datetime.datetime.strptime(text, "%Y-%m-%d").date()
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"{text!r} is not a date: YYYY-MM-DD, e.g. 2025-09-01"
+        ) from None
+
+
+def add_privacy_parser(sub: Any) -> None:
+    privacy = sub.add_parser(
+        "privacy", help="a student's rights and retention: purge or export what is held"
+    )
+    actions = privacy.add_subparsers(dest="privacy_command", required=True)
+    purge = actions.add_parser(
+        "purge", help="erase a student everywhere, or the records of lessons before a date"
+    )
+    which = purge.add_mutually_exclusive_group(required=True)
+    which.add_argument(
+        "--student", help="student id: roster entry, embeddings and every record entry"
+    )
+    which.add_argument(
+        "--before",
+        type=_date,
+        metavar="YYYY-MM-DD",
+        help="delete the records of lessons that ended before this day (local time)",
+    )
+    purge.set_defaults(func=cmd_privacy_purge)
+    export = actions.add_parser("export", help="everything held about a student, as JSON")
+    export.add_argument("--student", required=True, help="student id")
+    export.add_argument("--out", type=Path, help="write to this new file (default: stdout)")
+    export.set_defaults(func=cmd_privacy_export)
+    for parser in (purge, export):
+        add_config_options(parser)
+        parser.add_argument("--store", type=Path, help="store folder (default: from config)")
+        parser.add_argument("--key-file", type=Path, help="the store's key (default: config)")
+
+
+def _open_store(args: argparse.Namespace) -> RosterStore:
+    """The store named by --store/--key-file or the config, as ``sensing attendance``."""
+    from agent.sensing.roster import open_store
+
+    sensing, config = _config(args)
+    return open_store(_store_dir(args, config), key_file=args.key_file or sensing.key_file)
+
+
+def cmd_privacy_purge(args: argparse.Namespace) -> int:
+    from agent.sensing.privacy import purge_before, purge_student
+    from agent.sensing.roster import RosterError
+
+    try:
+        store = _open_store(args)
+        if args.before is not None:
+            cutoff = datetime.datetime.combine(args.before, datetime.time()).timestamp()
+            report = purge_before(store, cutoff)
+        else:
+            report = purge_student(store, args.student)
+    except RosterError as exc:
+        print(str(exc), file=sys.stderr)
+        return EXIT_FAILURE
+    except OSError as exc:  # a full or read-only disk: what was done so far stays done
+        print(f"{exc.filename}: cannot write ({exc.strerror})", file=sys.stderr)
+        return EXIT_FAILURE
+    resealed = sum(len(v) for v in report.resealed.values())
+    if args.before is not None:
+        deleted = ", ".join(f"{kind} {len(v)}" for kind, v in sorted(report.deleted.items()))
+        total = sum(len(v) for v in report.deleted.values())
+        print(
+            f"deleted {total} record(s) of lessons that ended before {args.before}"
+            + (f" ({deleted})" if deleted else "")
+        )
+        return EXIT_OK
+    if not report.found and not report.unreadable:
+        print(
+            f"{args.student}: unknown student: not enrolled and in no record in "
+            f"{store.directory}; nothing purged",
+            file=sys.stderr,
+        )
+        return EXIT_FAILURE
+    enrolled = (
+        f"roster entry and {report.embeddings} embedding(s)"
+        if report.roster_entries
+        else "not enrolled"
+    )
+    print(
+        f"{args.student}: purged: {enrolled}; {report.attendance_entries} attendance row(s) "
+        f"and {report.report_entries} report entry(ies) removed, {resealed} record(s) "
+        "sealed again"
+    )
+    if report.unreadable:
+        print(
+            f"{len(report.unreadable)} record(s) could not be opened with this key, so were "
+            f"not searched: {', '.join(report.unreadable)}",
+            file=sys.stderr,
+        )
+        return EXIT_FAILURE
+    return EXIT_OK
+
+
+def cmd_privacy_export(args: argparse.Namespace) -> int:
+    import os
+
+    from agent.sensing.privacy import export_student, holds_student
+    from agent.sensing.roster import RosterError
+
+    if args.out is not None and args.out.exists():
+        print(f"{args.out}: exists; refusing to overwrite (name a new file)", file=sys.stderr)
+        return EXIT_FAILURE
+    try:
+        store = _open_store(args)
+        export = export_student(store, args.student)
+    except RosterError as exc:
+        print(str(exc), file=sys.stderr)
+        return EXIT_FAILURE
+    if not holds_student(export) and not export["unreadable"]:
+        print(
+            f"{args.student}: unknown student: not enrolled and in no record in {store.directory}",
+            file=sys.stderr,
+        )
+        return EXIT_FAILURE
+    text = json.dumps(export, indent=2, ensure_ascii=False) + "\n"
+    if args.out is None:
+        sys.stdout.write(text)
+    else:
+        try:  # personal data: 0600, and never over an existing file
+            fd = os.open(args.out, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        except FileExistsError:
+            print(f"{args.out}: exists; refusing to overwrite (name a new file)", file=sys.stderr)
+            return EXIT_FAILURE
+        except OSError as exc:
+            print(f"{args.out}: cannot write ({exc.strerror})", file=sys.stderr)
+            return EXIT_FAILURE
+        with os.fdopen(fd, "w", encoding="utf-8") as handle:
+            handle.write(text)
+        print(f"{args.student}: exported to {args.out}", file=sys.stderr)
+    if export["unreadable"]:
+        print(
+            f"{len(export['unreadable'])} record(s) could not be opened with this key, so "
+            f"were not searched: {', '.join(export['unreadable'])}",
+            file=sys.stderr,
+        )
+        return EXIT_FAILURE
     return EXIT_OK

@@ -22,7 +22,7 @@ import stat
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 import yaml
@@ -48,6 +48,8 @@ CREDENTIAL = "sensing-key"
 _MAGIC = b"CEAS1"  # classroom edge agent sealed, version 1
 _NONCE = 12
 RECORD_NAME = re.compile(r"[A-Za-z0-9_-]{1,80}")
+RecordKind = Literal["attendance", "report"]
+RECORD_KINDS: tuple[RecordKind, ...] = ("attendance", "report")  # a folder and a purpose each
 
 
 class RosterError(Exception):
@@ -232,7 +234,8 @@ def write_private(path: Path, data: bytes) -> None:
     """Write atomically (a crash leaves the old file) with mode 0600."""
     path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
     tmp = path.with_name(f".{path.name}.tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    tmp.unlink(missing_ok=True)  # a crash's leftover could carry a wider mode
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
     with os.fdopen(fd, "wb") as handle:
         handle.write(data)
         handle.flush()
@@ -306,19 +309,33 @@ class RosterStore:
             max_distance,
         )
 
-    def seal_record(self, name: str, payload: dict[str, Any]) -> Path:
+    def seal_record(
+        self, name: str, payload: dict[str, Any], kind: RecordKind = "attendance"
+    ) -> Path:
+        """Write one lesson's record of ``kind`` (its own folder), sealed with the store's key."""
         if not RECORD_NAME.fullmatch(name):  # lesson ids are checked upstream; be sure
             raise RosterError(f"{name!r}: not a record name (letters, digits, - and _)")
-        path = self.directory / "attendance" / f"{name}.enc"
-        write_private(path, seal(self._key, payload, b"attendance"))
+        path = self.directory / kind / f"{name}.enc"
+        write_private(path, seal(self._key, payload, kind.encode()))
         return path
 
     def open_record(self, path: Path) -> dict[str, Any]:
-        return unseal(self._key, path.read_bytes(), b"attendance", str(path))
+        """A sealed record; its kind (the purpose it was sealed for) is its folder's name."""
+        kind = path.parent.name
+        if kind not in RECORD_KINDS:
+            raise RosterError(f"{path}: not in a record folder ({', '.join(RECORD_KINDS)})")
+        return unseal(self._key, path.read_bytes(), kind.encode(), str(path))
 
-    def records(self) -> list[Path]:
-        """The sealed attendance records, oldest first."""
-        folder = self.directory / "attendance"
+    def record_path(self, name: str, kind: RecordKind = "attendance") -> Path | None:
+        """Where lesson ``name``'s record of ``kind`` is, or None when there is none."""
+        if not RECORD_NAME.fullmatch(name):
+            return None
+        path = self.directory / kind / f"{name}.enc"
+        return path if path.is_file() else None
+
+    def records(self, kind: RecordKind = "attendance") -> list[Path]:
+        """The sealed records of ``kind``, oldest first."""
+        folder = self.directory / kind
         if not folder.is_dir():
             return []
         return sorted(folder.glob("*.enc"), key=lambda p: p.stat().st_mtime)
