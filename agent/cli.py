@@ -34,7 +34,7 @@ from agent.config import (
 from agent.dashboard import add_dashboard_parser
 from agent.panel import add_lesson_parser
 from agent.runtime import add_profile_parser
-from agent.sensing import add_sensing_commands
+from agent.sensing import add_report_parser, add_sensing_commands
 
 EXIT_OK, EXIT_FAILURE, EXIT_CONFIG = 0, 1, 2
 SECRET_KEYS = ("password", "credential")
@@ -219,6 +219,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_lesson_parser(sub)
     add_profile_parser(sub)
     add_sensing_commands(sub)
+    add_report_parser(sub)
 
     demo = sub.add_parser("demo", help="run a demo fleet on an embedded broker")
     demo.add_argument("--rooms", type=int, default=3, help="rooms to start (1-8)")

@@ -699,6 +699,7 @@ class SensingSection(TypedDict):
     in_lesson: bool
     published: int
     talk: SensingTalk
+    errors: int  # samples whose analysis raised
 
 
 class SensingTalk(TypedDict):
@@ -725,6 +726,7 @@ class SensingMinute(TypedDict):
     samples: int
     head_count: int
     head_count_max: int
+    head_up_rate: float | None  # faces turned to the front over the head count, mean
     present: int
     unknown: int
 
@@ -743,6 +745,9 @@ class SensingAttendance(TypedDict):
     absent: int
     unknown: int
     enrolled: int
+    head_count: int  # median of the per-minute head counts
+    head_count_max: int
+    head_up_rate: float | None  # mean of the per-minute rates
 
 
 class SensingSt(TypedDict):

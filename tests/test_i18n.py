@@ -26,8 +26,10 @@ from agent.web import CSP
 REPO = Path(__file__).resolve().parents[1]
 PAGES = [REPO / "agent/panel/static", REPO / "agent/dashboard/static"]
 SCRIPTS = [p for d in PAGES for p in sorted(d.glob("*.js"))] + [locales.SCRIPT]
+# Pages rendered on the device (the lesson report) name their keys in Python.
+RENDERERS = [REPO / "agent/sensing/report.py"]
 HTML_PAGES = [p for d in PAGES for p in sorted(d.glob("*.html"))]
-NAMESPACES = ("common", "panel", "kiosk", "watch", "dash")
+NAMESPACES = ("common", "panel", "kiosk", "watch", "dash", "report")
 # A quoted string that is a catalogue key: t("..."), tn("..."), and key maps like
 # RULES = { camera_lost: "dash.rule.camera_lost" } (the pages write keys out in full).
 KEY_LITERAL = re.compile(r"""["'`]((?:NS)\.[a-z0-9_.]+)["'`]""".replace("NS", "|".join(NAMESPACES)))
@@ -46,7 +48,7 @@ def catalogues() -> dict[str, dict[str, str]]:
 def used_keys() -> set[str]:
     """Every key the sources name; a plural base counts as its .one and .other forms."""
     keys: set[str] = set()
-    for path in SCRIPTS:
+    for path in SCRIPTS + RENDERERS:
         source = path.read_text(encoding="utf-8")
         plural = set(PLURAL_CALL.findall(source))
         for key in KEY_LITERAL.findall(source):

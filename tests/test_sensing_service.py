@@ -207,6 +207,36 @@ async def test_a_lesson_with_sensing_on_sends_only_counts(
         check=True,
     )
     assert "present 2" in shown.stdout
+    # The lesson's report, sealed beside it: curves, S-T and attendance, shown by the command.
+    (report_path,) = (store_dir / "report").iterdir()
+    assert b"s-obama" not in report_path.read_bytes()
+    report = store.open_record(report_path)
+    assert report["lesson"] == announcement.lesson_id
+    assert report["st"]["n"] == st["n"]
+    assert report["minutes"]
+    assert report["summary"]["head_count"] == counts["head_count"] == 3
+    assert counts["head_up_rate"] is not None
+    assert 0 < counts["head_up_rate"] <= 1
+    page = await asyncio.to_thread(
+        subprocess.run,
+        [
+            sys.executable,
+            "-m",
+            "agent.cli",
+            "report",
+            announcement.lesson_id,
+            "--store",
+            str(store_dir),
+            "--language",
+            "zh-CN",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=True,
+    )
+    assert "课堂报告" in page.stdout
+    assert "欧巴马" in page.stdout
     assert re.search(r"s-ben +Ben +absent +not seen", shown.stdout), shown.stdout
     assert re.search(r"s-obama +欧巴马 +present +seen", shown.stdout), shown.stdout
     # Privacy: every message of the lesson, on every topic: no student id or name, no

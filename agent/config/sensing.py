@@ -155,6 +155,26 @@ class SensingConfig(StrictModel):
         "a child who looks down for a few seconds (people facing away for the whole window "
         "are not counted)",
     )
+    head_up_max_yaw_deg: float = Field(
+        default=35.0,
+        ge=5,
+        le=90,
+        description="Head-up rate: a face counts as turned to the front while it points "
+        "within this many degrees left or right of the camera (which hangs by the board)",
+    )
+    head_up_max_down_deg: float = Field(
+        default=20.0,
+        ge=0,
+        le=90,
+        description="Head-up rate: how far below the camera a face may point and still count "
+        "as up (raise it for a camera hung high above the board, lower it for one at eye level)",
+    )
+    head_up_max_up_deg: float = Field(
+        default=30.0,
+        ge=0,
+        le=90,
+        description="Head-up rate: how far above the camera a face may point and still count",
+    )
     periods: list[str] = Field(
         default_factory=list,
         description="Local-time windows 'HH:MM-HH:MM' (the room's timetable) in which a room "

@@ -35,6 +35,7 @@ from agent.sensing.models import (
     shipped_models_dir,
 )
 from agent.sensing.pipeline import STAGES, FaceResult, Gallery, Match, Pipeline, StageTimes
+from agent.sensing.report_cli import add_report_parser
 from agent.sensing.roster import (
     Enrolled,
     RosterError,
@@ -74,6 +75,7 @@ __all__ = [
     "StageTimes",
     "Track",
     "Tracker",
+    "add_report_parser",
     "add_sensing_commands",
     "choose_providers",
     "iou",

@@ -14,6 +14,10 @@ nothing of cameras or MQTT, so a simulated lesson tests it exactly.
   ``head_count_window_s`` (a child who looks down for a moment still counts; one facing
   away for the whole window does not, since the detector sees faces, not heads). The
   minute's head count is the median of those values over the minute.
+- *Head-up rate* at a sample: the faces turned to the front of the room (the room's
+  band of yaw and pitch, :mod:`agent.sensing.headpose`) over the head count. A child
+  bent over a desk usually shows no face at all: the head count still holds them, so
+  they count as heads down. The minute's rate is the mean over its samples.
 """
 
 from __future__ import annotations
@@ -45,6 +49,7 @@ class Minute:
     head_counts: list[int] = field(default_factory=list)
     present: set[str] = field(default_factory=set)
     unknown_tracks: int = 0
+    head_up: list[float] = field(default_factory=list)  # per sample with a head count
 
     def to_message(self) -> dict[str, Any]:
         return {
@@ -52,6 +57,7 @@ class Minute:
             "samples": self.samples,
             "head_count": round(statistics.median(self.head_counts)) if self.head_counts else 0,
             "head_count_max": max(self.head_counts, default=0),
+            "head_up_rate": round(statistics.fmean(self.head_up), 3) if self.head_up else None,
             "present": len(self.present),
             "unknown": self.unknown_tracks,
         }
@@ -73,6 +79,7 @@ class Attendance:
         self.minute = Minute(start)
         self.last_sample = start
         self._tracks: dict[int, Track] = {}
+        self.minutes: list[dict[str, Any]] = []  # the lesson's curves, a row a minute
 
     def head_count(self, now: float, faces: int) -> int:
         self._window.append((now, faces))
@@ -80,12 +87,15 @@ class Attendance:
             self._window.popleft()
         return max(n for _, n in self._window)
 
-    def observe(self, now: float, tracks: list[Track]) -> None:
-        """One analysed sample: the tracks of the faces in it."""
+    def observe(self, now: float, tracks: list[Track], heads_up: int | None = None) -> None:
+        """One analysed sample: the tracks of the faces in it, and how many of those faces
+        were turned to the front (None: no head pose for this sample)."""
         self.last_sample = now
         count = self.head_count(now, len(tracks))
         self.minute.samples += 1
         self.minute.head_counts.append(count)
+        if heads_up is not None and count > 0:
+            self.minute.head_up.append(min(1.0, heads_up / count))
         for track in tracks:
             student = track.identity
             if not student or student not in self.enrolled:
@@ -109,6 +119,7 @@ class Attendance:
         """The minute's aggregates; a new minute starts at ``now``."""
         message = self.minute.to_message()
         self.minute = Minute(now)
+        self.minutes.append(message)
         return message
 
     def _confidence(self, student: str) -> float:
@@ -149,4 +160,15 @@ class Attendance:
             "students": students,
             "counts": {s: counts.get(s, 0) for s in STATUSES},
             "unknown": self.unknown,
+            "minutes": self.minutes,
+        }
+
+    def summary(self) -> dict[str, Any]:
+        """The lesson's engagement aggregates (counts and rates only: may leave the room)."""
+        heads = [m["head_count"] for m in self.minutes if m["samples"]]
+        rates = [m["head_up_rate"] for m in self.minutes if m["head_up_rate"] is not None]
+        return {
+            "head_count": round(statistics.median(heads)) if heads else 0,
+            "head_count_max": max((m["head_count_max"] for m in self.minutes), default=0),
+            "head_up_rate": round(statistics.fmean(rates), 3) if rates else None,
         }

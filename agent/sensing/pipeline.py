@@ -17,6 +17,7 @@ from numpy.typing import NDArray
 
 from agent.config import SensingConfig
 from agent.sensing.faces import Detector, Embedder, Embedding, Face, make_detector, make_embedder
+from agent.sensing.headpose import HeadPose, camera_matrix, head_pose
 from agent.sensing.models import model_info
 from agent.sensing.track import UNKNOWN, Track, Tracker
 
@@ -84,6 +85,7 @@ class FaceResult:
     face: Face
     match: Match | None  # None: too small to identify, or no gallery
     track: Track | None = None
+    pose: HeadPose | None = None  # None: the landmarks gave no fit
 
     def to_dict(self) -> dict[str, Any]:
         x, y, w, h = self.face.box
@@ -199,8 +201,9 @@ class Pipeline:
                 embeddings = self.embed(image, [f for f, _ in todo])
                 for (_, track), embedding in zip(todo, embeddings, strict=True):
                     track.vote(self.gallery.match(embedding).student, now)
+        camera = camera_matrix(image.shape[1], image.shape[0])
         for face, track in zip(faces, tracks, strict=True):
             identity = track.identity
             match = None if identity is None else Match(identity, float("nan"))
-            results.append(FaceResult(face, match, track))
+            results.append(FaceResult(face, match, track, head_pose(face.landmarks, camera)))
         return results

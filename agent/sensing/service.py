@@ -42,6 +42,8 @@ from agent.sensing.attendance import Attendance
 from agent.sensing.faces import Image
 from agent.sensing.models import ModelError
 from agent.sensing.pipeline import STAGES, FaceResult, Gallery, Pipeline
+from agent.sensing.privacy import purge_expired
+from agent.sensing.report import report_record
 from agent.sensing.roster import STORE_FILE, RosterError, RosterStore, open_store
 from agent.sensing.st_analysis import StResult
 from agent.sensing.talk import Role, SileroVad, TalkSettings
@@ -53,6 +55,8 @@ MINUTE_S = 60.0
 PERIOD_ID = "no-lesson"  # samples outside a lesson count for head count only
 FEED_S = 0.5  # microphone audio handed to the worker thread at a time
 TALK_QUEUE = 500  # microphone chunks the talk analysis may fall behind (10 s of 20 ms)
+PURGE_EVERY_S = 86_400.0  # records past privacy.retention_days are removed daily
+MAX_FAILURES = 10  # samples failing in a row before sensing gives up (and says so)
 
 
 class Publisher(Protocol):
@@ -79,6 +83,8 @@ class SensingService:
         clock: Callable[[], float] = time.time,
         audio: AudioHub | None = None,
         role: Callable[[], Role] = lambda: "main",
+        retention_days: int = 30,
+        face_recognition: bool = True,
     ) -> None:
         self.config = config
         self.video = video
@@ -89,6 +95,9 @@ class SensingService:
         self.store_dir = store_dir
         self.minute_s = minute_s
         self.clock = clock
+        self.retention_days = retention_days
+        self.face_recognition = face_recognition
+        self._purged_at: float | None = None
         self.state = "starting"
         self.reason = ""
         self.pipeline: Pipeline | None = None
@@ -97,6 +106,8 @@ class SensingService:
         self.samples = 0
         self.faces_now = 0
         self.published = 0
+        self.errors = 0  # samples whose analysis raised
+        self._failures = 0  # in a row
         self._rate: list[float] = []
         self._skipped = 0
         self._minute_started = 0.0
@@ -139,6 +150,7 @@ class SensingService:
             "enrolled": 0 if self.store is None else len(self.store.gallery(1.0).students),
             "in_lesson": self._lesson_id is not None,
             "published": self.published,
+            "errors": self.errors,
             "talk": self._talk_health(),
         }
 
@@ -184,7 +196,8 @@ class SensingService:
         return self.store.gallery(self.config.match_distance)
 
     def _load(self) -> Pipeline:
-        gallery = self._open_store()
+        # privacy.face_recognition false: head count and engagement, never an embedding.
+        gallery = self._open_store() if self.face_recognition else None
         pipeline = Pipeline(self.config, gallery=gallery, identify=gallery is not None)
         if self.audio is not None:
             try:
@@ -197,7 +210,9 @@ class SensingService:
 
     def _refresh_roster(self) -> None:
         """At a lesson's start: take a roster enrolled (or changed) since the last one."""
-        if self.pipeline is None or self._store_stamp() == self._stamp:
+        if self.pipeline is None or not self.face_recognition:
+            return
+        if self._store_stamp() == self._stamp:
             return
         gallery = self._open_store()
         if gallery is None:
@@ -244,8 +259,17 @@ class SensingService:
                 next_due = max(next_due + period, time.monotonic())
                 now = self.clock()
                 await self._follow_lesson(now)
-                results = await loop.run_in_executor(executor, self._analyse, frame.image, now)
+                try:
+                    results = await loop.run_in_executor(executor, self._analyse, frame.image, now)
+                except Exception as exc:  # a model failing on a frame must not stop the agent
+                    if self._sample_failed(exc):
+                        return
+                    continue
+                self._failures = 0
                 self._after_sample(now, results)
+                if self._purged_at is None or now - self._purged_at >= PURGE_EVERY_S:
+                    self._purged_at = now
+                    await loop.run_in_executor(executor, self._purge_expired, now)
                 self._skipped = subscription.stats().skipped
                 if now - self._minute_started >= self.minute_s:
                     await self._publish_minute(now)
@@ -261,6 +285,22 @@ class SensingService:
                 self.state = "stopped"
             if self.talk_state not in ("off", "failed"):
                 self.talk_state = "stopped"
+
+    def _sample_failed(self, exc: Exception) -> bool:
+        """One sample's analysis raised: logged; True (stop sensing, report ``failed``)
+        after MAX_FAILURES in a row, so a broken model cannot spin or take the agent down."""
+        self._failures += 1
+        self.errors += 1
+        if self._failures == 1:
+            log.warning("sensing: a sample failed (%s: %s)", type(exc).__name__, exc)
+        if self._failures < MAX_FAILURES:
+            return False
+        self.state = "failed"
+        self.reason = (
+            f"{MAX_FAILURES} samples in a row failed, the last with {type(exc).__name__}: {exc}"
+        )
+        log.error("sensing stopped: %s; the lesson goes on without it", self.reason)
+        return True
 
     # -- talk -------------------------------------------------------------------------
 
@@ -369,7 +409,10 @@ class SensingService:
         ended = self.pipeline.tracker.drain_ended()
         if self.attendance is not None:
             self.attendance.tracks_ended(ended)
-            self.attendance.observe(now, [r.track for r in results if r.track is not None])
+            heads_up = sum(1 for r in results if r.pose is not None and r.pose.is_up(self.config))
+            self.attendance.observe(
+                now, [r.track for r in results if r.track is not None], heads_up=heads_up
+            )
 
     async def _follow_lesson(self, now: float) -> None:
         lesson = self.lesson()
@@ -391,6 +434,34 @@ class SensingService:
             self._talk_role = self.role()
         if lesson_id != PERIOD_ID:
             log.info("sensing: lesson %s started, %d enrolled", lesson_id, len(enrolled))
+
+    def _purge_expired(self, now: float) -> None:
+        """Records older than privacy.retention_days go (at start, then daily)."""
+        if (
+            not (self.store_dir / "attendance").is_dir()
+            and not (self.store_dir / "report").is_dir()
+        ):
+            return
+        try:
+            store = self.store or open_store(
+                self.store_dir, key_file=self.config.key_file, create=True
+            )
+            purge_expired(store, self.retention_days, now)
+        except (RosterError, OSError) as exc:
+            log.error("sensing: expired records not purged: %s", exc)
+
+    def _seal_report(self, lesson_id: str, report: dict[str, Any]) -> None:
+        """Seal the lesson's report beside the attendance (a room with no roster gets a
+        store, and its key, for its reports)."""
+        try:
+            store = self.store or open_store(
+                self.store_dir, key_file=self.config.key_file, create=True
+            )
+            path = store.seal_record(lesson_id, report, "report")
+        except (RosterError, OSError) as exc:
+            log.error("sensing: lesson %s report not kept: %s", lesson_id, exc)
+            return
+        log.info("sensing: lesson %s report sealed in %s", lesson_id, path)
 
     async def _publish_minute(self, now: float) -> None:
         if self.attendance is None:
@@ -424,11 +495,21 @@ class SensingService:
                 self.store.seal_record, attendance.lesson_id, record
             )
             log.info("sensing: lesson %s attendance sealed in %s", attendance.lesson_id, path)
+        report = report_record(
+            record,
+            attendance.summary(),
+            st,
+            room=self.device,
+            role=talk_role or self.role(),
+            hands=None,
+        )
+        await asyncio.to_thread(self._seal_report, attendance.lesson_id, report)
         counts = {
             "kind": "attendance",
             **record["counts"],
             "unknown": record["unknown"],
             "enrolled": len(attendance.enrolled),
+            **attendance.summary(),
         }
         sends: list[dict[str, Any]] = [] if tail is None else [{"kind": "minute", **tail}]
         if st is not None:
@@ -488,4 +569,6 @@ def sensing_service(
         store_dir=sensing.roster_dir or config.supervisor.state_dir / "sensing",
         audio=audio,
         role=role,
+        retention_days=config.privacy.retention_days,
+        face_recognition=config.privacy.face_recognition,
     )
