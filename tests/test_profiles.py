@@ -654,6 +654,51 @@ async def test_a_health_profile_during_a_live_lesson_applies_and_nobody_leaves(
             await daemon.close()
 
 
+@pytest.mark.timeout(200)
+async def test_two_layers_waiting_for_the_same_lesson_both_apply_when_it_ends(
+    mosquitto: BrokerUnderTest, tmp_path: Path, it: It
+) -> None:
+    prefix = mosquitto.prefix
+    daemons = []
+    for device in (DEVICE_1, DEVICE_2):
+        config = room_config(mosquitto.url, prefix, device, tmp_path / f"s-{device}")
+        config["profiles"] = {"trusted_keys": it.pinned}
+        daemons.append(new_daemon(tmp_path, device, config))
+    school, room = "school:school1", f"room:{DEVICE_1}"
+    try:
+        async with admin_watching(mosquitto) as observer:
+            for daemon in daemons:
+                await daemon.start()
+            await go_live(observer, prefix)
+            # Two layers, each restarting what the lesson runs on: both wait.
+            school_doc = it.sign("capture:\n  video:\n    fps: 10\n", school, 4)
+            await observer.publish(it.topic(school), school_doc.raw, retain=True)
+            await answered(observer, DEVICE_1, school, "waiting", version=4, code="lesson")
+            room_doc = it.sign("stream:\n  video_bitrate_kbps: 400\n", room, 7)
+            await observer.publish(it.topic(room), room_doc.raw, retain=True)
+            await answered(observer, DEVICE_1, room, "waiting", version=7, code="lesson")
+
+            end = f"{prefix}/school1/room1/cmd/lesson-end"
+            await observer.publish(end, json.dumps({"id": "end-1", "args": {}}))
+            assert (await observer.wait_for(f"{end}/result", within=20)).json()["ok"]
+            # Each layer is applied, and answered with its own version.
+            for layer, version in ((school, 4), (room, 7)):
+                reported = await answered(observer, DEVICE_1, layer, "applied", version=version)
+                assert reported["applied_version"] == version
+            await in_effect(observer, DEVICE_1, {school: 4, room: 7})
+            await answered(observer, DEVICE_2, school, "applied", version=4)
+            shown = config_show(daemons[0].site_file)
+            fps = next(x for x in shown.splitlines() if x.startswith("capture.video.fps"))
+            assert "10" in fps, fps
+            assert f"[profile {school} v4]" in fps, fps
+            rate = next(x for x in shown.splitlines() if x.startswith("stream.video_bitrate"))
+            assert "400" in rate, rate
+            assert f"[profile {room} v7]" in rate, rate
+    finally:
+        for daemon in daemons:
+            await daemon.close()
+
+
 # -- kill -9 while applying ----------------------------------------------------------------
 
 _WRITER = """

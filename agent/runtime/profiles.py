@@ -12,7 +12,10 @@ applies it through the daemon's one reconfigure path, checks what the change tou
 (the camera delivers frames, the microphone opens, the link is connected, every restarted
 service runs) within the profile's ``check_s``, and rolls back to the last-known-good
 layers when that check fails. A live lesson delays a change that would restart what it
-runs on; the device reports ``waiting`` meanwhile.
+runs on; the device reports ``waiting`` meanwhile. Every layer that waits is kept (one
+per scope, the newest): when the lesson ends they are applied one by one in layer order
+(fleet < school < group < room), each on top of those applied before it, each checked,
+answered and rolled back on its own.
 """
 
 from __future__ import annotations
@@ -149,12 +152,6 @@ def _version(payload: bytes) -> int | None:
         return None
 
 
-@dataclass
-class _Deferred:
-    layer: str
-    envelope: Envelope
-
-
 class ProfileManager:
     """Applies pushed profiles one at a time (a supervisor service; see the module doc)."""
 
@@ -168,7 +165,8 @@ class ProfileManager:
         self.changed = asyncio.Event()
         self.changed.set()  # publish the report once the link is up
         self.dropped_messages = 0
-        self._deferred: _Deferred | None = None
+        # The layers that wait for a live lesson's end: the newest envelope per layer.
+        self._deferred: dict[str, Envelope] = {}
         self._last: dict[str, bytes] = {}  # the last payload handled per layer
         self.applied_count = 0
 
@@ -194,7 +192,7 @@ class ProfileManager:
                 log.exception("handling a pushed profile on %s failed", topic)
 
     def _idle_timeout(self) -> float:
-        if self._deferred is not None:
+        if self._deferred:
             return RETRY_S
         expiry = self.book.next_expiry()
         if expiry is None:
@@ -202,9 +200,8 @@ class ProfileManager:
         return max(0.05, min(MAX_IDLE_S, expiry - time.time() + 0.05))
 
     async def _tick(self) -> None:
-        if self._deferred is not None:
-            deferred, self._deferred = self._deferred, None
-            await self._apply(deferred.layer, deferred.envelope, retry=True)
+        if self._deferred:
+            await self._retry_deferred()
             return
         dropped = self.book.recheck()
         if dropped:
@@ -237,9 +234,10 @@ class ProfileManager:
                 return  # the one this device already answered, delivered again after a restart
             self._refuse(layer, None, exc.reason.value, exc.message, version=_version(payload))
             return
+        # A newer document for the layer replaces the one that waited (applied, refused,
+        # or waiting in its stead); the older one is never applied after it.
+        self._deferred.pop(layer, None)
         if not self.book.in_wave(envelope):
-            if self._deferred is not None and self._deferred.layer == layer:
-                self._deferred = None
             self._report(
                 layer,
                 envelope,
@@ -279,6 +277,16 @@ class ProfileManager:
 
     # -- applying ------------------------------------------------------------------------------
 
+    async def _retry_deferred(self) -> None:
+        """Try the waiting layers again, lowest first, each on top of those applied before
+        it. While the first still waits (the lesson goes on) the others are not tried: one
+        candidate, so the part applied during the lesson stays put."""
+        for layer in sorted(self._deferred, key=self.book.layers.index):
+            envelope = self._deferred.pop(layer)
+            await self._apply(layer, envelope, retry=True)
+            if layer in self._deferred:  # waits again
+                return
+
     async def _apply(self, layer: str, envelope: Envelope, *, retry: bool = False) -> None:
         what = envelope.describe()
         try:
@@ -296,7 +304,7 @@ class ProfileManager:
         result = await self.target.apply_config(candidate, origin=what)
         if result.outcome is Outcome.WAITING:
             self.book.end_trial()
-            self._deferred = _Deferred(layer, envelope)
+            self._deferred[layer] = envelope
             if not retry:
                 self._report(layer, envelope, LayerState.WAITING, result.reason, "lesson")
             return
