@@ -83,7 +83,8 @@ def test_a_simulated_lesson_gives_present_late_left_early_absent_and_unknown(
         results = pipeline.frame(frame, t)
         assert len(results) == len(truth)
         attendance.tracks_ended(pipeline.tracker.drain_ended())
-        attendance.observe(t, [r.track for r in results if r.track is not None])
+        heads_up = sum(1 for r in results if r.pose is not None and r.pose.is_up(config))
+        attendance.observe(t, [r.track for r in results if r.track is not None], heads_up)
         if int(t) % 60 == 56:
             minutes.append(attendance.take_minute(t))
         t += STEP_S
@@ -102,10 +103,10 @@ def test_a_simulated_lesson_gives_present_late_left_early_absent_and_unknown(
     assert all(r["confidence"] >= 0.6 for s, r in record["students"].items() if s != "s-absent")
     # Minute aggregates: head count follows who is in the room; counts only.
     assert [m["head_count"] for m in minutes] == [4, 5, 5, 4]
-    assert all(
-        set(m) == {"minute_start", "samples", "head_count", "head_count_max", "present", "unknown"}
-        for m in minutes
-    )
+    keys = {"minute_start", "samples", "head_count", "head_count_max", "head_up_rate"}
+    assert all(set(m) == keys | {"present", "unknown"} for m in minutes)
+    # Faces cut from (mostly frontal) photos: most of the class counts as heads up.
+    assert all(m["head_up_rate"] is not None and m["head_up_rate"] >= 0.5 for m in minutes)
     # Embedding ran for new or unsettled tracks only, not for every face of every frame.
     faces_analysed = sum(m["samples"] * m["head_count"] for m in minutes)
     assert pipeline.times.embeddings < faces_analysed / 4
