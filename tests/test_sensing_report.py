@@ -20,7 +20,6 @@ from typing import Any
 import numpy as np
 import pytest
 
-from agent.capture import FrameHub, open_video_source
 from agent.config import SensingConfig
 from agent.sensing import Attendance, Detector, Face, Pipeline, RetinaFaceDetector, model_info
 from agent.sensing.headpose import HeadPose, camera_matrix, head_pose
@@ -31,8 +30,7 @@ from agent.sensing.st_analysis import analyse
 from agent.sensing.track import Track
 from agent.testkit import cut_faces
 from agent.testkit.poses import turn_face
-from tests.rooms import SMALL
-from tests.sensing_data import GROUP_PHOTOS, OBAMA
+from tests.sensing_data import GROUP_PHOTOS, OBAMA, lessonless_service
 
 TURNS = [(-30, 0), (-15, 0), (15, 0), (30, 0), (0, -20), (0, 20), (0, 35)]
 
@@ -236,22 +234,15 @@ class _BrokenModel(Detector):
 async def test_a_model_failing_on_every_frame_stops_sensing_not_the_agent(
     tmp_path: Path,
 ) -> None:
-    video = FrameHub(open_video_source(SMALL.video), SMALL)
-    config = SensingConfig(enabled=True, sample_fps=20)
 
     class Service(SensingService):
         def _load(self) -> Pipeline:
             return Pipeline(self.config, detector=_BrokenModel(), identify=False)
 
-    service = Service(
-        config,
-        video,
-        None,  # type: ignore[arg-type]  (nothing is published without a lesson)
-        "edu/s/r/sensing",
-        device="s.r",
-        lesson=lambda: None,
-        store_dir=tmp_path / "store",
+    service = lessonless_service(
+        tmp_path / "store", SensingConfig(enabled=True, sample_fps=20), service_class=Service
     )
+    video = service.video
     hub = asyncio.create_task(video.run())
     try:
         await asyncio.wait_for(service.run(), 60)  # returns by itself: no crash, no spin
@@ -276,18 +267,7 @@ def test_without_face_recognition_no_embedder_is_loaded_and_old_records_expire(
     old["end"], recent["end"] = 1_000_000.0, 5_000_000.0
     store.seal_record("lesson-old", old, "report")
     store.seal_record("lesson-recent", recent, "report")
-    video = FrameHub(open_video_source(SMALL.video), SMALL)
-    service = SensingService(
-        SensingConfig(enabled=True),
-        video,
-        None,  # type: ignore[arg-type]  (nothing is published here)
-        "edu/s/r/sensing",
-        device="s.r",
-        lesson=lambda: None,
-        store_dir=tmp_path / "store",
-        retention_days=30,
-        face_recognition=False,
-    )
+    service = lessonless_service(tmp_path / "store", retention_days=30, face_recognition=False)
     service.pipeline = service._load()
     assert service.pipeline.embedder is None  # a roster is there, but never used
     assert service.pipeline.gallery is None

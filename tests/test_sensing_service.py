@@ -38,7 +38,7 @@ from agent.sync import Outbox, ReliablePublisher
 from agent.testkit import compose, cut_faces
 from tests.brokers import BrokerUnderTest, eventually, observing
 from tests.rooms import MAIN, ROOM2, SMALL, room, until_live
-from tests.sensing_data import GROUP_PHOTOS, OBAMA, load
+from tests.sensing_data import GROUP_PHOTOS, OBAMA, lessonless_service, load
 from tests.test_contracts import check, schema
 
 STUDENTS = {"s-obama": "欧巴马", "s-ana": "Ana", "s-ben": "Ben"}
@@ -265,22 +265,15 @@ async def test_a_corrupt_model_fails_sensing_with_its_name_and_nothing_else(
     store = open_store(tmp_path / "store", create=True)
     store.put(Enrolled("s-a", "A", "g", True, [np.zeros(128, np.float32)], 0.0))
     store.save()
-    capture = SMALL
-    video = FrameHub(open_video_source(capture.video), capture)
 
     class Nowhere:
         async def send(self, topic: str, payload: Any, kind: Any = "event") -> Any:
             raise AssertionError("nothing is published by a failed service")
 
-    service = SensingService(
-        SensingConfig(enabled=True, models_dir=models),
-        video,
-        Nowhere(),
-        "edu/s/r/sensing",
-        device="s.r",
-        lesson=lambda: None,
-        store_dir=tmp_path / "store",
+    service = lessonless_service(
+        tmp_path / "store", SensingConfig(enabled=True, models_dir=models), publisher=Nowhere()
     )
+    video = service.video
     async with _running(video.run()):
         await asyncio.wait_for(service.run(), 30)  # returns: no restart loop
         assert video.stats().fps >= 0  # the hub (and so the lesson) is untouched
@@ -325,16 +318,7 @@ def test_sensing_only_periods_come_from_the_timetable() -> None:
 
 
 def test_a_roster_enrolled_while_running_is_taken_at_the_next_lesson(tmp_path: Path) -> None:
-    video = FrameHub(open_video_source(SMALL.video), SMALL)
-    service = SensingService(
-        SensingConfig(enabled=True),
-        video,
-        None,  # type: ignore[arg-type]  (nothing is published here)
-        "edu/s/r/sensing",
-        device="s.r",
-        lesson=lambda: None,
-        store_dir=tmp_path / "store",
-    )
+    service = lessonless_service(tmp_path / "store")
     service.pipeline = service._load()
     assert service.pipeline.embedder is None  # no roster yet: head count only
     service._refresh_roster()

@@ -313,9 +313,9 @@ class RosterStore:
         self, name: str, payload: dict[str, Any], kind: RecordKind = "attendance"
     ) -> Path:
         """Write one lesson's record of ``kind`` (its own folder), sealed with the store's key."""
-        if not RECORD_NAME.fullmatch(name):  # lesson ids are checked upstream; be sure
+        path = self._record_file(name, kind)
+        if path is None:  # lesson ids are checked upstream; be sure
             raise RosterError(f"{name!r}: not a record name (letters, digits, - and _)")
-        path = self.directory / kind / f"{name}.enc"
         write_private(path, seal(self._key, payload, kind.encode()))
         return path
 
@@ -328,10 +328,14 @@ class RosterStore:
 
     def record_path(self, name: str, kind: RecordKind = "attendance") -> Path | None:
         """Where lesson ``name``'s record of ``kind`` is, or None when there is none."""
+        path = self._record_file(name, kind)
+        return path if path is not None and path.is_file() else None
+
+    def _record_file(self, name: str, kind: RecordKind) -> Path | None:
+        """The file of lesson ``name``'s record of ``kind``; None for a name that is not one."""
         if not RECORD_NAME.fullmatch(name):
             return None
-        path = self.directory / kind / f"{name}.enc"
-        return path if path.is_file() else None
+        return self.directory / kind / f"{name}.enc"
 
     def records(self, kind: RecordKind = "attendance") -> list[Path]:
         """The sealed records of ``kind``, oldest first."""

@@ -44,7 +44,7 @@ from agent.sensing.models import ModelError
 from agent.sensing.pipeline import STAGES, FaceResult, Gallery, Pipeline
 from agent.sensing.privacy import purge_expired
 from agent.sensing.report import report_record
-from agent.sensing.roster import STORE_FILE, RosterError, RosterStore, open_store
+from agent.sensing.roster import RECORD_KINDS, STORE_FILE, RosterError, RosterStore, open_store
 from agent.sensing.st_analysis import StResult
 from agent.sensing.talk import Role, SileroVad, TalkSettings
 from agent.sensing.talk_live import LiveTalk
@@ -435,29 +435,24 @@ class SensingService:
         if lesson_id != PERIOD_ID:
             log.info("sensing: lesson %s started, %d enrolled", lesson_id, len(enrolled))
 
+    def _records_store(self) -> RosterStore:
+        """The store the lesson records go in: the roster's, or (a room with no roster) one
+        created for them, with its own key."""
+        return self.store or open_store(self.store_dir, key_file=self.config.key_file, create=True)
+
     def _purge_expired(self, now: float) -> None:
         """Records older than privacy.retention_days go (at start, then daily)."""
-        if (
-            not (self.store_dir / "attendance").is_dir()
-            and not (self.store_dir / "report").is_dir()
-        ):
+        if not any((self.store_dir / kind).is_dir() for kind in RECORD_KINDS):
             return
         try:
-            store = self.store or open_store(
-                self.store_dir, key_file=self.config.key_file, create=True
-            )
-            purge_expired(store, self.retention_days, now)
+            purge_expired(self._records_store(), self.retention_days, now)
         except (RosterError, OSError) as exc:
             log.error("sensing: expired records not purged: %s", exc)
 
     def _seal_report(self, lesson_id: str, report: dict[str, Any]) -> None:
-        """Seal the lesson's report beside the attendance (a room with no roster gets a
-        store, and its key, for its reports)."""
+        """Seal the lesson's report beside the attendance."""
         try:
-            store = self.store or open_store(
-                self.store_dir, key_file=self.config.key_file, create=True
-            )
-            path = store.seal_record(lesson_id, report, "report")
+            path = self._records_store().seal_record(lesson_id, report, "report")
         except (RosterError, OSError) as exc:
             log.error("sensing: lesson %s report not kept: %s", lesson_id, exc)
             return
@@ -495,9 +490,10 @@ class SensingService:
                 self.store.seal_record, attendance.lesson_id, record
             )
             log.info("sensing: lesson %s attendance sealed in %s", attendance.lesson_id, path)
+        summary = attendance.summary()
         report = report_record(
             record,
-            attendance.summary(),
+            summary,
             st,
             room=self.device,
             role=talk_role or self.role(),
@@ -509,7 +505,7 @@ class SensingService:
             **record["counts"],
             "unknown": record["unknown"],
             "enrolled": len(attendance.enrolled),
-            **attendance.summary(),
+            **summary,
         }
         sends: list[dict[str, Any]] = [] if tail is None else [{"kind": "minute", **tail}]
         if st is not None:
