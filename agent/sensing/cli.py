@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
+import os
 import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -520,25 +521,13 @@ def cmd_privacy_purge(args: argparse.Namespace) -> int:
         f"and {report.report_entries} report entry(ies) removed, {resealed} record(s) "
         "sealed again"
     )
-    if report.unreadable:
-        print(
-            f"{len(report.unreadable)} record(s) could not be opened with this key, so were "
-            f"not searched: {', '.join(report.unreadable)}",
-            file=sys.stderr,
-        )
-        return EXIT_FAILURE
-    return EXIT_OK
+    return _unsearched(report.unreadable)
 
 
 def cmd_privacy_export(args: argparse.Namespace) -> int:
-    import os
-
     from agent.sensing.privacy import export_student, holds_student
     from agent.sensing.roster import RosterError
 
-    if args.out is not None and args.out.exists():
-        print(f"{args.out}: exists; refusing to overwrite (name a new file)", file=sys.stderr)
-        return EXIT_FAILURE
     try:
         store = _open_store(args)
         export = export_student(store, args.student)
@@ -555,22 +544,35 @@ def cmd_privacy_export(args: argparse.Namespace) -> int:
     if args.out is None:
         sys.stdout.write(text)
     else:
-        try:  # personal data: 0600, and never over an existing file
-            fd = os.open(args.out, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-        except FileExistsError:
-            print(f"{args.out}: exists; refusing to overwrite (name a new file)", file=sys.stderr)
+        refused = write_new_private(args.out, text)
+        if refused is not None:
+            print(refused, file=sys.stderr)
             return EXIT_FAILURE
-        except OSError as exc:
-            print(f"{args.out}: cannot write ({exc.strerror})", file=sys.stderr)
-            return EXIT_FAILURE
-        with os.fdopen(fd, "w", encoding="utf-8") as handle:
-            handle.write(text)
         print(f"{args.student}: exported to {args.out}", file=sys.stderr)
-    if export["unreadable"]:
-        print(
-            f"{len(export['unreadable'])} record(s) could not be opened with this key, so "
-            f"were not searched: {', '.join(export['unreadable'])}",
-            file=sys.stderr,
-        )
-        return EXIT_FAILURE
-    return EXIT_OK
+    return _unsearched(export["unreadable"])
+
+
+def write_new_private(path: Path, text: str) -> str | None:
+    """Write personal data to a new 0600 file, never over an existing one; the refusal
+    (what to do about it) or None when written."""
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    except FileExistsError:
+        return f"{path}: exists; refusing to overwrite (name a new file)"
+    except OSError as exc:
+        return f"{path}: cannot write ({exc.strerror})"
+    with os.fdopen(fd, "w", encoding="utf-8") as handle:
+        handle.write(text)
+    return None
+
+
+def _unsearched(unreadable: list[str]) -> int:
+    """Say which records the key could not open (so they were not searched): exit 1."""
+    if not unreadable:
+        return EXIT_OK
+    print(
+        f"{len(unreadable)} record(s) could not be opened with this key, so were not "
+        f"searched: {', '.join(unreadable)}",
+        file=sys.stderr,
+    )
+    return EXIT_FAILURE
