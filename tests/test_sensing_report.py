@@ -204,6 +204,7 @@ def test_the_report_command_lists_shows_and_saves(tmp_path: Path) -> None:
     saved = cli(report["lesson"], "--html", str(out), "--language", "zh-CN")
     assert saved.returncode == 0, saved.stderr
     assert "王小明" in out.read_text(encoding="utf-8")
+    assert out.stat().st_mode & 0o777 == 0o600  # names and attendance
     again = cli(report["lesson"], "--html", str(out))
     assert again.returncode == 2
     assert "exists" in again.stderr

@@ -12,7 +12,14 @@ from typing import Any
 
 from agent.config import add_config_options
 from agent.locales import Language
-from agent.sensing.cli import EXIT_FAILURE, EXIT_OK, EXIT_USAGE, _config, _store_dir
+from agent.sensing.cli import (
+    EXIT_FAILURE,
+    EXIT_OK,
+    EXIT_USAGE,
+    _config,
+    _store_dir,
+    write_new_private,
+)
 from agent.sensing.report import render_html
 from agent.sensing.roster import RosterError, RosterStore, open_store
 
@@ -72,10 +79,10 @@ def cmd_report(args: argparse.Namespace) -> int:
     if args.html is None:
         print(page)
         return EXIT_OK
-    if args.html.exists():
-        print(f"{args.html}: exists; choose another file (--html)", file=sys.stderr)
+    refused = write_new_private(args.html, page)  # names and attendance: 0600
+    if refused is not None:
+        print(f"{refused} (--html)", file=sys.stderr)
         return EXIT_USAGE
-    args.html.write_text(page, encoding="utf-8")
     print(f"wrote {args.html}")
     return EXIT_OK
 
