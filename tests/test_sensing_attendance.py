@@ -21,6 +21,7 @@ from agent.sensing import (
     Gallery,
     Pipeline,
     RetinaFaceDetector,
+    heads_up,
     model_info,
 )
 from agent.testkit import compose, cut_faces
@@ -83,8 +84,8 @@ def test_a_simulated_lesson_gives_present_late_left_early_absent_and_unknown(
         results = pipeline.frame(frame, t)
         assert len(results) == len(truth)
         attendance.tracks_ended(pipeline.tracker.drain_ended())
-        heads_up = sum(1 for r in results if r.pose is not None and r.pose.is_up(config))
-        attendance.observe(t, [r.track for r in results if r.track is not None], heads_up)
+        up = heads_up(results, config)
+        attendance.observe(t, [r.track for r in results if r.track is not None], up)
         if int(t) % 60 == 56:
             minutes.append(attendance.take_minute(t))
         t += STEP_S

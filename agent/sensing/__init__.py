@@ -34,7 +34,15 @@ from agent.sensing.models import (
     read_verified,
     shipped_models_dir,
 )
-from agent.sensing.pipeline import STAGES, FaceResult, Gallery, Match, Pipeline, StageTimes
+from agent.sensing.pipeline import (
+    STAGES,
+    FaceResult,
+    Gallery,
+    Match,
+    Pipeline,
+    StageTimes,
+    heads_up,
+)
 from agent.sensing.report_cli import add_report_parser
 from agent.sensing.roster import (
     Enrolled,
@@ -78,6 +86,7 @@ __all__ = [
     "add_report_parser",
     "add_sensing_commands",
     "choose_providers",
+    "heads_up",
     "iou",
     "is_signed",
     "load_catalogue",

@@ -101,6 +101,11 @@ class FaceResult:
         return out
 
 
+def heads_up(results: list[FaceResult], config: SensingConfig) -> int:
+    """How many of a sample's faces are turned to the front (the room's head-up band)."""
+    return sum(1 for r in results if r.pose is not None and r.pose.is_up(config))
+
+
 class Pipeline:
     def __init__(
         self,

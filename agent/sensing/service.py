@@ -41,7 +41,7 @@ from agent.config import AgentConfig, SensingConfig, period_minutes
 from agent.sensing.attendance import Attendance
 from agent.sensing.faces import Image
 from agent.sensing.models import ModelError
-from agent.sensing.pipeline import STAGES, FaceResult, Gallery, Pipeline
+from agent.sensing.pipeline import STAGES, FaceResult, Gallery, Pipeline, heads_up
 from agent.sensing.privacy import purge_expired
 from agent.sensing.report import report_record
 from agent.sensing.roster import RECORD_KINDS, STORE_FILE, RosterError, RosterStore, open_store
@@ -409,9 +409,10 @@ class SensingService:
         ended = self.pipeline.tracker.drain_ended()
         if self.attendance is not None:
             self.attendance.tracks_ended(ended)
-            heads_up = sum(1 for r in results if r.pose is not None and r.pose.is_up(self.config))
             self.attendance.observe(
-                now, [r.track for r in results if r.track is not None], heads_up=heads_up
+                now,
+                [r.track for r in results if r.track is not None],
+                heads_up=heads_up(results, self.config),
             )
 
     async def _follow_lesson(self, now: float) -> None:
