@@ -115,6 +115,18 @@ def trusting(config: dict[str, Any], it: It) -> dict[str, Any]:
     return {**config, "profiles": {"trusted_keys": it.pinned}}
 
 
+def trusting_rooms(broker: BrokerUnderTest, tmp_path: Path, it: It) -> list[Daemon]:
+    """The two rooms' daemons (not started), each pinning IT's keys."""
+    return [
+        new_daemon(
+            tmp_path,
+            device,
+            trusting(room_config(broker.url, broker.prefix, device, tmp_path / f"s-{device}"), it),
+        )
+        for device in (DEVICE_1, DEVICE_2)
+    ]
+
+
 def layer_of(message: Any, layer: str) -> dict[str, Any]:
     return dict(message.json().get("layers", {}).get(layer) or {})
 
@@ -522,12 +534,8 @@ async def test_racing_pushes_the_higher_version_wins_on_every_device_and_waves_h
     mosquitto: BrokerUnderTest, tmp_path: Path, it: It
 ) -> None:
     prefix = mosquitto.prefix
-    daemons = []
+    daemons = trusting_rooms(mosquitto, tmp_path, it)
     school = "school:school1"
-    for device in (DEVICE_1, DEVICE_2):
-        config = room_config(mosquitto.url, prefix, device, tmp_path / f"s-{device}")
-        config["profiles"] = {"trusted_keys": it.pinned}
-        daemons.append(new_daemon(tmp_path, device, config))
     try:
         async with admin_watching(mosquitto) as observer:
             for daemon in daemons:
@@ -623,11 +631,7 @@ async def test_a_health_profile_during_a_live_lesson_applies_and_nobody_leaves(
     mosquitto: BrokerUnderTest, tmp_path: Path, it: It
 ) -> None:
     prefix = mosquitto.prefix
-    daemons = []
-    for device in (DEVICE_1, DEVICE_2):
-        config = room_config(mosquitto.url, prefix, device, tmp_path / f"s-{device}")
-        config["profiles"] = {"trusted_keys": it.pinned}
-        daemons.append(new_daemon(tmp_path, device, config))
+    daemons = trusting_rooms(mosquitto, tmp_path, it)
     group = f"group:{GROUP}"
     try:
         async with admin_watching(mosquitto) as observer:
@@ -659,11 +663,7 @@ async def test_two_layers_waiting_for_the_same_lesson_both_apply_when_it_ends(
     mosquitto: BrokerUnderTest, tmp_path: Path, it: It
 ) -> None:
     prefix = mosquitto.prefix
-    daemons = []
-    for device in (DEVICE_1, DEVICE_2):
-        config = room_config(mosquitto.url, prefix, device, tmp_path / f"s-{device}")
-        config["profiles"] = {"trusted_keys": it.pinned}
-        daemons.append(new_daemon(tmp_path, device, config))
+    daemons = trusting_rooms(mosquitto, tmp_path, it)
     school, room = "school:school1", f"room:{DEVICE_1}"
     try:
         async with admin_watching(mosquitto) as observer:
