@@ -38,6 +38,10 @@ MODE_KEYS = {
     "mixed": "report.mode.mixed",
 }
 ROLE_KEYS = {"main": "report.role.main", "receiving": "report.role.receiving"}
+# What a teacher may set a student to on the panel (issue: present / absent / late);
+# "left early" is only ever measured.
+Correctable = Literal["present", "late", "absent"]
+CORRECTABLE: tuple[Correctable, ...] = ("present", "late", "absent")
 Css = Literal["inline"] | str  # "inline", or the URL of report.css (the panel serves it)
 CSS = """
 body{font-family:"Noto Sans CJK SC","Noto Sans",sans-serif;margin:24px;color:#1d2733;
@@ -90,6 +94,67 @@ def report_record(
     }
 
 
+class CorrectionRefused(ValueError):
+    """A correction that does not fit the report; the text names the field and the fix."""
+
+
+def add_correction(
+    report: dict[str, Any],
+    student: str,
+    status: str,
+    *,
+    at: float,
+    by: str,
+    source: str,
+) -> dict[str, Any]:
+    """``report`` with the teacher's correction of ``student`` to ``status`` appended.
+
+    The entry keeps when (``at``), how the request was let in (``by``: "loopback" or
+    "panel-token") and from which address (``from``), and ``was``: what the report showed
+    for the student before (the measured status, or an earlier correction). The measured
+    attendance itself never changes."""
+    students = report["attendance"]["students"]
+    if student not in students:
+        raise CorrectionRefused(
+            f"student: {student} is not in lesson {report['lesson']}'s attendance "
+            "(pick one of the report's rows)"
+        )
+    if status not in CORRECTABLE:
+        raise CorrectionRefused(f"status: {status!r} is not one of {', '.join(CORRECTABLE)}")
+    was, _ = effective_status(report, student)
+    entry = {"student": student, "status": status, "was": was, "at": at, "by": by, "from": source}
+    return {**report, "corrections": [*report.get("corrections", []), entry]}
+
+
+def corrected_counts(report: dict[str, Any]) -> dict[str, int]:
+    """Students per status, the teacher's corrections applied."""
+    counts = dict.fromkeys(STATUS_KEYS, 0)
+    for student in report["attendance"]["students"]:
+        status, _ = effective_status(report, student)
+        counts[status] = counts.get(status, 0) + 1
+    return counts
+
+
+def report_row(report: dict[str, Any]) -> dict[str, Any]:
+    """One line of a list of reports: when, where, the figures and the attendance counts
+    (corrected). No student appears in it."""
+    st = report.get("st") or {}
+    summary = report.get("summary", {})
+    return {
+        "lesson": report["lesson"],
+        "room": report.get("room"),
+        "role": report.get("role"),
+        "start": report["start"],
+        "end": report["end"],
+        "minutes": round((report["end"] - report["start"]) / 60, 1),
+        "head_count": summary.get("head_count"),
+        "head_up_rate": summary.get("head_up_rate"),
+        "mode": st.get("mode"),
+        "corrections": len(report.get("corrections", [])),
+        **corrected_counts(report),
+    }
+
+
 def effective_status(report: dict[str, Any], student: str) -> tuple[str, str | None]:
     """(status now, status as measured when the teacher corrected it, else None)."""
     measured = str(report["attendance"]["students"][student]["status"])
@@ -120,7 +185,7 @@ def render_html(
     minutes = max(0.0, (report["end"] - report["start"]) / 60)
     summary = report.get("summary", {})
     st = report.get("st")
-    counts = _corrected_counts(report)
+    counts = corrected_counts(report)
     figures = [
         (f"{minutes:.0f}", text("report.fig.minutes")),
         (str(summary.get("head_count", 0)), text("report.fig.head_count")),
@@ -164,7 +229,7 @@ def render_html(
         _card(text("report.chart.rt_ch"), _rt_ch_chart(st, text)),
         "</div>",
         f"<h2>{esc(text('report.attendance'))}</h2>",
-        _attendance_table(report, names, text),
+        _attendance_table(report, names, text, timezone),
         f'<p class="meta">{esc(text("report.note"))}</p>',
         "</body></html>",
     ]
@@ -188,25 +253,26 @@ def _card(title: str, body: str) -> str:
     return f'<div class="card"><h2>{html.escape(title)}</h2>{body}</div>'
 
 
-def _corrected_counts(report: dict[str, Any]) -> dict[str, int]:
-    counts = dict.fromkeys(STATUS_KEYS, 0)
-    for student in report["attendance"]["students"]:
-        status, _ = effective_status(report, student)
-        counts[status] = counts.get(status, 0) + 1
-    return counts
-
-
 def _attendance_table(
-    report: dict[str, Any], names: dict[str, str], text: Callable[[str], str]
+    report: dict[str, Any],
+    names: dict[str, str],
+    text: Callable[[str], str],
+    timezone: datetime.tzinfo | None,
 ) -> str:
     esc = html.escape
+    latest = {c.get("student"): c for c in report.get("corrections", [])}
     rows = []
     for student, row in sorted(report["attendance"]["students"].items()):
         status, measured = effective_status(report, student)
         shown = esc(text(STATUS_KEYS[status]))
         if measured is not None:
+            correction = latest[student]
+            when = datetime.datetime.fromtimestamp(float(correction.get("at", 0)), timezone)
+            note = text("report.corrected").format(
+                time=f"{when:%Y-%m-%d %H:%M}", source=correction.get("from", "?")
+            )
             shown = (
-                f'<span class="corrected">{shown}</span> '
+                f'<span class="corrected" title="{esc(note, quote=True)}">{shown}</span> '
                 f'<span class="was">{esc(text(STATUS_KEYS[measured]))}</span>'
             )
         seen = (
@@ -217,7 +283,7 @@ def _attendance_table(
         name = names.get(student)
         who = esc(name) if name else f'<span class="none">{esc(text("report.unnamed"))}</span>'
         rows.append(
-            f"<tr><td>{esc(student)}</td><td>{who}</td>"
+            f'<tr data-student="{esc(student, quote=True)}"><td>{esc(student)}</td><td>{who}</td>'
             f"<td>{shown}</td><td>{row['confidence']:.2f}</td><td>{esc(seen)}</td></tr>"
         )
     if not rows:
