@@ -128,7 +128,7 @@ async def test_reports_are_listed_shown_and_corrected(
         assert status == 200, corrected
         assert corrected["statuses"]["s-c"] == "present"
         assert 'class="corrected"' in corrected["html"]
-        assert '<span class="was">absent</span>' in corrected["html"]  # measured, beside it
+        assert '<span class="was">(measured: absent)</span>' in corrected["html"]  # beside it
         sealed = store.open_record(path)
         [entry] = sealed["corrections"]
         assert entry["student"] == "s-c"

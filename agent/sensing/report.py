@@ -49,12 +49,13 @@ background:#fff;max-width:1100px}
 h1{font-size:24px;margin:0 0 4px}h2{font-size:18px;margin:28px 0 8px}
 .meta{color:#556;margin-bottom:16px}.grid{display:flex;flex-wrap:wrap;gap:16px}
 .card{border:1px solid #d5dde6;border-radius:8px;padding:12px;flex:1 1 480px}
+.card h2{margin:0 0 8px}
 .figures{display:flex;flex-wrap:wrap;gap:12px;margin:12px 0}
 .figure{background:#f2f6fa;border-radius:8px;padding:10px 16px;min-width:120px}
 .figure b{display:block;font-size:22px}.figure span{color:#556;font-size:13px}
 table{border-collapse:collapse;width:100%}th,td{border-bottom:1px solid #e3e8ee;
 padding:6px 8px;text-align:left;font-size:14px}th{background:#f2f6fa}
-.corrected{color:#b45309;font-weight:600}.was{color:#889;text-decoration:line-through}
+.corrected{color:#b45309;font-weight:600}.was{color:#667}
 .none{color:#889;font-style:italic}svg{width:100%;height:auto;max-height:300px}
 @media print{.card{break-inside:avoid}}
 """
@@ -273,7 +274,10 @@ def _attendance_table(
             )
             shown = (
                 f'<span class="corrected" title="{esc(note, quote=True)}">{shown}</span> '
-                f'<span class="was">{esc(text(STATUS_KEYS[measured]))}</span>'
+                # Said in words: a line through Chinese characters is hard to see.
+                f'<span class="was">'
+                f"{esc(text('report.measured').format(status=text(STATUS_KEYS[measured])))}"
+                "</span>"
             )
         seen = (
             f"{row['first_seen_min']:.0f}-{row['last_seen_min']:.0f}"
@@ -306,7 +310,9 @@ def _attendance_table(
 
 def _unknown_line(report: dict[str, Any], text: Callable[[str], str]) -> str:
     unknown = report["attendance"]["unknown"]
-    return f"<p>{html.escape(text('report.unknown'))}: <b>{int(unknown)}</b></p>"
+    # The colon is the language's own (Chinese takes a full-width one).
+    line = html.escape(text("report.unknown")).replace("{n}", f"<b>{int(unknown)}</b>")
+    return f"<p>{line}</p>"
 
 
 # -- charts (SVG) -------------------------------------------------------------------------
@@ -508,7 +514,8 @@ def _rt_ch_chart(st: dict[str, Any] | None, text: Callable[[str], str]) -> str:
     parts += [
         f'<circle cx="{px:.1f}" cy="{py:.1f}" r="6" fill="#d9480f" stroke="#fff" '
         f'stroke-width="2"/>',
-        f'<text x="{left + size:.1f}" y="{HEIGHT - 8}" font-size="12" text-anchor="end" '
+        # Beside the axis's end, clear of its "1".
+        f'<text x="{left + size + 8:.1f}" y="{TOP + size + 4}" font-size="12" '
         f'fill="{AXIS}">Rt</text>',
         f'<text x="{left - 6:.1f}" y="{TOP + 10}" font-size="12" text-anchor="end" '
         f'fill="{AXIS}">Ch</text>',

@@ -100,30 +100,37 @@ async function correct(student, select) {
     });
     show(view);
     say(t("report.page.saved"));
+    await listReports(); // the picker's attendance counts, as corrected
   } catch (error) {
     say(failure(error), true);
     await load();
   }
 }
 
-async function load() {
+// The picker: the room's reports, newest first; false when they cannot be listed.
+async function listReports() {
   let rows = [];
   try {
     rows = (await api("/api/reports")).reports;
   } catch (error) {
     say(failure(error), true);
-    return;
+    return false;
   }
   const pick = $("report-pick");
   pick.replaceChildren(...rows.map((row) => new Option(reportLine(row), row.lesson)));
   pick.hidden = rows.length === 0;
   if (!lesson && rows.length) lesson = rows[0].lesson;
+  if (lesson) pick.value = lesson;
+  return true;
+}
+
+async function load() {
+  if (!(await listReports())) return;
   if (!lesson) {
     say(t("report.page.none"));
     document.body.dataset.ready = "1";
     return;
   }
-  pick.value = lesson;
   try {
     show(await api(reportPath()));
   } catch (error) {
