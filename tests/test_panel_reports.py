@@ -325,3 +325,18 @@ def test_a_purge_removes_the_students_corrections_too(tmp_path: Path) -> None:
     assert [c["student"] for c in report["corrections"]] == ["s-a"]
     assert "s-c" not in json.dumps(report)
     assert names == NAMES
+
+
+def test_the_daemons_panel_reads_the_sensing_store(tmp_path: Path) -> None:
+    from agent.config import AgentConfig
+    from agent.runtime.composition import PARTS
+
+    [panel] = [part for part in PARTS if part.name == "panel"]
+    assert {"sensing.enabled", "sensing.roster_dir", "sensing.key_file"} <= set(panel.reads)
+    base = {"identity": {"site": "s", "room": "r"}, "supervisor": {"state_dir": str(tmp_path)}}
+    default = LessonReports.of(AgentConfig.model_validate(base))
+    assert default == LessonReports(tmp_path / "sensing", None, sensing_enabled=False)
+    chosen = AgentConfig.model_validate(
+        {**base, "sensing": {"enabled": True, "roster_dir": str(tmp_path / "roster")}}
+    )
+    assert LessonReports.of(chosen) == LessonReports(tmp_path / "roster", None, True)

@@ -557,11 +557,9 @@ class PanelServer:
         raise PanelError(f"language: {asked[:20]!r} is not one of {', '.join(locales.LANGUAGES)}")
 
     async def _reports(self, request: web.Request) -> web.Response:
+        # No store, or none yet: an empty list (the panel then shows no report link).
         try:
-            shelf = self._report_shelf()
-            rows = await asyncio.to_thread(shelf.rows)
-        except PanelError as exc:
-            return _error(str(exc), exc.status)
+            rows = [] if self.reports is None else await asyncio.to_thread(self.reports.rows)
         except (RosterError, OSError) as exc:
             log.error("lesson reports cannot be listed: %s", exc)
             return _error(f"the lesson reports cannot be opened: {exc}", 503)
