@@ -23,9 +23,11 @@ from agent.config.models import (
     IdentityConfig,
     LessonRole,
     StreamConfig,
+    UiConfig,
     VideoConfig,
 )
 from agent.panel import PanelServer
+from agent.sensing import LessonReports
 from agent.stream import EncoderSettings, JoinState, ProbeSink, StreamService
 from agent.stream.playback import AudioPlayback
 from agent.stream.sinks import FanOutSink, FrameObserver, LatestFrames
@@ -92,12 +94,16 @@ async def room(
     receivers: tuple[str, ...] = (ROOM2, ROOM3),
     playback: AudioPlayback | None = None,
     observers: Sequence[FrameObserver] = (),
+    panel_bind: str = "127.0.0.1",
+    reports: LessonReports | None = None,
+    ui: UiConfig | None = None,
 ) -> AsyncIterator[Room]:
     """One classroom's agent (link + hubs + stream service [+ panel]), stopped on exit.
 
     ``playback``: its loudspeakers (the stream service runs it and wires it to the
     microphone's echo canceller, as in the daemon); ``observers``: more consumers of
-    the media it receives."""
+    the media it receives; ``panel_bind``, ``reports`` and ``ui``: the panel's address,
+    lesson reports and language."""
     role = LessonRole.MAIN if main else LessonRole.RECEIVING
     link = MqttLink(
         broker.broker_config(None),
@@ -112,7 +118,7 @@ async def room(
     )
     probe = ProbeSink()
     board = LatestFrames()
-    config = StreamConfig(video_bitrate_kbps=400, panel_port=0)
+    config = StreamConfig(video_bitrate_kbps=400, panel_port=0, panel_bind=panel_bind)
     service = StreamService(
         link,
         video,
@@ -126,7 +132,14 @@ async def room(
     server = None
     if panel:
         server = PanelServer(
-            service, config, link.identity, token=PANEL_TOKEN, board=board, audio=audio
+            service,
+            config,
+            link.identity,
+            token=PANEL_TOKEN,
+            board=board,
+            audio=audio,
+            ui=ui,
+            reports=reports,
         )
     r = Room(device, link, video, audio, service, probe, board, server)
     async with running(link) as link_task:

@@ -10,7 +10,10 @@ import numpy as np
 
 from agent.capture import FrameHub, open_video_source
 from agent.config import SensingConfig
-from agent.sensing import SensingService
+from agent.sensing import Attendance, Face, SensingService
+from agent.sensing.report import report_record
+from agent.sensing.st_analysis import analyse
+from agent.sensing.track import Track
 from tests.rooms import SMALL
 
 FACES = Path(__file__).parent / "data" / "faces"
@@ -46,3 +49,41 @@ def lessonless_service(
         store_dir=store_dir,
         **options,
     )
+
+
+def track(number: int, student: str | None = None) -> Track:
+    """A track of a face (no image behind it) that voted for ``student``."""
+    face = Face((20.0 * number, 0.0, 10.0, 10.0), 0.9, np.zeros((5, 2), np.float32))
+    made = Track(number, face, 0.0, 0.0)
+    if student is not None:
+        made.votes[student] = 3
+    return made
+
+
+def lesson_report(
+    corrected: bool = False, *, lesson: str = "lesson-20261206-0800", start: float = 0.0
+) -> dict[str, Any]:
+    """A 20-minute lesson's report made by the real attendance and S-T code: s-a
+    present, s-b late (first seen in minute 8), s-c absent; hands raised in minutes 3
+    and 11, so every chart draws (``corrected``: the teacher set s-c present)."""
+    config = SensingConfig(late_after_min=5, left_early_min=5)
+    attendance = Attendance(config, lesson, start, {"s-a", "s-b", "s-c"})
+    for minute in range(20):
+        seen = [track(1, "s-a"), track(2, "s-b" if minute >= 8 else None)]
+        attendance.observe(start + minute * 60 + 1, seen, heads_up=2 if minute % 5 else 1)
+        attendance.take_minute(start + (minute + 1) * 60)
+    record = attendance.finish(start + 20 * 60)
+    st = analyse("TTTSSTTTTSTSTTTTSSTTTTTTSSTTTTTTSTTTTTTT", 30.0)
+    report = report_record(
+        record,
+        attendance.summary(),
+        st,
+        room="s1.r1",
+        role="main",
+        hands=[{"minute": 3, "count": 2}, {"minute": 11, "count": 4}],
+    )
+    if corrected:
+        report["corrections"].append(
+            {"student": "s-c", "status": "present", "at": start + 1300.0, "by": "panel"}
+        )
+    return report

@@ -23,14 +23,12 @@ import pytest
 from agent.config import SensingConfig
 from agent.sensing import Attendance, Detector, Face, Pipeline, RetinaFaceDetector, model_info
 from agent.sensing.headpose import HeadPose, camera_matrix, head_pose
-from agent.sensing.report import render_html, report_record
+from agent.sensing.report import render_html
 from agent.sensing.roster import Enrolled, open_store
 from agent.sensing.service import MAX_FAILURES, SensingService
-from agent.sensing.st_analysis import analyse
-from agent.sensing.track import Track
 from agent.testkit import cut_faces
 from agent.testkit.poses import turn_face
-from tests.sensing_data import GROUP_PHOTOS, OBAMA, lessonless_service
+from tests.sensing_data import GROUP_PHOTOS, OBAMA, lesson_report, lessonless_service, track
 
 TURNS = [(-30, 0), (-15, 0), (15, 0), (30, 0), (0, -20), (0, 20), (0, 35)]
 
@@ -88,7 +86,7 @@ def test_the_head_up_band_is_the_rooms() -> None:
 def test_the_head_up_rate_counts_faces_the_detector_lost_as_heads_down() -> None:
     config = SensingConfig(head_count_window_s=10)
     attendance = Attendance(config, "lesson-1", 0.0, set())
-    tracks = [_track(i) for i in range(4)]
+    tracks = [track(i) for i in range(4)]
     attendance.observe(1.0, tracks, heads_up=4)
     attendance.observe(2.0, tracks[:2], heads_up=2)  # two bent down: no face seen
     minute = attendance.take_minute(60.0)
@@ -99,38 +97,6 @@ def test_the_head_up_rate_counts_faces_the_detector_lost_as_heads_down() -> None
     summary = attendance.summary()
     assert summary == {"head_count": 4, "head_count_max": 4, "head_up_rate": 0.75}
     assert attendance.finish(120.0)["minutes"][0]["head_up_rate"] == 0.75
-
-
-def _track(number: int, student: str | None = None) -> Track:
-    face = Face((20.0 * number, 0.0, 10.0, 10.0), 0.9, np.zeros((5, 2), np.float32))
-    track = Track(number, face, 0.0, 0.0)
-    if student is not None:
-        track.votes[student] = 3
-    return track
-
-
-def _report(corrected: bool = False) -> dict[str, Any]:
-    config = SensingConfig(late_after_min=5, left_early_min=5)
-    attendance = Attendance(config, "lesson-20261206-0800", 0.0, {"s-a", "s-b", "s-c"})
-    for minute in range(20):
-        seen = [_track(1, "s-a"), _track(2, "s-b" if minute >= 8 else None)]
-        attendance.observe(minute * 60 + 1, seen, heads_up=2 if minute % 5 else 1)
-        attendance.take_minute((minute + 1) * 60)
-    record = attendance.finish(20 * 60)
-    st = analyse("TTTSSTTTTSTSTTTTSSTTTTTTSSTTTTTTSTTTTTTT", 30.0)
-    report = report_record(
-        record,
-        attendance.summary(),
-        st,
-        room="s1.r1",
-        role="main",
-        hands=[{"minute": 3, "count": 2}, {"minute": 11, "count": 4}],
-    )
-    if corrected:
-        report["corrections"].append(
-            {"student": "s-c", "status": "present", "at": 1300.0, "by": "panel"}
-        )
-    return report
 
 
 class _Page(HTMLParser):
@@ -152,7 +118,7 @@ class _Page(HTMLParser):
 
 @pytest.mark.parametrize("language", ["zh-CN", "en"])
 def test_the_report_page_draws_every_chart_in_the_rooms_language(language: str) -> None:
-    report = _report(corrected=True)
+    report = lesson_report(corrected=True)
     page = _Page()
     page.feed(render_html(report, {"s-a": "王小明", "s-b": "Ben"}, language))  # type: ignore[arg-type]
     text = "".join(page.text)
@@ -168,7 +134,7 @@ def test_the_report_page_draws_every_chart_in_the_rooms_language(language: str) 
 
 
 def test_a_report_says_what_was_not_measured() -> None:
-    report = _report()
+    report = lesson_report()
     report["hands"] = None
     report["st"] = None
     page = render_html(report, {}, "en")
@@ -181,7 +147,7 @@ def test_the_report_command_lists_shows_and_saves(tmp_path: Path) -> None:
     store = open_store(tmp_path / "store", create=True)
     store.put(Enrolled("s-a", "王小明", "g3", True, [np.zeros(128, np.float32)], 0.0))
     store.save()
-    report = _report()
+    report = lesson_report()
     path = store.seal_record(report["lesson"], report, "report")
     assert b"s-a" not in path.read_bytes()
 
@@ -263,7 +229,7 @@ def test_without_face_recognition_no_embedder_is_loaded_and_old_records_expire(
     store = open_store(tmp_path / "store", create=True)
     store.put(Enrolled("s-a", "A", "g", True, [np.zeros(128, np.float32)], 0.0))
     store.save()
-    old, recent = _report(), _report()
+    old, recent = lesson_report(), lesson_report()
     old["lesson"], recent["lesson"] = "lesson-old", "lesson-recent"
     old["end"], recent["end"] = 1_000_000.0, 5_000_000.0
     store.seal_record("lesson-old", old, "report")

@@ -11,12 +11,25 @@
 ``POST /api/controls``      ``{"camera_muted"?, "microphone_muted"?}``
 ``POST /api/hand``          ``{"up"}`` (receiving room)   ``/api/hand/lower`` ``{"room"}`` (main)
 ``POST /api/view``          ``{"source", "sdp"}``: a browser's WebRTC offer -> ``{"sdp"}``
+``GET /report``             the lesson report page (``#lesson=ID``, ``#token=...``)
+``GET /api/reports``        the room's lesson reports: one row each, newest first
+``GET /api/reports/{lesson}``  one report: its data and its page (``?language=``)
+``POST /api/reports/{lesson}/corrections``  ``{"student", "status"}``: the teacher sets a
+                          student present, late or absent -> the corrected report
 
 Who may call: anyone on this machine (the touch screen, ``classroom-agent lesson``);
 from another host only with ``Authorization: Bearer <token>`` (the token file named by
 ``stream.watch_token_file``; the watch page reads it from its URL fragment, which
 browsers never send to a server). POSTs must be JSON from the page's own origin, so a
 web page elsewhere cannot press the button (no CORS is ever granted).
+
+The lesson report holds students' names and attendance, so it is data, not a page: the
+``/report`` page is only the frame (like ``/watch``), and its script asks
+``/api/reports/...`` for the report under the rules above (the token from the page's URL
+fragment when it is opened from another host). The server renders the report's HTML
+(SVG charts, `agent.sensing.render_html`) and the page inserts it; its stylesheet is
+``/report.css`` (the CSP allows no inline style). A signed short-lived link was the
+other choice: it would put a bearer secret in a URL that browsers keep in history.
 """
 
 from __future__ import annotations
@@ -27,6 +40,7 @@ import hmac
 import logging
 import os
 import secrets
+import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Annotated, Any, Literal
@@ -36,9 +50,28 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from agent import locales
 from agent.capture import AudioHub
-from agent.config import DEVICE_ID_PATTERN, AgentConfig, IdentityConfig, StreamConfig, UiConfig
+from agent.config import (
+    DEVICE_ID_PATTERN,
+    SLUG_PATTERN,
+    AgentConfig,
+    IdentityConfig,
+    StreamConfig,
+    UiConfig,
+)
+from agent.contracts import is_lesson_id
 from agent.logs import RejectionLog
 from agent.panel.viewers import FrameBoard, Picture, ViewerRefused, Viewers
+from agent.sensing import (
+    CORRECTABLE,
+    REPORT_CSS,
+    Correctable,
+    CorrectionRefused,
+    LessonReports,
+    ReportNotFound,
+    RosterError,
+    effective_status,
+    render_html,
+)
 from agent.stream import MAX_MESSAGE_BYTES, JoinState, LessonConflict, LessonHost, StreamService
 from agent.web import expected_hosts, guard, is_loopback, request_logger, same_origin
 
@@ -102,6 +135,21 @@ class ViewRequest(_Request):
     source: Annotated[str, Field(pattern=r"^(lesson|room:[a-z0-9][a-z0-9_.-]{0,130})$")]
     sdp: str = Field(min_length=10, max_length=MAX_MESSAGE_BYTES)
     type: Literal["offer"] = "offer"
+
+
+class CorrectionRequest(_Request):
+    student: Annotated[
+        str,
+        Field(
+            pattern=SLUG_PATTERN,
+            max_length=64,
+            description="The student's pseudonymous id, one of the report's attendance rows",
+        ),
+    ]
+    status: Correctable = Field(description="What the teacher saw: present, late or absent")
+
+
+REPORT_CSS_URL = "/report.css"
 
 
 def panel_url(bind: str, port: int) -> str:
@@ -178,8 +226,10 @@ class PanelServer:
         board: FrameBoard | None = None,
         audio: AudioHub | None = None,
         ui: UiConfig | None = None,
+        reports: LessonReports | None = None,
     ) -> None:
         self.stream = stream
+        self.reports = reports
         self.ui = ui or UiConfig()
         self.config = config
         self.identity = identity
@@ -260,6 +310,13 @@ class PanelServer:
         app.router.add_post("/api/hand", self._json(HandRequest, self._hand))
         app.router.add_post("/api/hand/lower", self._json(LowerHandRequest, self._lower_hand))
         app.router.add_post("/api/view", self._json(ViewRequest, self._view))
+        app.router.add_get("/report", self._page("report.html"))
+        app.router.add_get(REPORT_CSS_URL, self._report_css)
+        app.router.add_get("/api/reports", self._reports)
+        app.router.add_get("/api/reports/{lesson}", self._report)
+        app.router.add_post(
+            "/api/reports/{lesson}/corrections", self._json(CorrectionRequest, self._correct)
+        )
         app.router.add_static("/static/", STATIC_DIR, follow_symlinks=False)
         locales.add_routes(app)
         return app
@@ -477,3 +534,100 @@ class PanelServer:
             max_width=TILE_WIDTH,
             fps=TILE_FPS,
         )
+
+    # -- lesson reports -------------------------------------------------------------------
+
+    async def _report_css(self, request: web.Request) -> web.Response:
+        return web.Response(text=REPORT_CSS, content_type="text/css")
+
+    def _report_shelf(self) -> LessonReports:
+        if self.reports is None:
+            raise PanelError("this panel keeps no lesson reports (no sensing store)", 404)
+        return self.reports
+
+    def _report_language(self, request: web.Request) -> locales.Language:
+        """The room's ``ui.language``; with ``auto``, the page's (``?language=``, which
+        the page's lookup chose from the browser), Chinese when it names none."""
+        if self.ui.language != "auto":
+            return self.ui.language
+        asked = request.query.get("language", "zh-CN")
+        for language in locales.LANGUAGES:
+            if asked == language:
+                return language
+        raise PanelError(f"language: {asked[:20]!r} is not one of {', '.join(locales.LANGUAGES)}")
+
+    async def _reports(self, request: web.Request) -> web.Response:
+        # No store, or none yet: an empty list (the panel then shows no report link).
+        try:
+            rows = [] if self.reports is None else await asyncio.to_thread(self.reports.rows)
+        except (RosterError, OSError) as exc:
+            log.error("lesson reports cannot be listed: %s", exc)
+            return _error(f"the lesson reports cannot be opened: {exc}", 503)
+        return web.json_response({"ok": True, "reports": rows})
+
+    @staticmethod
+    def _lesson(request: web.Request) -> str:
+        lesson = request.match_info["lesson"]
+        if not is_lesson_id(lesson):
+            raise PanelError(
+                f"lesson: {lesson[:80]!r} is not a lesson id (1-64 letters, digits, - and _; "
+                "GET /api/reports lists them)"
+            )
+        return lesson
+
+    async def _report(self, request: web.Request) -> web.Response:
+        try:
+            lesson = self._lesson(request)
+            shelf = self._report_shelf()
+            language = self._report_language(request)
+
+            def view() -> dict[str, Any]:
+                return _report_view(*shelf.read(lesson), language)
+
+            return web.json_response({"ok": True, **await self._report_call(view)})
+        except PanelError as exc:
+            return _error(str(exc), exc.status)
+
+    async def _correct(self, body: CorrectionRequest, request: web.Request) -> dict[str, Any]:
+        lesson = self._lesson(request)
+        shelf = self._report_shelf()
+        language = self._report_language(request)
+        by = "loopback" if self._local(request) else "panel-token"
+        source = request.remote or "unknown"
+
+        def corrected() -> dict[str, Any]:
+            report, names = shelf.correct(
+                lesson, body.student, body.status, at=time.time(), by=by, source=source
+            )
+            return _report_view(report, names, language)
+
+        return await self._report_call(corrected)
+
+    async def _report_call(self, work: Callable[[], dict[str, Any]]) -> dict[str, Any]:
+        """Run a report's file work (decrypting, sealing, rendering) off the event loop;
+        its failures as PanelErrors that say what to do."""
+        try:
+            return await asyncio.to_thread(work)
+        except ReportNotFound as exc:
+            raise PanelError(str(exc), 404) from None
+        except CorrectionRefused as exc:
+            raise PanelError(str(exc), 400) from None
+        except (RosterError, OSError) as exc:
+            log.error("lesson report unusable: %s", exc)
+            raise PanelError(f"the lesson report cannot be opened: {exc}", 503) from None
+
+
+def _report_view(
+    report: dict[str, Any], names: dict[str, str], language: locales.Language
+) -> dict[str, Any]:
+    """What the report page shows: the page's HTML, each student's status now (for the
+    correction menus) and the report's data."""
+    students = report["attendance"]["students"]
+    return {
+        "lesson": report["lesson"],
+        "language": language,
+        "html": render_html(report, names, language, css=REPORT_CSS_URL),
+        "statuses": {student: effective_status(report, student)[0] for student in students},
+        "correctable": list(CORRECTABLE),
+        "report": report,
+    }

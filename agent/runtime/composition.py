@@ -35,7 +35,7 @@ from agent.health import (
 )
 from agent.panel import PanelServer, load_or_create_token, token_path
 from agent.runtime.profiles import ProfileListener, ProfileManager
-from agent.sensing import SensingService, sensing_service
+from agent.sensing import LessonReports, SensingService, sensing_service
 from agent.stream import (
     FanOutSink,
     FrameObserver,
@@ -243,6 +243,8 @@ def _panel(host: Host) -> PanelServer | None:
         board=stream.board,
         audio=capture.audio,
         ui=config.ui,
+        # The lesson reports sensing leaves in its store (read even with sensing off now).
+        reports=LessonReports.of(config),
     )
 
 
@@ -319,7 +321,15 @@ PARTS: tuple[Part, ...] = (
     ),
     Part(
         "panel",
-        ("stream", "identity", "supervisor.state_dir", "ui"),
+        (
+            "stream",
+            "identity",
+            "supervisor.state_dir",
+            "ui",
+            "sensing.enabled",
+            "sensing.roster_dir",
+            "sensing.key_file",
+        ),
         _panel,
         needs=("stream", "capture"),
         live=True,

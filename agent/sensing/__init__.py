@@ -43,7 +43,18 @@ from agent.sensing.pipeline import (
     StageTimes,
     heads_up,
 )
+from agent.sensing.report import (
+    CORRECTABLE,
+    Correctable,
+    CorrectionRefused,
+    effective_status,
+    render_html,
+)
+from agent.sensing.report import (
+    CSS as REPORT_CSS,
+)
 from agent.sensing.report_cli import add_report_parser
+from agent.sensing.reports import LessonReports, ReportNotFound
 from agent.sensing.roster import (
     Enrolled,
     RosterError,
@@ -57,13 +68,17 @@ from agent.sensing.service import SensingService, sensing_service
 from agent.sensing.track import UNKNOWN, Track, Tracker, iou
 
 __all__ = [
+    "CORRECTABLE",
     "DETECTORS",
     "DLIB_CHIP_TEMPLATE",
     "EMBEDDERS",
+    "REPORT_CSS",
     "STAGES",
     "STATUSES",
     "UNKNOWN",
     "Attendance",
+    "Correctable",
+    "CorrectionRefused",
     "Detector",
     "DlibResnetEmbedder",
     "Embedder",
@@ -72,10 +87,12 @@ __all__ = [
     "Face",
     "FaceResult",
     "Gallery",
+    "LessonReports",
     "Match",
     "ModelError",
     "ModelInfo",
     "Pipeline",
+    "ReportNotFound",
     "RetinaFaceDetector",
     "RosterError",
     "RosterStore",
@@ -86,6 +103,7 @@ __all__ = [
     "add_report_parser",
     "add_sensing_commands",
     "choose_providers",
+    "effective_status",
     "heads_up",
     "iou",
     "is_signed",
@@ -100,6 +118,7 @@ __all__ = [
     "read_verified",
     "register_detector",
     "register_embedder",
+    "render_html",
     "sensing_service",
     "shipped_models_dir",
     "similarity_transform",

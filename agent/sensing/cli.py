@@ -179,7 +179,9 @@ def _store_dir(args: argparse.Namespace, config: AgentConfig | None) -> Path:
         return Path(args.store)
     if config is None:
         raise SystemExit("no site file: pass --store DIR (or --config FILE)")
-    return config.sensing.roster_dir or config.supervisor.state_dir / "sensing"
+    from agent.sensing.roster import store_directory
+
+    return store_directory(config)
 
 
 def _photos_of(folder: Path, student: str) -> list[Path]:

@@ -19,7 +19,6 @@ embedding, so the log does not keep what the purge removed.
 from __future__ import annotations
 
 import logging
-import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -151,18 +150,24 @@ def purge_student(store: RosterStore, student_id: str) -> PurgeReport:
         report.embeddings = len(enrolled.embeddings)
         store.remove(student_id)
         store.save()
+    found: list[dict[str, Any]] = []  # the student's entries in the record at hand
+
+    def without(payload: dict[str, Any]) -> dict[str, Any] | None:
+        kept, found[:] = find_student(payload, student_id)
+        return kept if found else None
+
     for kind, path in _records(store):
         lesson = path.stem
-        payload = _open(store, path)
-        if payload is None:
+        found.clear()
+        try:
+            # Under the records' lock: a correction made on the panel meanwhile is not
+            # lost, and cannot bring the student back.
+            store.update_record(lesson, kind, without)
+        except (RosterError, OSError, ValueError):  # ValueError: JSON of a damaged body
             report.unreadable.append(f"{kind}/{lesson}")
             continue
-        kept, found = find_student(payload, student_id)
         if not found:
             continue
-        before = path.stat()
-        store.seal_record(lesson, kept, kind)
-        os.utime(path, ns=(before.st_atime_ns, before.st_mtime_ns))  # keeps retention's order
         report.resealed.setdefault(kind, []).append(lesson)
         if kind == "attendance":
             report.attendance_entries += len(found)

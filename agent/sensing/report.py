@@ -38,6 +38,10 @@ MODE_KEYS = {
     "mixed": "report.mode.mixed",
 }
 ROLE_KEYS = {"main": "report.role.main", "receiving": "report.role.receiving"}
+# What a teacher may set a student to on the panel (issue: present / absent / late);
+# "left early" is only ever measured.
+Correctable = Literal["present", "late", "absent"]
+CORRECTABLE: tuple[Correctable, ...] = ("present", "late", "absent")
 Css = Literal["inline"] | str  # "inline", or the URL of report.css (the panel serves it)
 CSS = """
 body{font-family:"Noto Sans CJK SC","Noto Sans",sans-serif;margin:24px;color:#1d2733;
@@ -45,12 +49,13 @@ background:#fff;max-width:1100px}
 h1{font-size:24px;margin:0 0 4px}h2{font-size:18px;margin:28px 0 8px}
 .meta{color:#556;margin-bottom:16px}.grid{display:flex;flex-wrap:wrap;gap:16px}
 .card{border:1px solid #d5dde6;border-radius:8px;padding:12px;flex:1 1 480px}
+.card h2{margin:0 0 8px}
 .figures{display:flex;flex-wrap:wrap;gap:12px;margin:12px 0}
 .figure{background:#f2f6fa;border-radius:8px;padding:10px 16px;min-width:120px}
 .figure b{display:block;font-size:22px}.figure span{color:#556;font-size:13px}
 table{border-collapse:collapse;width:100%}th,td{border-bottom:1px solid #e3e8ee;
 padding:6px 8px;text-align:left;font-size:14px}th{background:#f2f6fa}
-.corrected{color:#b45309;font-weight:600}.was{color:#889;text-decoration:line-through}
+.corrected{color:#b45309;font-weight:600}.was{color:#667}
 .none{color:#889;font-style:italic}svg{width:100%;height:auto;max-height:300px}
 @media print{.card{break-inside:avoid}}
 """
@@ -90,6 +95,67 @@ def report_record(
     }
 
 
+class CorrectionRefused(ValueError):
+    """A correction that does not fit the report; the text names the field and the fix."""
+
+
+def add_correction(
+    report: dict[str, Any],
+    student: str,
+    status: str,
+    *,
+    at: float,
+    by: str,
+    source: str,
+) -> dict[str, Any]:
+    """``report`` with the teacher's correction of ``student`` to ``status`` appended.
+
+    The entry keeps when (``at``), how the request was let in (``by``: "loopback" or
+    "panel-token") and from which address (``from``), and ``was``: what the report showed
+    for the student before (the measured status, or an earlier correction). The measured
+    attendance itself never changes."""
+    students = report["attendance"]["students"]
+    if student not in students:
+        raise CorrectionRefused(
+            f"student: {student} is not in lesson {report['lesson']}'s attendance "
+            "(pick one of the report's rows)"
+        )
+    if status not in CORRECTABLE:
+        raise CorrectionRefused(f"status: {status!r} is not one of {', '.join(CORRECTABLE)}")
+    was, _ = effective_status(report, student)
+    entry = {"student": student, "status": status, "was": was, "at": at, "by": by, "from": source}
+    return {**report, "corrections": [*report.get("corrections", []), entry]}
+
+
+def corrected_counts(report: dict[str, Any]) -> dict[str, int]:
+    """Students per status, the teacher's corrections applied."""
+    counts = dict.fromkeys(STATUS_KEYS, 0)
+    for student in report["attendance"]["students"]:
+        status, _ = effective_status(report, student)
+        counts[status] = counts.get(status, 0) + 1
+    return counts
+
+
+def report_row(report: dict[str, Any]) -> dict[str, Any]:
+    """One line of a list of reports: when, where, the figures and the attendance counts
+    (corrected). No student appears in it."""
+    st = report.get("st") or {}
+    summary = report.get("summary", {})
+    return {
+        "lesson": report["lesson"],
+        "room": report.get("room"),
+        "role": report.get("role"),
+        "start": report["start"],
+        "end": report["end"],
+        "minutes": round((report["end"] - report["start"]) / 60, 1),
+        "head_count": summary.get("head_count"),
+        "head_up_rate": summary.get("head_up_rate"),
+        "mode": st.get("mode"),
+        "corrections": len(report.get("corrections", [])),
+        **corrected_counts(report),
+    }
+
+
 def effective_status(report: dict[str, Any], student: str) -> tuple[str, str | None]:
     """(status now, status as measured when the teacher corrected it, else None)."""
     measured = str(report["attendance"]["students"][student]["status"])
@@ -120,7 +186,7 @@ def render_html(
     minutes = max(0.0, (report["end"] - report["start"]) / 60)
     summary = report.get("summary", {})
     st = report.get("st")
-    counts = _corrected_counts(report)
+    counts = corrected_counts(report)
     figures = [
         (f"{minutes:.0f}", text("report.fig.minutes")),
         (str(summary.get("head_count", 0)), text("report.fig.head_count")),
@@ -164,7 +230,7 @@ def render_html(
         _card(text("report.chart.rt_ch"), _rt_ch_chart(st, text)),
         "</div>",
         f"<h2>{esc(text('report.attendance'))}</h2>",
-        _attendance_table(report, names, text),
+        _attendance_table(report, names, text, timezone),
         f'<p class="meta">{esc(text("report.note"))}</p>',
         "</body></html>",
     ]
@@ -188,26 +254,30 @@ def _card(title: str, body: str) -> str:
     return f'<div class="card"><h2>{html.escape(title)}</h2>{body}</div>'
 
 
-def _corrected_counts(report: dict[str, Any]) -> dict[str, int]:
-    counts = dict.fromkeys(STATUS_KEYS, 0)
-    for student in report["attendance"]["students"]:
-        status, _ = effective_status(report, student)
-        counts[status] = counts.get(status, 0) + 1
-    return counts
-
-
 def _attendance_table(
-    report: dict[str, Any], names: dict[str, str], text: Callable[[str], str]
+    report: dict[str, Any],
+    names: dict[str, str],
+    text: Callable[[str], str],
+    timezone: datetime.tzinfo | None,
 ) -> str:
     esc = html.escape
+    latest = {c.get("student"): c for c in report.get("corrections", [])}
     rows = []
     for student, row in sorted(report["attendance"]["students"].items()):
         status, measured = effective_status(report, student)
         shown = esc(text(STATUS_KEYS[status]))
         if measured is not None:
+            correction = latest[student]
+            when = datetime.datetime.fromtimestamp(float(correction.get("at", 0)), timezone)
+            note = text("report.corrected").format(
+                time=f"{when:%Y-%m-%d %H:%M}", source=correction.get("from", "?")
+            )
             shown = (
-                f'<span class="corrected">{shown}</span> '
-                f'<span class="was">{esc(text(STATUS_KEYS[measured]))}</span>'
+                f'<span class="corrected" title="{esc(note, quote=True)}">{shown}</span> '
+                # Said in words: a line through Chinese characters is hard to see.
+                f'<span class="was">'
+                f"{esc(text('report.measured').format(status=text(STATUS_KEYS[measured])))}"
+                "</span>"
             )
         seen = (
             f"{row['first_seen_min']:.0f}-{row['last_seen_min']:.0f}"
@@ -217,7 +287,7 @@ def _attendance_table(
         name = names.get(student)
         who = esc(name) if name else f'<span class="none">{esc(text("report.unnamed"))}</span>'
         rows.append(
-            f"<tr><td>{esc(student)}</td><td>{who}</td>"
+            f'<tr data-student="{esc(student, quote=True)}"><td>{esc(student)}</td><td>{who}</td>'
             f"<td>{shown}</td><td>{row['confidence']:.2f}</td><td>{esc(seen)}</td></tr>"
         )
     if not rows:
@@ -240,7 +310,9 @@ def _attendance_table(
 
 def _unknown_line(report: dict[str, Any], text: Callable[[str], str]) -> str:
     unknown = report["attendance"]["unknown"]
-    return f"<p>{html.escape(text('report.unknown'))}: <b>{int(unknown)}</b></p>"
+    # The colon is the language's own (Chinese takes a full-width one).
+    line = html.escape(text("report.unknown")).replace("{n}", f"<b>{int(unknown)}</b>")
+    return f"<p>{line}</p>"
 
 
 # -- charts (SVG) -------------------------------------------------------------------------
@@ -442,7 +514,8 @@ def _rt_ch_chart(st: dict[str, Any] | None, text: Callable[[str], str]) -> str:
     parts += [
         f'<circle cx="{px:.1f}" cy="{py:.1f}" r="6" fill="#d9480f" stroke="#fff" '
         f'stroke-width="2"/>',
-        f'<text x="{left + size:.1f}" y="{HEIGHT - 8}" font-size="12" text-anchor="end" '
+        # Beside the axis's end, clear of its "1".
+        f'<text x="{left + size + 8:.1f}" y="{TOP + size + 4}" font-size="12" '
         f'fill="{AXIS}">Rt</text>',
         f'<text x="{left - 6:.1f}" y="{TOP + 10}" font-size="12" text-anchor="end" '
         f'fill="{AXIS}">Ch</text>',

@@ -20,8 +20,9 @@ from agent.sensing.cli import (
     _store_dir,
     write_new_private,
 )
-from agent.sensing.report import render_html
-from agent.sensing.roster import RosterError, RosterStore, open_store
+from agent.sensing.report import render_html, report_row
+from agent.sensing.reports import open_reports, roster_names
+from agent.sensing.roster import RosterError, RosterStore
 
 
 def add_report_parser(sub: Any) -> None:
@@ -41,13 +42,6 @@ def add_report_parser(sub: Any) -> None:
     report.add_argument("--store", type=Path, help="store folder (default: from config)")
     report.add_argument("--key-file", type=Path, help="the store's key (default: config)")
     report.set_defaults(func=cmd_report)
-
-
-def open_reports(store_dir: Path, key_file: Path | None) -> RosterStore:
-    """The store holding the reports: one without a roster still has its key."""
-    if not (store_dir / "report").is_dir():
-        raise RosterError(f"{store_dir}: no lesson reports here yet (a lesson with sensing on)")
-    return open_store(store_dir, key_file=key_file, create=True)
 
 
 def cmd_report(args: argparse.Namespace) -> int:
@@ -74,8 +68,7 @@ def cmd_report(args: argparse.Namespace) -> int:
     language: Language = args.language or (
         config.ui.language if config is not None and config.ui.language != "auto" else "zh-CN"
     )
-    names = {s.id: s.name for s in store.students.values()}
-    page = render_html(report, names, language)
+    page = render_html(report, roster_names(store), language)
     if args.html is None:
         print(page)
         return EXIT_OK
@@ -95,18 +88,7 @@ def _list(store: RosterStore, *, json_out: bool) -> int:
         except RosterError as exc:
             print(f"{path.name}: {exc}", file=sys.stderr)
             continue
-        st = report.get("st") or {}
-        rows.append(
-            {
-                "lesson": report["lesson"],
-                "start": report["start"],
-                "minutes": round((report["end"] - report["start"]) / 60, 1),
-                "head_count": report["summary"].get("head_count"),
-                "head_up_rate": report["summary"].get("head_up_rate"),
-                "mode": st.get("mode"),
-                **report["attendance"]["counts"],
-            }
-        )
+        rows.append(report_row(report))  # attendance counts as corrected
     if json_out:
         print(json.dumps(rows, indent=2, ensure_ascii=False))
         return EXIT_OK

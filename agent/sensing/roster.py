@@ -14,12 +14,15 @@ The key (32 bytes, raw or 64 hex digits) comes from, in order: ``sensing.key_fil
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import json
 import os
 import re
 import secrets
 import stat
 import time
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -337,12 +340,56 @@ class RosterStore:
             return None
         return self.directory / kind / f"{name}.enc"
 
+    def update_record(
+        self,
+        name: str,
+        kind: RecordKind,
+        change: Callable[[dict[str, Any]], dict[str, Any] | None],
+    ) -> dict[str, Any] | None:
+        """Open lesson ``name``'s record of ``kind``, ``change`` it and seal it again, all
+        under an exclusive lock on the kind's folder, so two writers (the panel's
+        corrections, a purge from the command line) never lose each other's change.
+
+        ``change`` returns the new payload, or None to leave the record as it is (what
+        this returns then). The file keeps its modification time: retention and the
+        records' order go by it. RosterError when there is no such record."""
+        with self._locked(kind):
+            path = self.record_path(name, kind)
+            if path is None:
+                raise RosterError(f"{name}: no {kind} record in {self.directory / kind}")
+            changed = change(self.open_record(path))
+            if changed is None:
+                return None
+            before = path.stat()
+            self.seal_record(name, changed, kind)
+            os.utime(path, ns=(before.st_atime_ns, before.st_mtime_ns))
+            return changed
+
+    @contextlib.contextmanager
+    def _locked(self, kind: RecordKind) -> Iterator[None]:
+        """An exclusive lock on the kind's folder (flock: it goes with the process)."""
+        folder = self.directory / kind
+        try:
+            fd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY)
+        except FileNotFoundError:
+            raise RosterError(f"{folder}: no {kind} records here") from None
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            yield
+        finally:
+            os.close(fd)  # releases the lock
+
     def records(self, kind: RecordKind = "attendance") -> list[Path]:
         """The sealed records of ``kind``, oldest first."""
         folder = self.directory / kind
         if not folder.is_dir():
             return []
         return sorted(folder.glob("*.enc"), key=lambda p: p.stat().st_mtime)
+
+
+def store_directory(config: AgentConfig) -> Path:
+    """The folder of the room's roster store and lesson records."""
+    return config.sensing.roster_dir or config.supervisor.state_dir / "sensing"
 
 
 def open_store(

@@ -198,6 +198,54 @@ function renderControls(controls) {
   microphone.textContent = t(controls.microphone_muted ? "panel.microphone_off" : "panel.microphone_on");
 }
 
+// The lesson reports, once the lesson is over: the latest as a big link, a few more in a
+// list. Asked for every 15 s, every 2 s for a while after a lesson ends (the report is
+// sealed a moment after the end).
+const REPORTS_SHOWN = 5;
+let reportsDue = 0;
+let reportsFastUntil = 0;
+let wasLive = false;
+
+async function refreshReports(live) {
+  if (live) {
+    $("reports").hidden = true;
+    wasLive = true;
+    return;
+  }
+  const now = Date.now();
+  if (wasLive) {
+    wasLive = false;
+    reportsFastUntil = now + 30000;
+    reportsDue = 0;
+  }
+  if (now < reportsDue) return;
+  reportsDue = now + (now < reportsFastUntil ? 2000 : 15000);
+  try {
+    const response = await fetch("/api/reports");
+    const result = await response.json();
+    renderReports(result.ok ? result.reports : []);
+  } catch (error) {
+    renderReports([]);
+  }
+}
+
+function renderReports(rows) {
+  $("reports").hidden = rows.length === 0;
+  if (!rows.length) return;
+  const latest = $("latest-report");
+  latest.href = reportLink(rows[0].lesson);
+  latest.textContent = t("panel.report_latest", { lesson: reportLine(rows[0]) });
+  const items = rows.slice(0, REPORTS_SHOWN).map((row) => {
+    const item = document.createElement("li");
+    const link = document.createElement("a");
+    link.href = reportLink(row.lesson);
+    link.textContent = reportLine(row);
+    item.appendChild(link);
+    return item;
+  });
+  $("report-list").replaceChildren(...items);
+}
+
 function render() {
   if (!status) return;
   $("room-name").textContent = status.name;
@@ -211,6 +259,8 @@ function render() {
   if (status.hosting.length) renderHosting(chosenGroup());
   if (status.joining) renderJoining(status.joining);
   renderControls(status.controls);
+  const live = status.hosting.some((host) => host.lesson) || Boolean(status.joining && status.joining.lesson);
+  refreshReports(live);
   document.body.dataset.ready = "1";
 }
 
