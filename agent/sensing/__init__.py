@@ -54,6 +54,7 @@ from agent.sensing.roster import (
     read_signed_roster,
 )
 from agent.sensing.service import SensingService, sensing_service
+from agent.sensing.talk import write_wav
 from agent.sensing.track import UNKNOWN, Track, Tracker, iou
 
 __all__ = [
@@ -103,4 +104,5 @@ __all__ = [
     "sensing_service",
     "shipped_models_dir",
     "similarity_transform",
+    "write_wav",
 ]
