@@ -171,6 +171,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
         duration_s=args.duration,
         workdir=args.workdir,
         dashboard_port=args.dashboard_port,
+        language=args.language,
     )
 
 
@@ -230,6 +231,12 @@ def build_parser() -> argparse.ArgumentParser:
         type=int,
         default=8480,
         help="maintenance dashboard port on 127.0.0.1 (a free one if taken)",
+    )
+    demo.add_argument(
+        "--language",
+        choices=("zh-CN", "en", "auto"),
+        default="zh-CN",
+        help="the rooms' ui.language: their pages and the lesson report (default zh-CN)",
     )
     demo.set_defaults(func=cmd_demo)
     return parser

@@ -8,6 +8,16 @@ presses the main room's one button (the panel's own HTTP API, as the touch scree
 does) and reports when each receiving room went live, read from the panel's status.
 On Ctrl-C (or after ``--duration``) it ends the lesson, stops every agent with SIGTERM
 and reports how long each took.
+
+The first receiving room senses its class: its camera is a video of real faces (an
+enrolled roster, one student absent, one visitor) and, where Debian's ``espeak-ng`` is
+installed, the lesson is spoken: the main room's microphone is a teacher's voice, the
+sensing room's its pupils answering, on a known script (`LESSON_SCRIPT`). The sensing
+room hears its remote teacher through its loudspeaker (a WAV file output, whose reference
+the talk analysis reads), so its S-T figures are the dual-teacher lesson's. When the
+lesson ends the demo prints the room's figures and writes its lesson report with
+``classroom-agent report LESSON --html FILE`` (in the rooms' ``ui.language``, Chinese
+unless ``--language`` says otherwise).
 """
 
 from __future__ import annotations
@@ -15,6 +25,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import re
 import signal
 import socket
 import sys
@@ -27,12 +38,19 @@ from typing import Any, TextIO
 import yaml
 
 from agent.broker import LocalCredentials, locked_broker
-from agent.config import BrokerConfig, IdentityConfig
+from agent.config import BrokerConfig, IdentityConfig, UiLanguage
 from agent.contracts import ContractError, DeviceState, FleetTopics
 from agent.dashboard import DashboardConfig, DashboardServer
 from agent.panel import PanelClient, PanelUnavailable
 from agent.sync import Message, MqttLink, generate_key
-from agent.testkit import DemoClass, make_demo_class, photos_dir
+from agent.testkit import (
+    DemoClass,
+    espeak_available,
+    lesson_audio,
+    lesson_voices,
+    make_demo_class,
+    photos_dir,
+)
 
 GROUP = "g5-english"
 ROOMS = [
@@ -52,6 +70,14 @@ FLEET = FleetTopics(PREFIX)
 # Read-only users of the demo broker: the demo's own monitor and the dashboard it serves;
 # and IT, the admin that pushes config profiles.
 MONITOR, DASHBOARD, IT_USER = "monitor", "dashboard", "it"
+# The spoken lesson: per S-T interval 'T' the (remote) teacher talks, 'S' the pupils answer;
+# teacher and class take turns every two intervals, a dialogue (Rt 0.5, Ch 0.5) by the
+# standard's thresholds. One interval is 3 s instead of the standard's 30 s, so that a
+# demo of a minute has a curve; the WAV files loop (36 s).
+LESSON_SCRIPT = "TTSS" * 3
+LESSON_MODE = "dialogue"
+ST_INTERVAL_S = 3.0
+LESSON_RATE = 48_000
 DEMO_PROFILES = {
     # A newcomer's first push, and one that breaks the broker settings (rolled back).
     "health.yaml": "# Health telemetry every 5 s instead of every second.\n"
@@ -88,6 +114,8 @@ class RoomView:
     panel_port: int = 0
     g2g_ms: float | None = None  # last glass-to-glass median reported while live
     attendance: dict[str, Any] | None = None  # the sensing room's counts at the lesson end
+    st: dict[str, Any] | None = None  # its S-T figures at the lesson end
+    site_file: Path | None = None
     process: asyncio.subprocess.Process | None = None
     exit_code: int | None = None
     stop_s: float | None = None
@@ -112,7 +140,11 @@ def site_file(
     password_file: Path,
     trusted_keys: list[str] | None = None,
     sensing_video: Path | None = None,
+    microphone: Path | None = None,
+    language: UiLanguage = "zh-CN",
 ) -> Path:
+    """One room's site file. ``microphone``: a WAV file the room's microphone plays (the
+    spoken lesson), else the profile's synthetic tone."""
     site, name, _, _ = room
     config = {
         "identity": room_identity(room, receivers),
@@ -129,6 +161,7 @@ def site_file(
             "panel_port": panel_port,
         },
         "supervisor": {"state_dir": str(workdir / "state" / f"{site}.{name}")},
+        "ui": {"language": language},
     }
     if trusted_keys:
         config["profiles"] = {"trusted_keys": trusted_keys}
@@ -144,7 +177,23 @@ def site_file(
                 "fps": 25,
             }
         }
-        config["sensing"] = {"enabled": True, "sample_fps": 4, "embed_every_s": 0.5}
+        config["sensing"] = {
+            "enabled": True,
+            "sample_fps": 4,
+            "embed_every_s": 0.5,
+            "st_interval_s": ST_INTERVAL_S,
+        }
+        # Its loudspeaker is a file: what it plays (the remote teacher) is the reference
+        # the talk analysis counts as T. It grows by 96 kB a second while the demo runs.
+        state = workdir / "state" / f"{site}.{name}"
+        config["stream"]["playback"] = {"output": "file", "path": str(state / "loudspeaker.wav")}
+    if microphone is not None:
+        config["capture"]["audio"] = {
+            "source": "file",
+            "path": str(microphone),
+            "sample_rate": LESSON_RATE,
+            "channels": 1,
+        }
     path = workdir / f"{site}.{name}.yaml"
     path.write_text(yaml.safe_dump(config, sort_keys=False))
     return path
@@ -219,10 +268,17 @@ def _num(value: Any) -> str:
 
 
 class Demo:
-    def __init__(
-        self, rooms: int, duration_s: float, workdir: Path, out: TextIO, dashboard_port: int = 0
+    def __init__(  # noqa: PLR0917 (the command's options, in its order)
+        self,
+        rooms: int,
+        duration_s: float,
+        workdir: Path,
+        out: TextIO,
+        dashboard_port: int = 0,
+        language: UiLanguage = "zh-CN",
     ) -> None:
         self.rooms = ROOMS[:rooms]
+        self.language: UiLanguage = language
         self.duration_s = duration_s
         self.workdir = workdir
         self.keys = it_keys(workdir)
@@ -242,6 +298,7 @@ class Demo:
         # The first receiving room senses its class (a video of real faces).
         self.sensing_room = self.receivers[0] if self.receivers else None
         self.sensing_class: DemoClass | None = None
+        self.microphones: dict[str, Path] = {}  # device -> the WAV its microphone plays
         self._attendance = asyncio.Event()
 
     def _print_panels(self) -> None:
@@ -347,6 +404,7 @@ class Demo:
         logs = self.workdir / "logs"
         logs.mkdir(parents=True, exist_ok=True)
         taken: set[int] = set()
+        self.microphones = await asyncio.to_thread(self._spoken_lesson)
         for index, room in enumerate(self.rooms):
             view = self.views[f"{room[0]}.{room[1]}"]
             view.panel_port = free_port(PANEL_PORT + index, taken)
@@ -361,7 +419,10 @@ class Demo:
                 password_file=self.credentials.password_file(view.device),
                 trusted_keys=pinned(self.keys),
                 sensing_video=video,
+                microphone=self.microphones.get(view.device),
+                language=self.language,
             )
+            view.site_file = path
             log_file = (logs / f"{view.device}.log").open("wb")
             view.process = await asyncio.create_subprocess_exec(
                 sys.executable,
@@ -393,6 +454,37 @@ class Demo:
         )
         return truth.video
 
+    def _spoken_lesson(self) -> dict[str, Path]:
+        """The lesson's sound (`LESSON_SCRIPT`, espeak-ng voices): the teacher's part for
+        the main room's microphone, the pupils' for the sensing room's. Empty where there
+        is no sensing room or no espeak-ng (the profile's tone plays instead)."""
+        if self.sensing_room is None:
+            return {}
+        if not espeak_available():
+            self.out.write("no espeak-ng here: the lesson is not spoken, no S-T figures\n")
+            return {}
+        from agent.sensing import write_wav  # noqa: PLC0415  (loaded for the sensing room only)
+
+        voices = lesson_voices(LESSON_RATE, pupils=2)
+        parts = {
+            self.main: LESSON_SCRIPT.replace("S", "."),  # the teacher, at the front
+            self.sensing_room: LESSON_SCRIPT.replace("T", "."),  # the class answering
+        }
+        files = {}
+        for device, script in parts.items():
+            mic, _ = lesson_audio(
+                script, voices, rate=LESSON_RATE, interval_s=ST_INTERVAL_S, talk_s=2.2
+            )
+            path = self.workdir / f"lesson-{device}.wav"
+            write_wav(path, mic, LESSON_RATE)
+            files[device] = path
+        self.out.write(
+            f"spoken lesson (espeak-ng): the teacher in {files[self.main].name}, the pupils "
+            f"in {files[self.sensing_room].name}; script {LESSON_SCRIPT} (T teacher, S "
+            f"class, every {ST_INTERVAL_S:.0f} s): a {LESSON_MODE} lesson\n"
+        )
+        return files
+
     async def _watch(self, monitor: MqttLink) -> None:
         await monitor.wait_connected()
         async with (
@@ -420,6 +512,8 @@ class Demo:
         except ValueError:
             return
         if kind == "sensing":
+            if isinstance(data, dict) and data.get("kind") == "st":
+                view.st = data
             if isinstance(data, dict) and data.get("kind") == "attendance":
                 view.attendance = data
                 self._attendance.set()
@@ -542,11 +636,11 @@ class Demo:
             if ended
             else "lesson end: a room did not go back to 'waiting' within 10 s\n"
         )
-        await self._report_attendance()
+        await self._report_sensing()
         return healthy and everyone_joined and ended
 
-    async def _report_attendance(self) -> None:
-        """The sensing room's attendance counts, as published at the lesson's end."""
+    async def _report_sensing(self) -> None:
+        """The sensing room's figures, as published at the lesson's end, and its report."""
         if self.sensing_room is None or self.sensing_class is None or self.button_at is None:
             return
         view = self.views[self.sensing_room]
@@ -563,6 +657,47 @@ class Demo:
             f"{counts['enrolled']} enrolled; {counts['unknown']} unknown face(s) "
             f"(in the video: {truth.in_room} enrolled students, {truth.strangers} visitor)\n"
         )
+        rate = counts.get("head_up_rate")
+        st = view.st
+        figures = [f"head-up rate {'-' if rate is None else f'{100 * rate:.0f}%'}"]
+        if st is not None:
+            figures.append(
+                f"S-T {st['samples']}: Rt {st['rt']:.2f}, Ch {st['ch']:.2f}, {st['mode']} "
+                f"(the script's: {LESSON_MODE})"
+            )
+        self.out.write(f"{view.device} lesson figures: {', '.join(figures)}\n")
+        lesson = counts.get("lesson")
+        if isinstance(lesson, str) and view.site_file is not None:
+            await self._write_report(view.site_file, view.device, lesson)
+
+    async def _write_report(self, site_file: Path, device: str, lesson: str) -> None:
+        """The lesson report as the room's staff get it: ``classroom-agent report LESSON
+        --html FILE`` with the room's own site file (its store, its ui.language)."""
+        name = re.sub(r"[^A-Za-z0-9_.-]", "_", f"report-{device}-{lesson}.html")
+        path = self.workdir / name
+        process = await asyncio.create_subprocess_exec(
+            sys.executable,
+            "-m",
+            "agent.cli",
+            "report",
+            lesson,
+            "--html",
+            str(path),
+            "-c",
+            str(site_file),
+            stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.STDOUT,
+        )
+        try:
+            output, _ = await asyncio.wait_for(process.communicate(), timeout=60)
+        except TimeoutError:
+            process.kill()
+            await process.wait()
+            output = b"no answer within 60 s"
+        if process.returncode == 0:
+            self.out.write(f"{device} lesson report ({self.language}): {path}\n")
+        else:
+            self.out.write(f"{device} lesson report not written: {output.decode().strip()}\n")
 
     async def _stop_agents(self) -> None:
         async def stop(view: RoomView) -> None:
@@ -622,6 +757,7 @@ def run_demo(
     duration_s: float = 0,
     workdir: Path | None = None,
     dashboard_port: int = 8480,
+    language: UiLanguage = "zh-CN",
 ) -> int:
     if not 1 <= rooms <= MAX_ROOMS:
         sys.stderr.write(f"--rooms: must be between 1 and {MAX_ROOMS}, got {rooms}\n")
@@ -629,5 +765,5 @@ def run_demo(
     if workdir is None:
         workdir = Path(tempfile.mkdtemp(prefix="classroom-demo-"))
     workdir.mkdir(parents=True, exist_ok=True)
-    demo = Demo(rooms, duration_s, workdir, sys.stdout, _free_or_any(dashboard_port))
+    demo = Demo(rooms, duration_s, workdir, sys.stdout, _free_or_any(dashboard_port), language)
     return asyncio.run(demo.run())

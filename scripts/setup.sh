@@ -12,10 +12,10 @@ APT_PACKAGES=(
   openssl                                # device certificates
   systemd                                # systemd-analyze, to check the service unit
   fonts-noto-cjk                         # Chinese text on the panel, kiosk and dashboard pages
+  espeak-ng                              # speech: the demo's spoken lesson, the tests' simulated rooms
 )
 if [ "${1:-}" = "--test" ]; then
   APT_PACKAGES+=(chromium coturn)        # headless browser for the web pages' tests; TURN relay test
-  APT_PACKAGES+=(espeak-ng)              # speech for the echo-cancellation tests' simulated rooms
 fi
 
 SUDO=""

@@ -25,7 +25,10 @@ import aiohttp
 import jsonschema
 import pytest
 
+from agent.capture import FrameHub, open_video_source
+from agent.config import SensingConfig
 from agent.config.errors import ConfigError
+from agent.config.models import CaptureConfig, VideoConfig
 from agent.dashboard import (
     DashboardConfig,
     DashboardServer,
@@ -35,10 +38,22 @@ from agent.dashboard import (
     dashboard_config,
     lesson_quality,
 )
-from agent.dashboard.model import Peer
-from agent.testkit import SimFleet, SimRoom, fleet_layout
+from agent.dashboard.model import MAX_SENSED_LESSONS, SHOWN_SENSED_LESSONS, Peer
+from agent.sensing import SensingService
+from agent.sensing.roster import open_store
+from agent.sync import Outbox, ReliablePublisher
+from agent.testkit import SimFleet, SimRoom, fleet_layout, make_demo_class, photos_dir
 from agent.testkit.simulate import RoomSpec, announcement
-from tests.brokers import DASHBOARD, BrokerUnderTest, eventually, observing
+from tests.brokers import (
+    DASHBOARD,
+    DEVICE_1,
+    DEVICE_2,
+    BrokerUnderTest,
+    eventually,
+    make_link,
+    observing,
+    running,
+)
 
 SCHEMAS = Path(__file__).resolve().parents[1] / "schemas"
 ROOM = "edu/school1/room1"
@@ -373,7 +388,24 @@ def test_bad_payloads_are_counted_and_change_nothing() -> None:
         ("edu/School1/room1/state", state("online", 1), "topic"),
         ("edu/lesson/x/state", state("online", 1), "topic"),
         ("other/school1/room1/state", state("online", 1), "topic"),
-        ("edu/school1/room1/sensing", b"{}", "topic"),
+        ("edu/school1/room1/sensing", b"{}", "sensing"),
+        ("edu/school1/room1/sensing", b'{"v": 1, "kind": "minute", "ts": 5}', "sensing"),
+        ("edu/school9/room9/sensing", sensing("minute", device="school9.room9"), "sensing"),
+        ("edu/school1/room1/sensing", sensing("minute", device="school9.room9"), "sensing"),
+        ("edu/school1/room1/sensing", sensing("minute", head_count=-1), "sensing"),
+        ("edu/school1/room1/sensing", sensing("minute", head_count=2.5), "sensing"),
+        ("edu/school1/room1/sensing", sensing("minute", head_up_rate=1.5), "sensing"),
+        ("edu/school1/room1/sensing", sensing("minute", hand_raises="many"), "sensing"),
+        ("edu/school1/room1/sensing", sensing("minute", minute_start=None), "sensing"),
+        ("edu/school1/room1/sensing", sensing("minute", lesson=7), "sensing"),
+        ("edu/school1/room1/sensing", sensing("minute", lesson="x" * 65), "sensing"),
+        ("edu/school1/room1/sensing", sensing("st", mode="lecturing"), "sensing"),
+        ("edu/school1/room1/sensing", sensing("st", rt=float("nan")), "sensing"),
+        ("edu/school1/room1/sensing", sensing("attendance", absent=None), "sensing"),
+        ("edu/school1/room1/sensing", sensing("attendance", kind="names"), "sensing"),
+        ("edu/school1/room1/sensing", sensing("attendance", v=2), "sensing"),
+        ("edu/school1/room1/sensing", b"[" * 100_000, "sensing"),
+        ("edu/school1/room1/sensing/x", sensing("minute"), "topic"),
     ]
     for topic, payload, _ in bad:
         assert model.apply(topic, payload) is False, (topic, payload[:60])
@@ -383,6 +415,8 @@ def test_bad_payloads_are_counted_and_change_nothing() -> None:
     assert view(model) == before
     assert list(model.rooms) == ["school1.room1"]  # a bad message creates no room
     assert model.lessons == {}
+    assert model.sensed == {}
+    assert model.sensing_view() == []
 
 
 def test_random_garbage_never_breaks_the_model() -> None:
@@ -422,8 +456,25 @@ def test_random_garbage_never_breaks_the_model() -> None:
         "expected",
         "joined",
         "device",
+        "kind",
+        "lesson",
+        "minute_start",
+        "head_count",
+        "head_up_rate",
+        "hand_raises",
+        "rt",
+        "ch",
+        "mode",
+        "present",
+        "absent",
     ]
-    topics = [f"{ROOM}/state", f"{ROOM}/health", f"{ROOM}/alert", "edu/lesson/g1"]
+    topics = [
+        f"{ROOM}/state",
+        f"{ROOM}/health",
+        f"{ROOM}/alert",
+        f"{ROOM}/sensing",
+        "edu/lesson/g1",
+    ]
     for _ in range(2000):
         if rng.random() < 0.2:
             payload = bytes(rng.getrandbits(8) for _ in range(rng.randint(0, 40)))
@@ -433,6 +484,7 @@ def test_random_garbage_never_breaks_the_model() -> None:
         model.apply(rng.choice(topics), payload)
     model.check_stale()
     json.dumps(model.snapshot(), allow_nan=False)  # whatever came in, the page gets valid JSON
+    assert model.stats.bad["sensing"] > 0
 
 
 def test_rooms_beyond_the_limit_are_refused() -> None:
@@ -748,6 +800,161 @@ def test_config_defaults_and_errors(tmp_path: Path) -> None:
         config_from_args(parser.parse_args(["dashboard", "--broker", "http://nope"]))
 
 
+# -- sensing aggregates ------------------------------------------------------------------
+
+
+def sensing(kind: str, /, *, device: str = "school1.room1", **fields: Any) -> bytes:
+    """A ``{prefix}/{site}/{room}/sensing`` message as the sensing service sends it
+    (``fields`` override its own, ``kind`` included)."""
+    bodies: dict[str, dict[str, Any]] = {
+        "minute": {
+            "minute_start": 1000.0,
+            "samples": 240,
+            "head_count": 24,
+            "head_count_max": 25,
+            "head_up_rate": 0.8,
+            "present": 22,
+            "unknown": 0,
+        },
+        "st": {
+            "role": "receiving",
+            "samples": "TTTS",
+            "interval_s": 30.0,
+            "n": 4,
+            "n_t": 3,
+            "runs": 2,
+            "rt": 0.75,
+            "ch": 0.25,
+            "mode": "lecture",
+        },
+        "attendance": {
+            "present": 21,
+            "late": 2,
+            "left_early": 1,
+            "absent": 3,
+            "unknown": 1,
+            "enrolled": 27,
+            "head_count": 24,
+            "head_count_max": 26,
+            "head_up_rate": 0.74,
+        },
+    }
+    message = {
+        "v": 1,
+        "ts": 2000.0,
+        "device": device,
+        "lesson": "les-1",
+        "kind": kind,
+        **bodies[kind],
+        **fields,
+    }
+    return json.dumps(message, allow_nan=True).encode()
+
+
+def test_sensing_figures_per_room_and_per_lesson() -> None:
+    """Live: the latest minute (hand raises add up); at the end: the lesson's S-T and
+    attendance, under the group and subject its announcement had."""
+    model = make_model(Clock())
+    for device in ("central.r1", "village-a.r1", "village-b.r1"):
+        site, name = device.split(".")
+        model.apply(f"edu/{site}/{name}/state", state("online", 1, device=device))
+    model.apply("edu/lesson/g5-english", lesson([]))
+    model.take_changes()
+    topic = "edu/village-a/r1/sensing"
+    va = {"device": "village-a.r1"}
+    assert model.apply(topic, sensing("minute", hand_raises=2, **va))
+    assert model.take_changes().sensing
+    assert model.apply(
+        topic,
+        sensing(
+            "minute", minute_start=1060.0, head_count=25, head_up_rate=0.9, hand_raises=3, **va
+        ),
+    )
+    # A re-delivered minute (QoS 1) and a minute without the hand-raise field.
+    assert not model.apply(topic, sensing("minute", hand_raises=2, **va))
+    assert model.apply(
+        topic, sensing("minute", minute_start=1120.0, head_count=26, head_up_rate=0.5, **va)
+    )
+    assert model.apply(
+        "edu/village-b/r1/sensing",
+        sensing("minute", device="village-b.r1", head_count=10, head_up_rate=0.2),
+    )
+    [live] = model.sensing_view()
+    assert (live["lesson_id"], live["group"], live["subject"], live["live"]) == (
+        "les-1",
+        "g5-english",
+        "English",
+        True,
+    )
+    a, b = live["rooms"]
+    assert (a["device"], a["final"], a["head_count"], a["head_up_rate"]) == (
+        "village-a.r1",
+        False,
+        26,
+        0.5,
+    )
+    assert a["hand_raises"] == 5
+    assert (a["rt"], a["mode"], a["present"]) == (None, None, None)
+    assert b["hand_raises"] is None  # not measured there
+    totals = live["totals"]
+    assert (totals["head_count"], totals["hand_raises"], totals["final"]) == (36, 5, False)
+    assert totals["head_up_rate"] == round((26 * 0.5 + 10 * 0.2) / 36, 3)
+    # The lesson ends: the announcement goes, then the room's end-of-lesson messages.
+    assert model.apply("edu/lesson/g5-english", b"")
+    assert model.take_changes().sensing  # the figures are now an ended lesson's
+    assert model.apply(topic, sensing("st", **va))
+    assert model.apply(topic, sensing("attendance", hand_raises=7, **va))
+    assert not model.apply(topic, sensing("minute", minute_start=1180.0, **va))  # late
+    [ended] = model.sensing_view()
+    assert (ended["live"], ended["group"]) == (False, "g5-english")
+    a = ended["rooms"][0]
+    assert a == {
+        "device": "village-a.r1",
+        "final": True,
+        "head_count": 24,
+        "head_up_rate": 0.74,
+        "hand_raises": 7,
+        "rt": 0.75,
+        "ch": 0.25,
+        "mode": "lecture",
+        "present": 21,
+        "late": 2,
+        "left_early": 1,
+        "absent": 3,
+        "unknown": 1,
+        "enrolled": 27,
+    }
+    assert ended["totals"]["present"] == 21
+    assert ended["totals"]["final"] is False  # village-b has not reported its end yet
+    # An attendance without the hand-raise field keeps what the minutes added up.
+    model.apply("edu/village-b/r1/sensing", sensing("attendance", device="village-b.r1", absent=0))
+    totals = model.sensing_view()[0]["totals"]
+    assert (totals["final"], totals["present"], totals["absent"], totals["late"]) == (
+        True,
+        42,
+        3,
+        4,
+    )
+    assert totals["hand_raises"] == 7
+    # Outside a lesson a room's minute carries no lesson: nothing to file it under.
+    assert not model.apply(topic, sensing("minute", lesson=None, minute_start=5000.0, **va))
+    assert model.snapshot()["sensing"] == model.sensing_view()
+    json.dumps(model.snapshot(), allow_nan=False)
+
+
+def test_only_the_newest_lessons_figures_are_kept() -> None:
+    model = make_model(Clock())
+    model.apply(f"{ROOM}/state", state("online", 1))
+    for i in range(MAX_SENSED_LESSONS + 30):
+        assert model.apply(f"{ROOM}/sensing", sensing("st", lesson=f"l-{i}", ts=1000.0 + i))
+    assert len(model.sensed) == MAX_SENSED_LESSONS
+    assert "l-0" not in model.sensed
+    assert not model.apply(f"{ROOM}/sensing", sensing("st", lesson="older", ts=5.0))
+    shown = model.sensing_view()
+    assert len(shown) == SHOWN_SENSED_LESSONS
+    assert shown[0]["lesson_id"] == f"l-{MAX_SENSED_LESSONS + 29}"  # the newest first
+
+
 # -- the server against a real broker -----------------------------------------------------
 
 
@@ -878,6 +1085,96 @@ async def test_the_server_serves_the_fleet_over_http_and_websocket(
         assert refused.value.status == 403
         async with http.get(f"{base}/api/fleet", headers={"Host": "evil.example"}) as response:
             assert response.status == 421
+
+
+@pytest.mark.slow
+async def test_a_sensing_lessons_counts_reach_the_lesson_view_and_nothing_about_anyone(
+    mosquitto: BrokerUnderTest, tmp_path: Path
+) -> None:
+    """A real sensing service (the demo's class: real faces, an enrolled roster with names)
+    publishes through a room's link; the dashboard shows the lesson's counts and holds no
+    student's name or id in its state or its page."""
+    photos = photos_dir()
+    if photos is None:
+        pytest.skip("no face photos (a source checkout has them)")
+    truth = make_demo_class(photos, tmp_path, tmp_path / "store")
+    roster = open_store(tmp_path / "store")
+    people = [s.id for s in roster.students.values()] + [s.name for s in roster.students.values()]
+    assert len(people) == 2 * truth.enrolled
+    capture = CaptureConfig(
+        video=VideoConfig(source="file", path=truth.video, width=640, height=360, fps=10)
+    )
+    video = FrameHub(open_video_source(capture.video), capture)
+    link = make_link(mosquitto, DEVICE_1)
+    publisher = ReliablePublisher(link, Outbox(tmp_path / "outbox.db"))
+    now: dict[str, str | None] = {"lesson": "lesson-dash"}
+    service = SensingService(
+        SensingConfig(enabled=True, sample_fps=4, embed_every_s=0.5, talk_analysis=False),
+        video,
+        publisher,
+        link.topics.sensing,
+        device=DEVICE_1,
+        lesson=lambda: now["lesson"],
+        store_dir=tmp_path / "store",
+        minute_s=2.0,
+    )
+    config = DashboardConfig(broker=mosquitto.broker_config(DASHBOARD), port=0)
+    server = DashboardServer(config)
+    group = f"{mosquitto.prefix}/lesson/music"
+    announcement = {"v": 1, "lesson_id": "lesson-dash", "group": "music", "subject": "Music"}
+    announcement |= {"main": DEVICE_1, "expected": [DEVICE_2], "joined": [], "state": "live"}
+
+    def figures() -> dict[str, Any]:
+        lessons = server.model.sensing_view()
+        return lessons[0] if lessons else {}
+
+    tasks = [
+        asyncio.create_task(server.run(), name="test-dashboard"),
+        asyncio.create_task(video.run(), name="test-camera"),
+    ]
+    try:
+        await asyncio.wait_for(server.wait_ready(), 20)
+        async with running(link), observing(mosquitto) as it:
+            await it.publish(group, json.dumps(announcement), retain=True)
+            tasks.append(asyncio.create_task(publisher.run(), name="test-publisher"))
+            tasks.append(asyncio.create_task(service.run(), name="test-sensing"))
+            await eventually(
+                lambda: (
+                    figures().get("live") is True
+                    and figures()["rooms"][0]["head_count"] == truth.in_room + truth.strangers
+                ),
+                within=60,
+                what="the live lesson's head count on the dashboard",
+            )
+            assert figures()["group"] == "music"
+            now["lesson"] = None
+            await it.publish(group, b"", retain=True)  # the lesson ends
+            await eventually(
+                lambda: figures().get("totals", {}).get("final") is True,
+                within=30,
+                what="the lesson's attendance on the dashboard",
+            )
+            async with aiohttp.ClientSession() as http:
+                async with http.get(f"{server.url}api/fleet") as response:
+                    state_text = await response.text()
+                async with http.get(server.url) as response:
+                    page_text = await response.text()
+    finally:
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+    lesson_view = figures()
+    assert (lesson_view["live"], lesson_view["subject"]) == (False, "Music")
+    room_figures = lesson_view["rooms"][0]
+    absent = truth.enrolled - truth.in_room
+    assert (room_figures["present"], room_figures["absent"]) == (truth.in_room, absent)
+    assert room_figures["enrolled"] == truth.enrolled
+    assert json.loads(state_text)["sensing"][0]["rooms"][0]["present"] == truth.in_room
+    # Counts only: no student's id or name anywhere the dashboard keeps or serves.
+    kept = json.dumps(server.model.snapshot(), ensure_ascii=False)
+    for text in (kept, state_text, page_text):
+        for who in people:
+            assert who not in text
 
 
 async def test_bad_payloads_on_the_broker_are_counted(mosquitto: BrokerUnderTest) -> None:

@@ -3,8 +3,9 @@
 A simulated fleet publishes on a real Mosquitto; one more room runs as its own process
 over a real `MqttLink`, so ``kill -9`` makes the broker publish its Last Will. The page
 must list the rooms, show a new alert within 2 s, turn the killed room offline, filter
-by school and status (kept in the URL hash), fetch nothing from another site, and leave
-a screenshot in artifacts/dashboard.png.
+by school and status (kept in the URL hash), fetch nothing from another site, show a
+lesson's sensing figures as a room publishes them, and leave screenshots in artifacts/
+(dashboard.png, dashboard-sensing.png).
 """
 
 from __future__ import annotations
@@ -85,6 +86,7 @@ async def test_the_page_shows_the_fleet_live(mosquitto: BrokerUnderTest) -> None
         async with room_process(mosquitto) as child, chromium() as browser:
             await check_the_page(browser, server, fleet, child)
             await check_profiles(browser, server, mosquitto, fleet)
+            await check_sensing(browser, server, mosquitto)
     finally:
         for task in tasks:
             task.cancel()
@@ -243,3 +245,71 @@ async def check_profiles(
         ".filter(r => !r.hidden).map(r => r.dataset.id)"
     )
     assert visible == [device]
+
+
+async def check_sensing(browser: Any, server: DashboardServer, broker: BrokerUnderTest) -> None:
+    """A room's sensing messages (as the sensing service sends them) fill the lesson
+    view: the latest minute while the lesson runs, then its S-T and attendance counts."""
+    page = await browser.new_page(viewport={"width": 1600, "height": 1000})
+    await page.goto(server.url)
+    lesson = next(iter(server.model.lessons.values()))
+    device = lesson.main
+    site, room = device.split(".")
+    topic = f"{broker.prefix}/{site}/{room}/sensing"
+    base = {"v": 1, "ts": time.time(), "device": device, "lesson": lesson.lesson_id}
+    minute = {
+        "kind": "minute",
+        "minute_start": time.time() - 60,
+        "samples": 240,
+        "head_count": 31,
+        "head_count_max": 32,
+        "head_up_rate": 0.9,
+        "present": 30,
+        "unknown": 0,
+        "hand_raises": 4,
+    }
+    st = {"kind": "st", "role": "main", "samples": "TTTS", "interval_s": 30.0, "n": 4}
+    st |= {"n_t": 3, "runs": 2, "rt": 0.75, "ch": 0.25, "mode": "lecture"}
+    attendance = {"kind": "attendance", "present": 28, "late": 2, "left_early": 0}
+    attendance |= {"absent": 3, "unknown": 1, "enrolled": 33, "head_count": 30}
+    attendance |= {"head_count_max": 32, "head_up_rate": 0.74}
+    row = f'tr.sensing-room[data-device="{device}"]'
+
+    def cell(name: str) -> str:
+        return f'{row} td[data-f="{name}"]'
+
+    async with observing(broker) as publisher:
+        await publisher.publish(topic, json.dumps(base | minute))
+        await until(
+            page, f"document.querySelector('{row}') !== null", within=10, what="the live minute"
+        )
+        assert await page.text_content(cell("head_count")) == "31"
+        assert await page.text_content(cell("head_up_rate")) == "90%"
+        assert await page.text_content(cell("hand_raises")) == "4"
+        assert await page.text_content(cell("rt")) == "\N{EN DASH}"  # not before the end
+        await publisher.publish(topic, json.dumps(base | st))
+        await publisher.publish(topic, json.dumps(base | attendance))
+    await until(
+        page,
+        f"document.querySelector('{cell('present')}').textContent === '28'",
+        within=10,
+        what="the lesson's attendance counts",
+    )
+    names = ["head_count", "head_up_rate", "hand_raises", "rt", "ch", "mode"]
+    names += ["present", "late", "absent"]
+    figures = {name: await page.text_content(cell(name)) for name in names}
+    assert figures == {
+        "head_count": "30",
+        "head_up_rate": "74%",
+        "hand_raises": "4",  # the attendance message did not carry the lesson's total
+        "rt": "0.75",
+        "ch": "0.25",
+        "mode": "lecture",
+        "present": "28",
+        "late": "2",
+        "absent": "3",
+    }
+    total = f'tr.sensing-total[data-lesson="{lesson.lesson_id}"]'
+    assert lesson.subject in (await page.text_content(total) or "")
+    assert await page.text_content(f'{total} td[data-f="present"]') == "28"
+    await page.locator("#sensing-part").screenshot(path=str(ARTIFACTS / "dashboard-sensing.png"))

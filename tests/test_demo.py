@@ -1,4 +1,5 @@
-"""The README's demo: agents come online on the embedded broker with live capture stats."""
+"""The README's demo: agents come online on the embedded broker with live capture stats,
+hold a lesson, and the sensing room's lesson ends with its report."""
 
 from __future__ import annotations
 
@@ -8,6 +9,9 @@ import sys
 from pathlib import Path
 
 import pytest
+
+from agent.locales import catalogue
+from agent.testkit.acoustics import espeak_available
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -23,7 +27,7 @@ def test_demo_brings_rooms_online_and_stops_them_cleanly(tmp_path: Path) -> None
             "--rooms",
             "2",
             "--duration",
-            "10",
+            "24",  # a lesson of about 20 s: 6-7 S-T samples at the demo's 3 s
             "--workdir",
             str(tmp_path),
             "--dashboard-port",
@@ -31,7 +35,7 @@ def test_demo_brings_rooms_online_and_stops_them_cleanly(tmp_path: Path) -> None
         ],
         capture_output=True,
         text=True,
-        timeout=120,
+        timeout=180,
         cwd=REPO,
         check=False,
     )
@@ -68,6 +72,37 @@ def test_demo_brings_rooms_online_and_stops_them_cleanly(tmp_path: Path) -> None
         "village-a.room-1 attendance: present 6, late 0, left early 0, absent 1 of 7 "
         "enrolled; 1 unknown face(s)" in result.stdout
     ), result.stdout
+    # The lesson's figures and its report, written by `classroom-agent report --html` in
+    # the room's language (zh-CN, the demo's default).
+    figures = re.search(
+        r"village-a\.room-1 lesson figures: head-up rate (\d+)%(?:, S-T ([TS]+): Rt [\d.]+, "
+        r"Ch [\d.]+, (practice|lecture|dialogue|mixed) \(the script's: dialogue\))?",
+        result.stdout,
+    )
+    assert figures is not None, result.stdout
+    assert 0 <= int(figures[1]) <= 100
+    if espeak_available():
+        samples = figures[2]
+        # The remote teacher on the loudspeaker is T, the pupils answering are S.
+        assert samples is not None, result.stdout
+        assert len(samples) >= 4
+        assert set(samples) == {"T", "S"}, samples
+    written = re.search(r"village-a\.room-1 lesson report \(zh-CN\): (\S+\.html)", result.stdout)
+    assert written is not None, result.stdout
+    report = Path(written[1])
+    assert report.parent == tmp_path
+    assert report.stat().st_mode & 0o777 == 0o600  # names and attendance
+    page = report.read_text(encoding="utf-8")
+    zh = catalogue("zh-CN")
+    assert '<html lang="zh-CN">' in page
+    assert f"<h1>{zh['report.title']}</h1>" in page
+    charts = ["report.chart.head_up", "report.chart.head_count"]
+    if espeak_available():
+        charts += ["report.chart.st", "report.chart.rt_ch"]
+    for key in charts:
+        assert f'<svg viewBox="0 0 520 220" role="img" aria-label="{zh[key]}"' in page, key
+    assert zh["report.chart.hands"] in page  # drawn, or says hand raising is off
+    assert "demo-s07" in page  # the absent student, by the roster
     assert result.stdout.count("exit code 0") == 2
     assert re.search(r"maintenance dashboard: http://127\.0\.0\.1:\d+/", result.stdout)
     assert (tmp_path / "logs" / "village-a.room-1.log").exists()

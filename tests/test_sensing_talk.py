@@ -1,7 +1,8 @@
 """Who is talking and S-T analysis, on lessons spoken by espeak-ng with a known script.
 
 Honestly synthetic: the voices are Debian's espeak-ng (the teacher ``en-gb``, the pupils
-``en-us+f4``), the room is agent/testkit/acoustics.py's synthetic impulse response, and
+``en-us+f4``), the lessons agent/testkit/acoustics.py's builder (``lesson_audio``, which
+the demo's sensing room speaks too) with its synthetic impulse response, and
 the distance is a level: the teacher reaches the microphone at -20 dBFS (RMS while
 speaking), pupils at their seats at -36 dBFS, more reverberant; white noise at -65 dBFS.
 In the receiving room the remote teacher comes out of the loudspeaker (the agent's own
@@ -25,69 +26,25 @@ import pytest
 
 from agent.sensing.st_analysis import SAMPLE_INTERVAL_S, analyse, sample
 from agent.sensing.talk import SileroVad, analyse_talk, resample, write_wav
-from agent.testkit.acoustics import espeak_available, room_response, speech
+from agent.testkit.acoustics import espeak_available, lesson_audio, lesson_voices
 
 pytestmark = pytest.mark.skipif(not espeak_available(), reason="espeak-ng not installed")
 
 RATE = 48_000
 INTERVAL_S = 4.0
-TEACHER_TEXT = (
-    "Good morning class. Today we look at fractions. A fraction has a top number and a "
-    "bottom number. The bottom number says into how many equal parts the whole is cut. "
-    "The top number says how many of those parts we take. Look at the cake on the board."
-)
-PUPIL_TEXT = (
-    "I think the answer is three quarters, because we took three of the four pieces. "
-    "Can we cut it into eight pieces instead? Then it would be six eighths, I think."
-)
-
-
-def _level(signal: np.ndarray, dbfs: float) -> np.ndarray:
-    active = np.abs(signal) > 1e-3
-    rms = float(np.sqrt(np.mean(signal[active].astype(np.float64) ** 2)))
-    return (signal * (10 ** (dbfs / 20) * np.sqrt(0.5) / rms)).astype(np.float32)
 
 
 @pytest.fixture(scope="module")
 def voices() -> dict[str, np.ndarray]:
-    teacher = speech(TEACHER_TEXT, voice="en-gb", rate=RATE)
-    pupil = speech(PUPIL_TEXT, voice="en-us+f4", rate=RATE, wpm=140)
-    reverb = room_response(RATE, delay_ms=12, rt60_s=0.5, drr_db=-9, seed=3)
-    pupil = np.convolve(pupil, reverb)[: len(pupil)].astype(np.float32)
-    return {"T": _level(teacher, -20), "S": _level(pupil, -36)}
-
-
-def _chunk(voice: np.ndarray, k: int, seconds: float) -> np.ndarray:
-    """A different ``seconds`` of ``voice`` for each ``k`` (wrapping round)."""
-    n = int(seconds * RATE)
-    start = (k * n * 7 // 3) % max(1, len(voice) - n)
-    return voice[start : start + n]
+    return lesson_voices(RATE)
 
 
 def lesson(
     script: str, voices: dict[str, np.ndarray], *, remote: str = ""
 ) -> tuple[np.ndarray, np.ndarray | None]:
-    """The microphone (and what the agent played, when ``remote`` names who is on the
-    loudspeaker) for ``script``: per interval 'T' the teacher talks 2.8 s, 'S' a pupil
-    talks 2.8 s, '.' silence (silent practice: an S sample). Each talk starts 0.5 s into
-    its interval."""
-    n = int(len(script) * INTERVAL_S * RATE)
-    mic = np.random.default_rng(7).standard_normal(n).astype(np.float32) * 10 ** (-65 / 20)
-    played = np.zeros(n, np.float32) if remote else None
-    echo = room_response(RATE, delay_ms=20, rt60_s=0.4, drr_db=-6, seed=5)
-    for k, who in enumerate(script):
-        if who == ".":
-            continue
-        start = int((k * INTERVAL_S + 0.5) * RATE)
-        part = _chunk(voices[who], k, 2.8)
-        if who == remote and played is not None:
-            loud = _level(part, -12)
-            played[start : start + len(part)] = loud
-            heard = np.convolve(loud, echo)[: len(part)] * 10 ** (-12 / 20)
-            mic[start : start + len(part)] += heard.astype(np.float32)
-        else:
-            mic[start : start + len(part)] += part
-    return mic, played
+    """The microphone (and what the agent played) for ``script`` at this file's interval:
+    per interval 'T' the teacher talks 2.8 s, 'S' a pupil, '.' silence."""
+    return lesson_audio(script, voices, rate=RATE, interval_s=INTERVAL_S, remote=remote)
 
 
 def truth(script: str) -> str:

@@ -1,7 +1,7 @@
 """The maintenance dashboard: the fleet's state, live, in a web page (read-only MQTT).
 
 `serve_dashboard(config)` serves it until cancelled: a `FleetModel` fed by a read-only
-subscription to the fleet's state, health, alert and lesson topics, and an aiohttp
+subscription to the fleet's state, health, alert, sensing and lesson topics, and an aiohttp
 server with the page (``GET /``), a JSON snapshot (``GET /api/fleet``), counters
 (``GET /api/stats``) and live updates over a WebSocket (``GET /api/ws``).
 `DashboardConfig` holds its settings; `add_dashboard_parser` / `run_dashboard` are the

@@ -1,11 +1,12 @@
 """The fleet as the maintenance dashboard sees it, built only from what the fleet publishes.
 
 `FleetModel.apply(topic, payload)` takes every message of the dashboard's read-only
-subscriptions (``{prefix}/+/+/state``, ``/health``, ``/alert`` and ``{prefix}/lesson/+``,
-docs/contracts.md) and keeps, per room: online/offline with since-when, the last health
-figures, the active alerts and the room's part in a live lesson; per lesson group: the
-announcement joined with the rooms' ``stream`` sections. It is synchronous and does no
-I/O, so the tests drive it with fake clocks and hand-made payloads.
+subscriptions (``{prefix}/+/+/state``, ``/health``, ``/alert``, ``/sensing`` and
+``{prefix}/lesson/+``, docs/contracts.md) and keeps, per room: online/offline with
+since-when, the last health figures, the active alerts and the room's part in a live
+lesson; per lesson group: the announcement joined with the rooms' ``stream`` sections;
+per lesson: each sensing room's aggregates (`sensing_view`). It is synchronous and does
+no I/O, so the tests drive it with fake clocks and hand-made payloads.
 
 Rules that are easy to get wrong:
 
@@ -22,6 +23,13 @@ Rules that are easy to get wrong:
 - *Stale.* An online room whose health has not arrived for ``stale_intervals`` of its
   interval (estimated from the messages' ``ts`` and ``n``) is marked stale: the agent is
   connected but its reporter is stuck, or the figures are lost on the way.
+- *Sensing.* A room's ``sensing`` messages are counts and rates only (schemas/sensing.v1
+  json): while a lesson runs, each ``minute`` gives the latest head count and head-up rate
+  (hand raises add up per minute); at its end ``st`` (Rt, Ch, mode) and ``attendance``
+  (present/late/absent counts, the lesson's mean head-up rate) complete the lesson's
+  figures. They arrive after the lesson's announcement is gone, so the model remembers
+  which group and subject each announced lesson id had. The newest
+  ``MAX_SENSED_LESSONS`` lessons are kept; nothing but numbers is stored.
 - *Bad input.* Payloads that are not JSON, have the wrong shape or types, or name
   another device are counted per kind (`ModelStats`) and change nothing.
 """
@@ -53,12 +61,18 @@ DELAY_SAMPLES = 4096
 STATUSES = contracts.STATUSES
 SEVERITIES = contracts.SEVERITIES
 MAX_LAYERS = 16  # fleet, school, groups, room: a handful; more is junk
-KINDS = ("state", "health", "alert", "lesson", "config", "topic")
+KINDS = ("state", "health", "alert", "lesson", "config", "sensing", "topic")
 # A pushed profile layer in one of these states needs IT's attention (the "profiles" filter).
 PROFILE_PROBLEMS = frozenset({"rejected", "rolled-back", "expired", "dropped"})
 PROFILE_STATES = PROFILE_PROBLEMS | {"pending", "waiting", "applied", "cleared"}
 
 _SLUG = re.compile(contracts.SLUG_PATTERN)
+SENSING_KINDS = frozenset({"minute", "st", "attendance"})
+ST_MODES = frozenset({"practice", "lecture", "dialogue", "mixed"})
+ATTENDANCE_COUNTS = ("present", "late", "left_early", "absent", "unknown", "enrolled")
+MAX_SENSED_LESSONS = 200  # lessons whose sensing figures are kept (the newest)
+SHOWN_SENSED_LESSONS = 20  # of those, the ones the page lists (live ones first)
+MAX_ANNOUNCED = 1000  # lesson id -> (group, subject) remembered for late end-of-lesson figures
 
 
 class BadPayload(ValueError):
@@ -262,6 +276,46 @@ class Lesson:
 
 
 @dataclass
+class RoomFigures:
+    """One room's sensing aggregates for one lesson: counts and rates, never who."""
+
+    device: str
+    ts: float  # device time of the newest message taken
+    final: bool = False  # the lesson's attendance message came: the figures are complete
+    head_count: int | None = None  # live: the latest minute's; final: the lesson's median
+    head_up_rate: float | None = None  # live: the latest minute's; final: the lesson's mean
+    hand_raises: int | None = None  # None: not measured in this room
+    minute_start: float | None = None  # the newest minute counted (re-deliveries add nothing)
+    rt: float | None = None
+    ch: float | None = None
+    mode: str | None = None
+    counts: dict[str, int] | None = None  # ATTENDANCE_COUNTS, from the attendance message
+
+    def to_dict(self) -> dict[str, Any]:
+        counts = self.counts or {}
+        return {
+            "device": self.device,
+            "final": self.final,
+            "head_count": self.head_count,
+            "head_up_rate": _round(self.head_up_rate, 3),
+            "hand_raises": self.hand_raises,
+            "rt": _round(self.rt, 3),
+            "ch": _round(self.ch, 3),
+            "mode": self.mode,
+            **{name: counts.get(name) for name in ATTENDANCE_COUNTS},
+        }
+
+
+@dataclass
+class LessonFigures:
+    """The sensing figures of one lesson id, per room (`FleetModel.sensed`)."""
+
+    lesson_id: str
+    rooms: dict[str, RoomFigures] = field(default_factory=dict)
+    ts: float = 0.0  # device time of the newest message of any room
+
+
+@dataclass
 class Room:
     """Everything the dashboard knows about one room (mutable; owned by the model)."""
 
@@ -333,6 +387,7 @@ class Changes:
 
     rooms: tuple[str, ...]
     lessons: bool
+    sensing: bool = False  # the lessons' sensing figures (`FleetModel.sensing_view`)
 
 
 # -- the model ----------------------------------------------------------------------------
@@ -375,6 +430,11 @@ class FleetModel:
         self._dirty: set[str] = set()
         self._lessons_dirty = False
         self._lesson_of: dict[str, str] = {}  # device -> group, for rooms in a lesson
+        self.sensed: dict[str, LessonFigures] = {}  # lesson id -> its rooms' figures
+        # lesson id -> (group, subject) of announcements seen: the end-of-lesson figures
+        # arrive after the announcement is gone.
+        self._announced: OrderedDict[str, tuple[str, str]] = OrderedDict()
+        self._sensing_dirty = False
 
     # -- input ------------------------------------------------------------------------
 
@@ -390,6 +450,8 @@ class FleetModel:
             levels = topic.split("/")
             if kind == "lesson":
                 changed = self._apply_lesson(levels[2], payload)
+            elif kind == "sensing":
+                changed = self._apply_sensing(f"{levels[1]}.{levels[2]}", self._object(payload))
             else:
                 device = f"{levels[1]}.{levels[2]}"
                 room = self.rooms.get(device)
@@ -455,10 +517,10 @@ class FleetModel:
     def take_changes(self) -> Changes:
         """The rooms (and whether the lessons) changed since the last call; resets."""
         rooms = tuple(sorted(self._dirty))
-        lessons = self._lessons_dirty
+        lessons, sensing = self._lessons_dirty, self._sensing_dirty
         self._dirty.clear()
-        self._lessons_dirty = False
-        return Changes(rooms, lessons)
+        self._lessons_dirty = self._sensing_dirty = False
+        return Changes(rooms, lessons, sensing)
 
     def room_view(self, device: str) -> dict[str, Any] | None:
         room = self.rooms.get(device)
@@ -518,6 +580,7 @@ class FleetModel:
             "counts": self.counts(),
             "rooms": self.rooms_view(),
             "lessons": self.lessons_view(),
+            "sensing": self.sensing_view(),
         }
 
     # -- topics and rooms -------------------------------------------------------------
@@ -535,7 +598,7 @@ class FleetModel:
                 and _SLUG.match(levels[2])
             )
             return "config" if ok else "topic"
-        if len(levels) == 4 and levels[3] in ("state", "health", "alert"):
+        if len(levels) == 4 and levels[3] in ("state", "health", "alert", "sensing"):
             if levels[1] in RESERVED_SITES:
                 return "topic"
             if _SLUG.match(levels[1]) and _SLUG.match(levels[2]):
@@ -885,6 +948,7 @@ class FleetModel:
             state=_text(data.get("state"), 20) or "live",
             received_mono=self.monotonic(),
         )
+        self._remember(lesson)
         old = self.lessons.get(group)
         if old is not None and _same_lesson(old, lesson):
             self.lessons[group] = lesson  # refresh the receipt time only
@@ -911,7 +975,128 @@ class FleetModel:
             if room is not None:
                 self._touch(room)
         self._lessons_dirty = True
+        if any(item is not None and item.lesson_id in self.sensed for item in (old, lesson)):
+            self._sensing_dirty = True  # its figures turn live or ended
         return True
+
+    def _remember(self, lesson: Lesson) -> None:
+        known = self._announced.get(lesson.lesson_id)
+        self._announced[lesson.lesson_id] = (lesson.group, lesson.subject)
+        self._announced.move_to_end(lesson.lesson_id)
+        while len(self._announced) > MAX_ANNOUNCED:
+            self._announced.popitem(last=False)
+        if known != (lesson.group, lesson.subject) and lesson.lesson_id in self.sensed:
+            self._sensing_dirty = True
+
+    # -- sensing ------------------------------------------------------------------------
+
+    def _apply_sensing(self, device: str, data: Mapping[str, Any]) -> bool:
+        """A room's sensing aggregates (see the module docstring); counts and rates only."""
+        room = self.rooms.get(device)
+        if room is None:
+            raise BadPayload("sensing from a room that has sent no state or health yet")
+        self._check_device(room, data)
+        if data.get("v") != 1:
+            raise BadPayload("not a version 1 sensing message")
+        kind = data.get("kind")
+        if kind not in SENSING_KINDS:
+            raise BadPayload(f"kind must be minute, st or attendance, got {str(kind)[:40]!r}")
+        ts = _num(data.get("ts"))
+        if ts is None:
+            raise BadPayload("ts must be a number")
+        lesson = data.get("lesson", "")
+        if lesson is not None and (not isinstance(lesson, str) or not 0 < len(lesson) <= 64):
+            raise BadPayload("lesson must be a lesson id (1-64 characters) or null")
+        if kind == "minute":
+            minute_start = _num(data.get("minute_start"))
+            if minute_start is None:
+                raise BadPayload("minute_start must be a number")
+            update: dict[str, Any] = {
+                "minute_start": minute_start,
+                "head_count": _count_field(data, "head_count"),
+                "head_up_rate": _rate_field(data, "head_up_rate", nullable=True),
+                "hand_raises": _count_field(data, "hand_raises", required=False),
+            }
+        elif kind == "st":
+            mode = data.get("mode")
+            if mode not in ST_MODES:
+                raise BadPayload(
+                    f"mode must be practice, lecture, dialogue or mixed, got {str(mode)[:40]!r}"
+                )
+            update = {
+                "rt": _rate_field(data, "rt"),
+                "ch": _rate_field(data, "ch"),
+                "mode": mode,
+            }
+        else:
+            update = {
+                "counts": {name: _count_field(data, name) for name in ATTENDANCE_COUNTS},
+                "head_count": _count_field(data, "head_count"),
+                "head_up_rate": _rate_field(data, "head_up_rate", nullable=True),
+                "hand_raises": _count_field(data, "hand_raises", required=False),
+            }
+        if lesson is None:
+            return False  # a head count between lessons: no lesson's figures
+        record = self.sensed.get(lesson)
+        if record is None:
+            if len(self.sensed) >= MAX_SENSED_LESSONS:
+                oldest = min(self.sensed.values(), key=lambda r: r.ts)
+                if oldest.ts >= ts:
+                    return False  # older than every lesson kept
+                del self.sensed[oldest.lesson_id]
+            record = self.sensed[lesson] = LessonFigures(lesson)
+        figures = record.rooms.get(device)
+        if figures is None:
+            if len(record.rooms) >= MAX_LIST:
+                raise BadPayload(f"more than {MAX_LIST} rooms report lesson {lesson!r}")
+            figures = record.rooms[device] = RoomFigures(device, ts)
+        if kind == "minute":
+            start = update["minute_start"]
+            if figures.final or (
+                figures.minute_start is not None and start <= figures.minute_start
+            ):
+                return False  # a re-delivered or late minute: the figures have moved on
+            figures.minute_start = start
+            figures.head_count = update["head_count"]
+            figures.head_up_rate = update["head_up_rate"]
+            if update["hand_raises"] is not None:
+                figures.hand_raises = (figures.hand_raises or 0) + update["hand_raises"]
+        elif kind == "st":
+            figures.rt, figures.ch, figures.mode = update["rt"], update["ch"], update["mode"]
+        else:
+            figures.final = True
+            figures.counts = update["counts"]
+            figures.head_count = update["head_count"]
+            figures.head_up_rate = update["head_up_rate"]
+            if "hand_raises" in data:  # the lesson's total (null: not measured)
+                figures.hand_raises = update["hand_raises"]
+        figures.ts = max(figures.ts, ts)
+        record.ts = max(record.ts, ts)
+        self._sensing_dirty = True
+        return True
+
+    def sensing_view(self) -> list[dict[str, Any]]:
+        """The newest lessons' sensing figures, live lessons first: per room and in total."""
+        live = {lesson.lesson_id for lesson in self.lessons.values()}
+        records = sorted(
+            self.sensed.values(), key=lambda r: (r.lesson_id not in live, -r.ts, r.lesson_id)
+        )
+        out = []
+        for record in records[:SHOWN_SENSED_LESSONS]:
+            group, subject = self._announced.get(record.lesson_id, (None, ""))
+            rooms = [record.rooms[d].to_dict() for d in sorted(record.rooms, key=_natural)]
+            out.append(
+                {
+                    "lesson_id": record.lesson_id,
+                    "group": group,
+                    "subject": subject,
+                    "live": record.lesson_id in live,
+                    "ts": round(record.ts, 3),
+                    "rooms": rooms,
+                    "totals": _sensing_totals(rooms),
+                }
+            )
+        return out
 
     # -- views --------------------------------------------------------------------------
 
@@ -1028,6 +1213,53 @@ class FleetModel:
             "quality_figures": worst_figures(peers),
             "layers": layers,
         }
+
+
+def _count_field(data: Mapping[str, Any], name: str, *, required: bool = True) -> int | None:
+    """``data[name]`` as a count; absent or null only where not ``required``."""
+    value = data.get(name)
+    if value is None and not required:
+        return None
+    number = _int(value)
+    if number is None or number < 0:
+        or_null = "" if required else " or null"
+        raise BadPayload(f"{name} must be a count (an integer >= 0){or_null}")
+    return number
+
+
+def _rate_field(data: Mapping[str, Any], name: str, *, nullable: bool = False) -> float | None:
+    value = data.get(name)
+    if value is None and nullable:
+        return None
+    number = _num(value)
+    if number is None or not 0 <= number <= 1:
+        or_null = " or null" if nullable else ""
+        raise BadPayload(f"{name} must be a number from 0 to 1{or_null}")
+    return number
+
+
+def _sensing_totals(rooms: list[dict[str, Any]]) -> dict[str, Any]:
+    """A lesson's figures over its rooms: counts add up, the head-up rate is the mean
+    weighted by each room's head count; Rt, Ch and the mode are per room only."""
+
+    def total(name: str) -> int | None:
+        values = [room[name] for room in rooms if room[name] is not None]
+        return sum(values) if values else None
+
+    rated = [r for r in rooms if r["head_up_rate"] is not None]
+    weight = sum(r["head_count"] or 0 for r in rated)
+    rate: float | None = None
+    if weight:
+        rate = sum(r["head_up_rate"] * (r["head_count"] or 0) for r in rated) / weight
+    elif rated:
+        rate = statistics.fmean(r["head_up_rate"] for r in rated)
+    return {
+        "final": all(room["final"] for room in rooms),
+        "head_count": total("head_count"),
+        "head_up_rate": _round(rate, 3),
+        "hand_raises": total("hand_raises"),
+        **{name: total(name) for name in ATTENDANCE_COUNTS},
+    }
 
 
 def _natural(text: str) -> tuple[tuple[int, int | str], ...]:

@@ -1,14 +1,15 @@
 """The maintenance dashboard's web server: one page, a JSON snapshot, live WebSocket pushes.
 
 One asyncio process holds a read-only `MqttLink` (``announce=False``: no birth, no Last
-Will, so the dashboard never appears in the fleet), a `FleetModel` fed by four
+Will, so the dashboard never appears in the fleet), a `FleetModel` fed by six
 subscriptions, and an aiohttp server:
 
 ``GET /``             the page (static HTML/CSS/JS from ``static/``; nothing from the internet)
 ``GET /api/fleet``    the whole fleet as JSON (`FleetModel.snapshot`)
 ``GET /api/stats``    counters: messages, refused payloads, pushes, clients, the link
 ``GET /api/ws``       WebSocket: first a ``snapshot`` message, then ``update`` messages
-                      carrying only the rooms that changed (and the lessons when they did)
+                      carrying only the rooms that changed (and the lessons, or the
+                      lessons' sensing figures, when they did)
 
 Updates are coalesced: the model marks rooms dirty, and the push loop sends at most one
 update per ``push_interval_s`` (4 per second by default) to every client, serialised
@@ -201,6 +202,7 @@ class DashboardServer:
             (fleet.alert_all, 1, TELEMETRY_QUEUE),
             (fleet.health_all, 0, TELEMETRY_QUEUE),
             (fleet.config_reported_all, 1, STATE_QUEUE),
+            (fleet.sensing_all, 1, TELEMETRY_QUEUE),  # counts only, once a minute a room
         )
         # "Ready" means subscribed (SUBACKs in): nothing published after it is missed.
         # A broker that is down at start delays that by at most SUBSCRIBE_WAIT_S.
@@ -298,7 +300,7 @@ class DashboardServer:
             if not self._clients:
                 self._sent_lessons = {}
                 continue
-            if not (changes.rooms or changes.lessons or broker):
+            if not (changes.rooms or changes.lessons or changes.sensing or broker):
                 continue
             update: dict[str, Any] = {
                 "type": "update",
@@ -311,6 +313,8 @@ class DashboardServer:
                 if changed or removed:
                     update["lessons"] = changed
                     update["lessons_removed"] = removed
+            if changes.sensing:
+                update["sensing"] = self.model.sensing_view()  # a short list: sent whole
             if broker:
                 update["broker"] = self._broker_view()
             text = _dumps(update)

@@ -65,6 +65,7 @@ from agent.sensing.roster import (
     read_signed_roster,
 )
 from agent.sensing.service import SensingService, sensing_service
+from agent.sensing.talk import write_wav
 from agent.sensing.track import UNKNOWN, Track, Tracker, iou
 
 __all__ = [
@@ -122,4 +123,5 @@ __all__ = [
     "sensing_service",
     "shipped_models_dir",
     "similarity_transform",
+    "write_wav",
 ]

@@ -11,6 +11,7 @@ scene, so the figures in the README are what the tests check.
 from __future__ import annotations
 
 import io
+import math
 import shutil
 import subprocess
 import threading
@@ -222,6 +223,88 @@ def classroom_scene(
     return Scene(
         rate, far_sig, mic, echo, near_sig, noise, segments, (delay_ms, changed_delay_ms), 22.0
     )
+
+
+# -- a lesson with a known T/S script (the talk analysis' tests, the demo's sensing room) --
+
+LESSON_TEACHER_TEXT = (
+    "Good morning class. Today we look at fractions. A fraction has a top number and a "
+    "bottom number. The bottom number says into how many equal parts the whole is cut. "
+    "The top number says how many of those parts we take. Look at the cake on the board."
+)
+LESSON_PUPIL_TEXTS = (
+    (
+        "en-us+f4",
+        "I think the answer is three quarters, because we took three of the four pieces. "
+        "Can we cut it into eight pieces instead? Then it would be six eighths, I think.",
+    ),
+    (
+        "en-us+m3",
+        "Half of the cake is two quarters. If four of us share two cakes, everybody gets "
+        "half a cake, and that is the same as two quarters of one cake.",
+    ),
+)
+TEACHER_DBFS, PUPIL_DBFS = -20.0, -36.0  # the speech's RMS while speaking, before the
+# half-power factor the levels were calibrated with (3 dB lower in fact)
+_HALF_POWER_DB = 20 * math.log10(math.sqrt(0.5))
+
+
+def _speech_at(signal: Signal, dbfs: float) -> Signal:
+    return _dbfs_gain(signal, dbfs + _HALF_POWER_DB, np.abs(signal) > 1e-3)
+
+
+def lesson_voices(rate: int = 48_000, *, pupils: int = 1) -> dict[str, Signal]:
+    """The lesson's voices by speaker: ``T`` the teacher (espeak-ng ``en-gb``) near the
+    microphone, ``S`` ``pupils`` pupils one after the other (``en-us+f4``, ``en-us+m3``)
+    at their seats: much quieter (the distance is a level) and more reverberant."""
+    if not 1 <= pupils <= len(LESSON_PUPIL_TEXTS):
+        raise ValueError(f"pupils must be between 1 and {len(LESSON_PUPIL_TEXTS)}")
+    teacher = speech(LESSON_TEACHER_TEXT, voice="en-gb", rate=rate)
+    pupil = np.concatenate(
+        [
+            speech(text, voice=voice, rate=rate, wpm=140)
+            for voice, text in LESSON_PUPIL_TEXTS[:pupils]
+        ]
+    )
+    reverb = room_response(rate, delay_ms=12, rt60_s=0.5, drr_db=-9, seed=3)
+    pupil = np.convolve(pupil, reverb)[: len(pupil)].astype(np.float32)
+    return {"T": _speech_at(teacher, TEACHER_DBFS), "S": _speech_at(pupil, PUPIL_DBFS)}
+
+
+def lesson_audio(
+    script: str,
+    voices: dict[str, Signal],
+    *,
+    rate: int = 48_000,
+    interval_s: float = 4.0,
+    talk_s: float = 2.8,
+    remote: str = "",
+) -> tuple[Signal, Signal | None]:
+    """The microphone (and what the agent played, when ``remote`` names who is on the
+    loudspeaker) for ``script``: per interval 'T' the teacher talks ``talk_s``, 'S' a
+    pupil, '.' silence (silent practice: an S sample), each from 0.5 s into its interval
+    and a different part of the voice each time; white noise at -65 dBFS throughout. The
+    loudspeaker plays at -12 dBFS and reaches the microphone through a room response."""
+    n = int(len(script) * interval_s * rate)
+    mic = np.random.default_rng(7).standard_normal(n).astype(np.float32) * 10 ** (-65 / 20)
+    played = np.zeros(n, np.float32) if remote else None
+    echo = room_response(rate, delay_ms=20, rt60_s=0.4, drr_db=-6, seed=5)
+    size = int(talk_s * rate)
+    for k, who in enumerate(script):
+        if who == ".":
+            continue
+        start = int((k * interval_s + 0.5) * rate)
+        voice = voices[who]
+        at = (k * size * 7 // 3) % max(1, len(voice) - size)
+        part = voice[at : at + size]
+        if who == remote and played is not None:
+            loud = _speech_at(part, -12)
+            played[start : start + len(part)] = loud
+            heard = np.convolve(loud, echo)[: len(part)] * 10 ** (-12 / 20)
+            mic[start : start + len(part)] += heard.astype(np.float32)
+        else:
+            mic[start : start + len(part)] += part
+    return mic, played
 
 
 def to_int16(signal: Signal) -> NDArray[np.int16]:

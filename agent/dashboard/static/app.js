@@ -42,11 +42,18 @@
     unknown: "dash.quality.unknown",
   };
   const FILTERS = ["all", "online", "offline", "stale", "alerts", "lesson"];
+  const MODE_TEXT = { // the S-T lesson modes, worded as in the lesson report
+    practice: "report.mode.practice",
+    lecture: "report.mode.lecture",
+    dialogue: "report.mode.dialogue",
+    mixed: "report.mode.mixed",
+  };
 
   const $ = (id) => document.getElementById(id);
   const rows = new Map(); // room id -> {tr, cells, room, sig}
   const sites = new Map(); // site -> {section, tbody, ids: [], nameEl, countsEl}
   const lessons = new Map(); // group -> lesson view
+  let sensing = []; // the lessons' sensing figures (counts and rates), newest first
   let offsetMs = 0; // server clock minus ours
   let startedAt = 0;
   let filter = { school: "", status: "all", q: "" };
@@ -218,6 +225,7 @@
     refreshSites(sites.keys());
     refreshFilterCounts();
     renderLessons();
+    renderSensing();
   }
 
   // -- schools ------------------------------------------------------------------------
@@ -649,6 +657,57 @@
     }
   }
 
+  // The lessons' sensing aggregates: per lesson a total row, then one row per room.
+  // Counts and rates only; the rooms publish nothing else.
+  const SENSING_FIELDS = ["head_count", "head_up_rate", "hand_raises", "rt", "ch", "mode",
+    "present", "late", "absent"];
+
+  function sensingText(name, value) {
+    if (value === null || value === undefined) return "–";
+    if (name === "head_up_rate") return `${fixed(100 * value, 0)}%`;
+    if (name === "rt" || name === "ch") return fixed(value, 2);
+    if (name === "mode") return MODE_TEXT[value] ? t(MODE_TEXT[value]) : value;
+    return I18N.number(value);
+  }
+
+  function sensingRow(lesson, figures, total) {
+    const tr = el("tr", total ? "sensing-total" : "sensing-room");
+    tr.dataset.lesson = lesson.lesson_id;
+    const first = el("td");
+    const second = el("td");
+    if (total) {
+      first.append(el("div", "subject", lesson.subject || lesson.group || lesson.lesson_id),
+        el("span", `badge${lesson.live ? "" : " ended"}`, t(lesson.live ? "dash.sensing.live" : "dash.sensing.ended")));
+      first.title = [lesson.group, lesson.lesson_id].filter(Boolean).join(" · ");
+      second.textContent = tn("dash.school.rooms", lesson.rooms.length);
+    } else {
+      tr.dataset.device = figures.device;
+      second.textContent = roomLabel(figures.device);
+      second.title = figures.device;
+      tr.title = t(figures.final ? "dash.sensing.final_title" : "dash.sensing.live_title");
+    }
+    tr.append(first, second);
+    for (const name of SENSING_FIELDS) {
+      const cell = el("td", name === "mode" ? "" : "num", sensingText(name, figures[name]));
+      cell.dataset.f = name;
+      tr.append(cell);
+    }
+    return tr;
+  }
+
+  function renderSensing() {
+    const inSchool = (lesson) => !filter.school ||
+      lesson.rooms.some((room) => room.device.split(".")[0] === filter.school);
+    const fragment = document.createDocumentFragment();
+    const shown = sensing.filter(inSchool);
+    for (const lesson of shown) {
+      fragment.append(sensingRow(lesson, lesson.totals, true));
+      for (const room of lesson.rooms) fragment.append(sensingRow(lesson, room, false));
+    }
+    $("sensing-body").replaceChildren(fragment);
+    $("sensing-empty").hidden = shown.length > 0;
+  }
+
   function applyBroker(broker) {
     const banner = $("banner");
     setText($("broker-url"), t("dash.broker.url", { url: broker.url }));
@@ -688,6 +747,8 @@
       lessons.clear();
       for (const lesson of message.lessons) lessons.set(lesson.group, lesson);
       renderLessons();
+      sensing = message.sensing || [];
+      renderSensing();
       applyBroker(message.broker);
       applyCounts(message.counts);
     } else if (message.type === "update") {
@@ -696,6 +757,10 @@
         for (const lesson of message.lessons) lessons.set(lesson.group, lesson);
         for (const group of message.lessons_removed || []) lessons.delete(group);
         renderLessons();
+      }
+      if (message.sensing) {
+        sensing = message.sensing;
+        renderSensing();
       }
       if (message.broker) applyBroker(message.broker);
       applyCounts(message.counts);
@@ -758,6 +823,7 @@
       e.target.setAttribute("aria-expanded", String(open));
       e.target.textContent = t(open ? "dash.lessons.hide" : "dash.lessons.show");
       $("lessons-wrap").hidden = !open;
+      $("sensing-part").hidden = !open;
     });
     window.addEventListener("hashchange", () => {
       readHash();
