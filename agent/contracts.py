@@ -699,6 +699,7 @@ class SensingSection(TypedDict):
     in_lesson: bool
     published: int
     talk: SensingTalk
+    hands: SensingHands
     errors: int  # samples whose analysis raised
 
 
@@ -712,6 +713,18 @@ class SensingTalk(TypedDict):
     reference: bool  # what the loudspeakers played was used in this lesson
     dropped: int  # microphone chunks the analysis fell too far behind to take
     lessons: int  # S-T results published
+
+
+class SensingHands(TypedDict):
+    """``health.sensing.hands``: hand raising (counts only, never who)."""
+
+    state: Literal["off", "starting", "running", "failed", "stopped"]
+    reason: str
+    min_s: float  # sensing.hand_min_s
+    regions_per_sample: float  # body regions read per sample, recent mean
+    ms_per_region: float
+    events: int  # hand raises counted since the service started
+    room_hands: int  # times a raise raised the room's hand (sensing.raise_room_hand)
 
 
 class SensingMinute(TypedDict):
@@ -729,6 +742,7 @@ class SensingMinute(TypedDict):
     head_up_rate: float | None  # faces turned to the front over the head count, mean
     present: int
     unknown: int
+    hand_raises: int | None  # None: hand raising measured nothing this minute
 
 
 class SensingAttendance(TypedDict):
@@ -748,6 +762,7 @@ class SensingAttendance(TypedDict):
     head_count: int  # median of the per-minute head counts
     head_count_max: int
     head_up_rate: float | None  # mean of the per-minute rates
+    hand_raises: int | None  # the lesson's; None: not measured
 
 
 class SensingSt(TypedDict):

@@ -11,6 +11,22 @@ service's normal case (tracks settled: detect + track only). fps per core is 1 /
 cost. Embedding calls per second at steady state come from a simulated minute in which
 the class sits still and one face in ten changes track every 10 s.
 
+*analyses*: the per-face analyses of part 2 on the same 720p classes of 10 and 30 faces:
+head pose (``cv2.solvePnP`` on the detector's five landmarks) and hand raising (MoveNet
+Lightning on each face's body region, ``agent.sensing.pose``), per face and per frame
+(every face), and hand raising per sample as the service runs it (at most
+``sensing.hand_regions_per_sample`` regions); Silero VAD per second of 48 kHz microphone
+audio (espeak-ng speech when installed, else noise), resampling included, fed as the
+service feeds it (0.5 s blocks). The composed faces have no bodies under them: MoveNet
+costs the same whatever it sees (a fixed 192x192 input), only the cut and scale grow
+with the region.
+
+*pipeline*: the sensing service itself (detect, track, embed, head pose, hand raising;
+no talk) on a 720p video of a composed class of 30 faces at its default 5 samples a
+second, in this process: CPU seconds (``time.process_time``, all threads) per wall
+second with the service running, against the same video hub without it, so the
+difference is sensing's share of one core.
+
 *memory*: this process's RSS with both models loaded and the pipeline warmed, against
 the process before ``import onnxruntime`` (the agent's own RSS is that plus the rest of
 the daemon).
@@ -38,6 +54,7 @@ import asyncio
 import json
 import statistics
 import sys
+import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -62,7 +79,15 @@ from agent.sensing import (  # noqa: E402
     SensingService,
     model_info,
 )
+from agent.sensing.hands import HandRaising  # noqa: E402
+from agent.sensing.headpose import camera_matrix, head_pose  # noqa: E402
+from agent.sensing.pipeline import FaceResult  # noqa: E402
+from agent.sensing.pose import PoseEstimator, body_region  # noqa: E402
+from agent.sensing.talk import SileroVad  # noqa: E402
+from agent.sensing.talk_live import StreamResampler  # noqa: E402
+from agent.sensing.track import Tracker  # noqa: E402
 from agent.testkit import FaceCrop, compose, cut_faces  # noqa: E402
+from agent.testkit.acoustics import espeak_available, speech  # noqa: E402
 
 FACES = ROOT / "tests" / "data" / "faces"
 GROUP = sorted(FACES.glob("faceapi-sample*.jpg"))
@@ -161,6 +186,160 @@ def _speed_case(
         pipeline.frame(frame, 2.0 + step / 5)
     result["embeddings_per_s_steady"] = round(pipeline.times.embeddings / 60.0, 2)
     return result
+
+
+def _class_frame(count: int, crops: list[FaceCrop]) -> Image:
+    """A 1280x720 class of ``count`` real faces, rows of 24-80 px (as *speed* composes)."""
+    frame, _ = compose(crops, count=count, face_px=(24, 80), rows=3)
+    return frame
+
+
+def analyses(frames: int) -> dict[str, Any]:
+    config = SensingConfig(threads=1)
+    detector = RetinaFaceDetector(model_info("retinaface-mnet025"), threads=1)
+    full = RetinaFaceDetector(model_info("retinaface-mnet025"), detect_width=None)
+    crops = cut_faces([*GROUP, *SAME, OTHER], full)
+    estimator = PoseEstimator(threads=1)
+    out: dict[str, Any] = {
+        f"{count} faces": _analyses_case(
+            _class_frame(count, crops), config, detector, estimator, frames
+        )
+        for count in (10, 30)
+    }
+    out["vad"] = _vad_cost()
+    return out
+
+
+def _analyses_case(
+    frame: Image,
+    config: SensingConfig,
+    detector: RetinaFaceDetector,
+    estimator: PoseEstimator,
+    frames: int,
+) -> dict[str, Any]:
+    faces = detector.detect(frame)
+    camera = camera_matrix(frame.shape[1], frame.shape[0])
+    pose_ms, _ = _ms(lambda: [head_pose(f.landmarks, camera) for f in faces], frames)
+    regions = [body_region(f.box) for f in faces]
+    hands_ms, _ = _ms(lambda: [estimator.keypoints(frame, r) for r in regions], frames)
+    # As the service runs it: tracked faces, at most hand_regions_per_sample a sample.
+    tracker = Tracker()
+    hands = HandRaising.from_config(config, estimator.keypoints)
+    tick = iter(range(10**9))
+
+    def sample() -> None:
+        now = next(tick) / config.sample_fps
+        tracks = tracker.update(faces, now)
+        results = [FaceResult(f, None, t) for f, t in zip(faces, tracks, strict=True)]
+        hands.sample(now, frame, results)
+
+    sample_ms, _ = _ms(sample, frames)
+    n = max(1, len(faces))
+    return {
+        "found": len(faces),
+        "head_pose_ms_per_face": round(pose_ms / n, 3),
+        "head_pose_ms_per_frame": round(pose_ms, 2),
+        "hand_ms_per_face": round(hands_ms / n, 2),
+        "hand_ms_per_frame_every_face": round(hands_ms, 1),
+        "hand_ms_per_sample": round(sample_ms, 1),
+        "hand_regions_per_sample": config.hand_regions_per_sample,
+        "hand_read_every_s": round(n / config.hand_regions_per_sample / config.sample_fps, 2),
+    }
+
+
+def _vad_cost() -> dict[str, Any]:
+    rate, seconds = 48_000, 20.0
+    if espeak_available():
+        words = "Please open your books at page twelve and read the first line aloud. "
+        voice = speech(words * 3, rate=rate)
+        audio = np.resize(voice, int(rate * seconds)).astype(np.float32)
+        what = "espeak-ng speech"
+    else:
+        noise = np.random.default_rng(0).normal(0, 0.05, int(rate * seconds))
+        audio = np.asarray(noise, np.float32)
+        what = "noise (espeak-ng not installed)"
+    vad = SileroVad(threads=1)
+    block = rate // 2  # the service hands the worker 0.5 s at a time
+
+    def run() -> None:
+        stream, resampler = vad.stream(), StreamResampler(rate)
+        for start in range(0, len(audio), block):
+            stream.feed(resampler(audio[start : start + block]))
+
+    started = time.process_time()
+    run()
+    cpu = time.process_time() - started
+    return {
+        "audio": what,
+        "seconds": seconds,
+        "cpu_ms_per_audio_s": round(1000 * cpu / seconds, 2),
+        "share_of_a_core_percent": round(100 * cpu / seconds, 2),
+    }
+
+
+async def _hub_cpu(path: Path, seconds: float, sensing: bool) -> dict[str, Any]:
+    capture = CaptureConfig(
+        video=VideoConfig(source="file", path=path, width=1280, height=720, fps=10)
+    )
+    from agent.capture import open_video_source  # noqa: PLC0415
+
+    hub = FrameHub(open_video_source(capture.video), capture)
+    tasks = [asyncio.create_task(hub.run())]
+    service = None
+    if sensing:
+        service = SensingService(
+            SensingConfig(enabled=True, threads=1, talk_analysis=False),
+            hub,
+            _Discard(),
+            "bench/sensing",
+            device="central.room1",
+            lesson=lambda: None,
+            store_dir=Path("/nonexistent-bench-store"),
+        )
+        tasks.append(asyncio.create_task(service.run()))
+    try:
+        # Warm up: models loaded, tracks settled (embedding only at first).
+        await asyncio.sleep(8.0)
+        cpu0, wall0 = time.process_time(), time.perf_counter()
+        samples0 = 0 if service is None else service.samples
+        await asyncio.sleep(seconds)
+        cpu, wall = time.process_time() - cpu0, time.perf_counter() - wall0
+        section = None if service is None else service.health_section()
+        samples = 0 if service is None else service.samples - samples0
+    finally:
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+    result: dict[str, Any] = {"cpu_percent_of_a_core": round(100 * cpu / wall, 1)}
+    if section is not None:
+        result["samples_per_s"] = round(samples / wall, 2)
+        result["cpu_ms_per_sample"] = round(1000 * cpu / max(1, samples), 1)
+        result["latency_ms"] = section["latency_ms"]
+        result["hands"] = {k: section["hands"][k] for k in ("regions_per_sample", "ms_per_region")}
+        result["head_count"] = section["head_count"]
+    return result
+
+
+def pipeline(seconds: float, tmp: Path) -> dict[str, Any]:
+    """The sensing service on a 720p class of 30 faces, against the hub alone."""
+    full = RetinaFaceDetector(model_info("retinaface-mnet025"), detect_width=None)
+    crops = cut_faces([*GROUP, *SAME, OTHER], full)
+    frame = _class_frame(30, crops)
+    path = tmp / "class-720p.avi"
+    writer = cv2.VideoWriter(str(path), cv2.VideoWriter.fourcc(*"MJPG"), 10, (1280, 720))
+    for i in range(20):  # a slight wobble, as a real camera has
+        writer.write(np.roll(frame, i % 3, axis=1))
+    writer.release()
+    hub_only = asyncio.run(_hub_cpu(path, seconds, sensing=False))
+    with_sensing = asyncio.run(_hub_cpu(path, seconds, sensing=True))
+    return {
+        "video": "1280x720 at 10 fps, 30 composed faces, sensing at 5 samples/s",
+        "hub_only": hub_only,
+        "with_sensing": with_sensing,
+        "sensing_share_of_a_core_percent": round(
+            with_sensing["cpu_percent_of_a_core"] - hub_only["cpu_percent_of_a_core"], 1
+        ),
+    }
 
 
 def memory() -> dict[str, Any]:
@@ -351,7 +530,8 @@ def lesson(hold_s: float, starts: int) -> dict[str, Any]:
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n", 1)[0])
-    parser.add_argument("--sections", default="speed,memory,accuracy,lesson")
+    parser.add_argument("--sections", default="speed,analyses,pipeline,memory,accuracy,lesson")
+    parser.add_argument("--seconds", type=float, default=20.0, help="pipeline: measured s")
     parser.add_argument("--hold", type=float, default=10.0, help="lesson: measured window")
     parser.add_argument("--starts", type=int, default=2, help="lesson: lessons started")
     parser.add_argument("--frames", type=int, default=20, help="repeats per timing")
@@ -363,6 +543,11 @@ def main() -> int:
         results["memory"] = memory()
     if "speed" in sections:
         results["speed"] = speed(args.frames)
+    if "analyses" in sections:
+        results["analyses"] = analyses(args.frames)
+    if "pipeline" in sections:
+        with tempfile.TemporaryDirectory() as tmp:
+            results["pipeline"] = pipeline(args.seconds, Path(tmp))
     if "accuracy" in sections:
         results["accuracy"] = accuracy()
     if "lesson" in sections:

@@ -105,7 +105,8 @@ def test_a_simulated_lesson_gives_present_late_left_early_absent_and_unknown(
     # Minute aggregates: head count follows who is in the room; counts only.
     assert [m["head_count"] for m in minutes] == [4, 5, 5, 4]
     keys = {"minute_start", "samples", "head_count", "head_count_max", "head_up_rate"}
-    assert all(set(m) == keys | {"present", "unknown"} for m in minutes)
+    assert all(set(m) == keys | {"present", "unknown", "hand_raises"} for m in minutes)
+    assert all(m["hand_raises"] is None for m in minutes)  # hand raising fed no sample
     # Faces cut from (mostly frontal) photos: most of the class counts as heads up.
     assert all(m["head_up_rate"] is not None and m["head_up_rate"] >= 0.5 for m in minutes)
     # Embedding ran for new or unsettled tracks only, not for every face of every frame.

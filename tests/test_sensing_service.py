@@ -56,6 +56,8 @@ def test_the_schema_matches_the_contracts() -> None:
     check("sensing.st", node["$defs"]["st"], contracts.SensingSt)
     talk = node["$defs"]["section"]["properties"]["talk"]
     check("health.sensing.talk", talk, contracts.SensingTalk)
+    hands = node["$defs"]["section"]["properties"]["hands"]
+    check("health.sensing.hands", hands, contracts.SensingHands)
 
 
 def _class_video(tmp_path: Path) -> tuple[Path, Path]:

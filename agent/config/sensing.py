@@ -175,6 +175,34 @@ class SensingConfig(StrictModel):
         le=90,
         description="Head-up rate: how far above the camera a face may point and still count",
     )
+    hand_raising: bool = Field(
+        default=True,
+        description="While sensing is on, also count hands raised (MoveNet body keypoints "
+        "on the region around each tracked face; a wrist above the shoulder line or the "
+        "eyes for hand_min_s) and publish the count per minute",
+    )
+    hand_min_s: float = Field(
+        default=1.0,
+        ge=0.2,
+        le=10,
+        description="A hand seen up this long without being seen down is one hand raise "
+        "(1 s: longer than an arm swinging past the head, shorter than a pupil waiting to "
+        "be called on); the same pupil counts again only after the hand was seen down",
+    )
+    hand_regions_per_sample: int = Field(
+        default=4,
+        ge=1,
+        le=64,
+        description="Most people whose body keypoints are read per sample (about 10 ms each "
+        "on one core): pupils with a hand going up are read every sample, the rest in "
+        "turn, so 30 pupils at 5 fps and 4 regions are each looked at every 1.5 s",
+    )
+    raise_room_hand: bool = Field(
+        default=False,
+        description="Receiving rooms: a hand raise detected during a live lesson raises "
+        "the room's hand on the main teacher's panel (as the room's own panel button "
+        "does); the teacher lowers it there",
+    )
     periods: list[str] = Field(
         default_factory=list,
         description="Local-time windows 'HH:MM-HH:MM' (the room's timetable) in which a room "

@@ -16,7 +16,7 @@ parts before the old ones stop (see ``daemon.py``).
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Literal, Protocol, runtime_checkable
 
@@ -179,6 +179,20 @@ def _stream(host: Host) -> StreamService:
     )
 
 
+def room_hand_raiser(stream: StreamService) -> Callable[[], Awaitable[None]]:
+    """Sensing's hand raise (``sensing.raise_room_hand``) -> the room's hand in its live
+    lesson, through the joiner's ``set_hand`` as the panel's /api/hand does; nothing in a
+    room that joins no lesson now, or whose hand is already up."""
+
+    async def raise_hand() -> None:
+        joiner = stream.joiner
+        if joiner is None or joiner.lesson is None or joiner.hand_up:
+            return
+        await joiner.set_hand(True)
+
+    return raise_hand
+
+
 def _sensing(host: Host) -> SensingService | None:
     stream: StreamService = host.part("stream")
     capture: CaptureService = host.part("capture")
@@ -190,6 +204,7 @@ def _sensing(host: Host) -> SensingService | None:
         topics.sensing,
         stream.live_lesson,
         audio=capture.audio,
+        raise_hand=room_hand_raiser(stream),
     )
 
 

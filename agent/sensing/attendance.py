@@ -18,6 +18,9 @@ nothing of cameras or MQTT, so a simulated lesson tests it exactly.
   band of yaw and pitch, :mod:`agent.sensing.headpose`) over the head count. A child
   bent over a desk usually shows no face at all: the head count still holds them, so
   they count as heads down. The minute's rate is the mean over its samples.
+- *Hand raises*: the events :mod:`agent.sensing.hands` counted in the minute's samples;
+  None for a minute in which hand raising measured nothing (off, or its model missing),
+  so a chart never reads "no hands" where nobody looked.
 """
 
 from __future__ import annotations
@@ -50,6 +53,7 @@ class Minute:
     present: set[str] = field(default_factory=set)
     unknown_tracks: int = 0
     head_up: list[float] = field(default_factory=list)  # per sample with a head count
+    hand_raises: int | None = None  # None: hand raising measured no sample of the minute
 
     def to_message(self) -> dict[str, Any]:
         return {
@@ -60,6 +64,7 @@ class Minute:
             "head_up_rate": round(statistics.fmean(self.head_up), 3) if self.head_up else None,
             "present": len(self.present),
             "unknown": self.unknown_tracks,
+            "hand_raises": self.hand_raises,
         }
 
 
@@ -87,10 +92,19 @@ class Attendance:
             self._window.popleft()
         return max(n for _, n in self._window)
 
-    def observe(self, now: float, tracks: list[Track], heads_up: int | None = None) -> None:
-        """One analysed sample: the tracks of the faces in it, and how many of those faces
-        were turned to the front (None: no head pose for this sample)."""
+    def observe(
+        self,
+        now: float,
+        tracks: list[Track],
+        heads_up: int | None = None,
+        hand_raises: int | None = None,
+    ) -> None:
+        """One analysed sample: the tracks of the faces in it, how many of those faces
+        were turned to the front (None: no head pose for this sample) and how many hand
+        raises it completed (None: hand raising did not look at this sample)."""
         self.last_sample = now
+        if hand_raises is not None:
+            self.minute.hand_raises = (self.minute.hand_raises or 0) + hand_raises
         count = self.head_count(now, len(tracks))
         self.minute.samples += 1
         self.minute.head_counts.append(count)
@@ -167,8 +181,20 @@ class Attendance:
         """The lesson's engagement aggregates (counts and rates only: may leave the room)."""
         heads = [m["head_count"] for m in self.minutes if m["samples"]]
         rates = [m["head_up_rate"] for m in self.minutes if m["head_up_rate"] is not None]
+        hands = self.hands()
         return {
             "head_count": round(statistics.median(heads)) if heads else 0,
             "head_count_max": max((m["head_count_max"] for m in self.minutes), default=0),
             "head_up_rate": round(statistics.fmean(rates), 3) if rates else None,
+            "hand_raises": None if hands is None else sum(h["count"] for h in hands),
         }
+
+    def hands(self) -> list[dict[str, Any]] | None:
+        """The report's hand-raise timeline: one row per measured minute (``minute``: its
+        start in minutes since the lesson's start, ``count``); None when none was measured."""
+        rows = [
+            {"minute": round((m["minute_start"] - self.start) / 60, 2), "count": m["hand_raises"]}
+            for m in self.minutes
+            if m.get("hand_raises") is not None
+        ]
+        return rows or None

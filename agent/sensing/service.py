@@ -15,9 +15,17 @@ with the teacher-vs-class rule (:mod:`agent.sensing.talk_live`); where the room 
 echo canceller's ``FarEndReference`` exists and is playing) what was played over the same
 samples is the loudspeaker reference. At a lesson's end the S-T figures are published.
 
+Hands (``sensing.hand_raising``): an observer of each sample reads MoveNet keypoints on a
+budget of regions (:mod:`agent.sensing.hands`) and counts hand raises per minute. Its
+model failing to load turns hand raising off (``sensing.hands`` in health says why); the
+faces go on. With ``sensing.raise_room_hand``, a hand raise in a receiving room's live
+lesson calls ``raise_hand`` (the composition's: the stream joiner's ``set_hand``, as the
+room's panel button does), in a task the service owns.
+
 What goes over MQTT (``{prefix}/{site}/{room}/sensing``, QoS 1, through the outbox): head
-count, present count, unknown count per minute, attendance counts and the S-T figures
-(Rt, Ch, mode, N, the T/S samples) at a lesson's end. Never names, student ids, boxes,
+count, present count, unknown count and hand raises per minute, attendance counts (with
+the lesson's hand raises) and the S-T figures (Rt, Ch, mode, N, the T/S samples) at a
+lesson's end. Never names, student ids, boxes,
 embeddings, images or audio.
 """
 
@@ -29,7 +37,7 @@ import logging
 import os
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, Protocol
@@ -40,8 +48,10 @@ from agent.capture import AudioChunk, AudioHub, FrameHub
 from agent.config import AgentConfig, SensingConfig, period_minutes
 from agent.sensing.attendance import Attendance
 from agent.sensing.faces import Image
+from agent.sensing.hands import HandRaising
 from agent.sensing.models import ModelError
 from agent.sensing.pipeline import STAGES, FaceResult, Gallery, Pipeline, heads_up
+from agent.sensing.pose import PoseEstimator
 from agent.sensing.privacy import purge_expired
 from agent.sensing.report import report_record
 from agent.sensing.roster import RECORD_KINDS, STORE_FILE, RosterError, RosterStore, open_store
@@ -57,6 +67,7 @@ FEED_S = 0.5  # microphone audio handed to the worker thread at a time
 TALK_QUEUE = 500  # microphone chunks the talk analysis may fall behind (10 s of 20 ms)
 PURGE_EVERY_S = 86_400.0  # records past privacy.retention_days are removed daily
 MAX_FAILURES = 10  # samples failing in a row before sensing gives up (and says so)
+RAISE_HAND_S = 10.0  # raising the room's hand (one MQTT signal) gives up after this
 
 
 class Publisher(Protocol):
@@ -85,6 +96,7 @@ class SensingService:
         role: Callable[[], Role] = lambda: "main",
         retention_days: int = 30,
         face_recognition: bool = True,
+        raise_hand: Callable[[], Awaitable[None]] | None = None,
     ) -> None:
         self.config = config
         self.video = video
@@ -123,9 +135,16 @@ class SensingService:
         self._vad: SileroVad | None = None
         self._talk_role: Role | None = None  # set while a lesson wants its talk analysed
         self._talk_dropped = 0
-        # Further per-sample analyses (head pose, hand raising: part 2) run here, in the
-        # worker thread, on the same frame and tracked faces: (time, BGR image, faces).
+        # Further per-sample analyses (hand raising, below) run here, in the worker
+        # thread, on the same frame and tracked faces: (time, BGR image, faces).
         self.observers: list[Callable[[float, Image, list[FaceResult]], None]] = []
+        self.hands: HandRaising | None = None
+        self.hands_state = "starting" if config.hand_raising else "off"
+        self.hands_reason = ""
+        self._sample_hands: int | None = None  # raises the last sample completed
+        self.raise_hand = raise_hand if config.raise_room_hand else None
+        self._raising: asyncio.Task[None] | None = None
+        self.room_hands = 0  # times a detected raise raised the room's hand
 
     # -- health -----------------------------------------------------------------------
 
@@ -152,6 +171,19 @@ class SensingService:
             "published": self.published,
             "errors": self.errors,
             "talk": self._talk_health(),
+            "hands": self._hands_health(),
+        }
+
+    def _hands_health(self) -> dict[str, Any]:
+        hands = self.hands
+        return {
+            "state": self.hands_state,
+            "reason": self.hands_reason,
+            "min_s": self.config.hand_min_s,
+            "regions_per_sample": 0.0 if hands is None else round(hands.regions_recent(), 2),
+            "ms_per_region": 0.0 if hands is None else round(hands.ms_per_region(), 2),
+            "events": 0 if hands is None else hands.events,
+            "room_hands": self.room_hands,
         }
 
     def _talk_health(self) -> dict[str, Any]:
@@ -206,7 +238,30 @@ class SensingService:
             except ModelError as exc:  # the faces go on without the talk
                 self.talk_state, self.talk_reason = "failed", str(exc)
                 log.error("sensing: no talk analysis: %s", exc)
+        if self.config.hand_raising:
+            self._load_hands()
         return pipeline
+
+    def _load_hands(self) -> None:
+        """In the worker thread: the pose model, and hand raising as an observer."""
+        try:
+            estimator = PoseEstimator(
+                models_dir=self.config.models_dir,
+                threads=self.config.threads,
+                provider=self.config.execution_provider,
+            )
+        except ModelError as exc:  # the faces go on without the hands
+            self.hands_state, self.hands_reason = "failed", str(exc)
+            log.error("sensing: no hand raising: %s", exc)
+            return
+        self.hands = HandRaising.from_config(self.config, estimator.keypoints)
+        self.observers.append(self._observe_hands)
+        self.hands_state = "running"
+
+    def _observe_hands(self, now: float, image: Image, results: list[FaceResult]) -> None:
+        """In the worker thread, after the pipeline: this sample's hand raises."""
+        assert self.hands is not None
+        self._sample_hands = len(self.hands.sample(now, image, results))
 
     def _refresh_roster(self) -> None:
         """At a lesson's start: take a roster enrolled (or changed) since the last one."""
@@ -279,10 +334,15 @@ class SensingService:
             if listening is not None:
                 listening.cancel()
                 await asyncio.gather(listening, return_exceptions=True)
+            if self._raising is not None:
+                self._raising.cancel()
+                await asyncio.gather(self._raising, return_exceptions=True)
             await self._end_lesson(self.clock(), shielded=True)
             executor.shutdown(wait=True, cancel_futures=True)
             if self.state != "failed":
                 self.state = "stopped"
+            if self.hands_state == "running":
+                self.hands_state = "stopped"
             if self.talk_state not in ("off", "failed"):
                 self.talk_state = "stopped"
 
@@ -392,6 +452,7 @@ class SensingService:
     def _analyse(self, image: Image, now: float) -> list[FaceResult]:
         """One sample, in the worker thread: the pipeline, then every observer."""
         assert self.pipeline is not None
+        self._sample_hands = None  # stays None when hand raising is off or raised
         results = self.pipeline.frame(image, now)
         for observer in self.observers:
             try:
@@ -407,13 +468,34 @@ class SensingService:
         self._rate.append(time.monotonic())
         del self._rate[:-64]
         ended = self.pipeline.tracker.drain_ended()
+        hands, self._sample_hands = self._sample_hands, None
         if self.attendance is not None:
             self.attendance.tracks_ended(ended)
             self.attendance.observe(
                 now,
                 [r.track for r in results if r.track is not None],
                 heads_up=heads_up(results, self.config),
+                hand_raises=hands,
             )
+        if hands and self.raise_hand is not None and self.role() == "receiving":
+            self._raise_room_hand()
+
+    def _raise_room_hand(self) -> None:
+        """A hand raise in a receiving room's live lesson: raise the room's hand on the
+        main teacher's panel (one call at a time; a failure is logged, never raised)."""
+        if self._raising is not None and not self._raising.done():
+            return
+        self._raising = asyncio.create_task(self._call_raise_hand(), name="sensing.raise-hand")
+
+    async def _call_raise_hand(self) -> None:
+        assert self.raise_hand is not None
+        try:
+            await asyncio.wait_for(self.raise_hand(), RAISE_HAND_S)
+        except Exception as exc:  # no lesson any more, the link down: the teacher sees none
+            log.warning("sensing: the room's hand was not raised: %s", exc)
+            return
+        self.room_hands += 1
+        log.info("sensing: a hand raise raised the room's hand")
 
     async def _follow_lesson(self, now: float) -> None:
         lesson = self.lesson()
@@ -498,7 +580,7 @@ class SensingService:
             st,
             room=self.device,
             role=talk_role or self.role(),
-            hands=None,
+            hands=attendance.hands(),
         )
         await asyncio.to_thread(self._seal_report, attendance.lesson_id, report)
         counts = {
@@ -538,8 +620,11 @@ def sensing_service(
     live_lesson: Callable[[], tuple[str, str] | None],
     *,
     audio: AudioHub | None = None,
+    raise_hand: Callable[[], Awaitable[None]] | None = None,
 ) -> SensingService | None:
-    """The composition's builder: None while ``sensing.enabled`` is false (the default)."""
+    """The composition's builder: None while ``sensing.enabled`` is false (the default).
+    ``raise_hand`` raises the room's hand in its live lesson (used with
+    ``sensing.raise_room_hand``)."""
     sensing = config.sensing
     if not sensing.enabled:
         return None
@@ -568,4 +653,5 @@ def sensing_service(
         role=role,
         retention_days=config.privacy.retention_days,
         face_recognition=config.privacy.face_recognition,
+        raise_hand=raise_hand,
     )
