@@ -297,22 +297,19 @@ async def test_concurrent_corrections_all_land(mosquitto: BrokerUnderTest, tmp_p
 
 
 async def test_a_room_without_reports_says_why(mosquitto: BrokerUnderTest, tmp_path: Path) -> None:
-    off = LessonReports(tmp_path / "off", sensing_enabled=False)
-    async with room(mosquitto, MAIN, main=True, panel=True, reports=off) as main:
+    empty = LessonReports(tmp_path / "empty")
+    async with room(mosquitto, MAIN, main=True, panel=True, reports=empty) as main:
         assert main.panel is not None
         base = main.panel.url
         status, listed = await call(base, "GET", "/api/reports")
         assert (status, listed["reports"]) == (200, [])
         status, refused = await call(base, "GET", f"/api/reports/{LATEST}")
         assert status == 404
-        assert "sensing is off (sensing.enabled)" in refused["error"]
+        assert "one is made when a lesson ends with sensing on" in refused["error"]
+        assert "sensing.enabled" in refused["error"]
         status, refused = await call(base, "POST", f"/api/reports/{LATEST}/corrections", {})
         assert status == 400  # the body is checked first; nothing is opened for it
-        main.panel.reports = LessonReports(tmp_path / "on", sensing_enabled=True)
-        status, refused = await call(base, "GET", f"/api/reports/{LATEST}")
-        assert status == 404
-        assert "one is made when a lesson ends with sensing on" in refused["error"]
-        assert not (tmp_path / "on").exists()  # asking made no store and no key
+        assert not (tmp_path / "empty").exists()  # asking made no store and no key
 
 
 def test_a_purge_removes_the_students_corrections_too(tmp_path: Path) -> None:
@@ -332,11 +329,12 @@ def test_the_daemons_panel_reads_the_sensing_store(tmp_path: Path) -> None:
     from agent.runtime.composition import PARTS
 
     [panel] = [part for part in PARTS if part.name == "panel"]
-    assert {"sensing.enabled", "sensing.roster_dir", "sensing.key_file"} <= set(panel.reads)
+    assert {"sensing.roster_dir", "sensing.key_file"} <= set(panel.reads)
+    assert "sensing.enabled" not in panel.reads  # sensing on or off keeps the panel up
     base = {"identity": {"site": "s", "room": "r"}, "supervisor": {"state_dir": str(tmp_path)}}
     default = LessonReports.of(AgentConfig.model_validate(base))
-    assert default == LessonReports(tmp_path / "sensing", None, sensing_enabled=False)
+    assert default == LessonReports(tmp_path / "sensing", None)
     chosen = AgentConfig.model_validate(
         {**base, "sensing": {"enabled": True, "roster_dir": str(tmp_path / "roster")}}
     )
-    assert LessonReports.of(chosen) == LessonReports(tmp_path / "roster", None, True)
+    assert LessonReports.of(chosen) == LessonReports(tmp_path / "roster", None)

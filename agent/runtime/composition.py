@@ -341,7 +341,6 @@ PARTS: tuple[Part, ...] = (
             "identity",
             "supervisor.state_dir",
             "ui",
-            "sensing.enabled",
             "sensing.roster_dir",
             "sensing.key_file",
         ),

@@ -44,11 +44,12 @@ class LessonReports:
 
     directory: Path
     key_file: Path | None = None
-    sensing_enabled: bool = True
 
     @classmethod
     def of(cls, config: AgentConfig) -> LessonReports:
-        return cls(store_directory(config), config.sensing.key_file, config.sensing.enabled)
+        # Not sensing.enabled: turning sensing on or off must not restart the teacher's
+        # panel, and the reports of earlier lessons stay readable with it off.
+        return cls(store_directory(config), config.sensing.key_file)
 
     def rows(self) -> list[dict[str, Any]]:
         """Every report's list row (`report_row`), newest lesson first; [] when there
@@ -107,9 +108,8 @@ class LessonReports:
     def _store(self) -> RosterStore:
         if not (self.directory / "report").is_dir():
             raise ReportNotFound(
-                "no lesson reports in this room yet: one is made when a lesson ends with sensing on"
-                if self.sensing_enabled
-                else "no lesson reports in this room: sensing is off (sensing.enabled)"
+                "no lesson reports in this room yet: one is made when a lesson ends with "
+                "sensing on (sensing.enabled: true)"
             )
         return open_reports(self.directory, self.key_file)
 
