@@ -54,7 +54,14 @@ from agent.sensing.pipeline import STAGES, FaceResult, Gallery, Pipeline, heads_
 from agent.sensing.pose import PoseEstimator
 from agent.sensing.privacy import purge_expired
 from agent.sensing.report import report_record
-from agent.sensing.roster import RECORD_KINDS, STORE_FILE, RosterError, RosterStore, open_store
+from agent.sensing.roster import (
+    RECORD_KINDS,
+    STORE_FILE,
+    RosterError,
+    RosterStore,
+    open_store,
+    store_directory,
+)
 from agent.sensing.st_analysis import StResult
 from agent.sensing.talk import Role, SileroVad, TalkSettings
 from agent.sensing.talk_live import LiveTalk
@@ -648,7 +655,7 @@ def sensing_service(
         topic,
         device=device,
         lesson=lesson,
-        store_dir=sensing.roster_dir or config.supervisor.state_dir / "sensing",
+        store_dir=store_directory(config),
         audio=audio,
         role=role,
         retention_days=config.privacy.retention_days,
