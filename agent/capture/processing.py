@@ -35,7 +35,7 @@ import time
 from collections import deque
 from dataclasses import dataclass
 from importlib import metadata
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 import pywebrtc_audio
@@ -43,6 +43,7 @@ from numpy.typing import NDArray
 
 from agent.capture.frames import AudioFormat, Samples
 from agent.config import AudioProcessingConfig
+from agent.contracts import AudioProcessingSection
 
 log = logging.getLogger(__name__)
 
@@ -317,13 +318,13 @@ class ProcessingStats:
     """The processing stage in health (``capture.audio.processing``)."""
 
     engine: str
-    mode: str  # as configured: auto, on, off
+    mode: Literal["auto", "on", "off"]  # as configured
     active: bool  # processing now ('auto': while loudspeakers feed the reference)
     echo_cancellation: bool  # configured and active
     noise_suppression: bool
     high_pass_filter: bool
     auto_gain_control: bool
-    reference: str  # "playing", "idle" (nothing played for a second) or "none" (no playback)
+    reference: Literal["playing", "idle", "none"]  # idle: nothing played for a second
     cancelling: bool  # the canceller has a live reference now
     echo_delay_ms: float | None  # reference to its echo, as the canceller is handed them
     echo_path_ms: float | None  # loudspeaker (by its stamps) to microphone
@@ -338,7 +339,7 @@ class ProcessingStats:
     errors: int
     cpu_percent: float  # of one core, mean over the last few seconds
 
-    def to_dict(self) -> dict[str, Any]:
+    def to_dict(self) -> AudioProcessingSection:
         def r(value: float | None) -> float | None:
             return None if value is None else round(value, 1)
 
@@ -556,7 +557,7 @@ class AudioProcessor:
         cfg = self.config
         reference = self.reference
         active = self.active
-        ref_state = "none"
+        ref_state: Literal["playing", "idle", "none"] = "none"
         if reference is not None:
             ref_state = "playing" if reference.playing(now) else "idle"
         with self._lock:
