@@ -319,6 +319,8 @@ def main() -> None:
     parser.add_argument("--echo-dbfs", type=float, default=-24.0, help="echo at the mic")
     parser.add_argument("--near-dbfs", type=float, default=-28.0, help="near-end talker")
     parser.add_argument("--seeds", type=int, default=8, help="stamp seeds for the stage")
+    parser.add_argument("--delay-ms", type=float, default=40.0, help="echo path delay")
+    parser.add_argument("--jump-to-ms", type=float, default=90.0, help="its delay from 22 s")
     parser.add_argument(
         "--dt-levels", default="-12,-6,0,4,8", help="echo over talker (dB) for the DT sweep"
     )
@@ -332,7 +334,12 @@ def main() -> None:
             keys.append(key)
         else:
             print(f"{key}: {why}")
-    scene = classroom_scene(echo_dbfs=args.echo_dbfs, near_dbfs=args.near_dbfs)
+    scene = classroom_scene(
+        echo_dbfs=args.echo_dbfs,
+        near_dbfs=args.near_dbfs,
+        delay_ms=args.delay_ms,
+        changed_delay_ms=args.jump_to_ms,
+    )
     print(
         f"simulated room: echo {args.echo_dbfs:g} dBFS, talker {args.near_dbfs:g} dBFS, "
         f"delay {scene.delays_ms[0]:.0f} ms -> {scene.delays_ms[1]:.0f} ms at "
