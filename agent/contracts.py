@@ -631,6 +631,40 @@ class MqttSection(TypedDict):
     queued: int
 
 
+class AudioProcessingStages(TypedDict):
+    """``health.capture.audio.processing.stages``: each stage as running now (configured,
+    and the processing active)."""
+
+    echo_cancellation: bool
+    noise_suppression: bool
+    high_pass_filter: bool
+    auto_gain_control: bool
+
+
+class AudioProcessingSection(TypedDict):
+    """``health.capture.audio.processing``: the microphone's processing stage
+    (agent.capture.processing); absent when ``capture.audio.processing.mode`` is off."""
+
+    engine: str
+    mode: Literal["auto", "on", "off"]  # as configured
+    active: bool  # processing now ('auto': while loudspeakers feed the reference)
+    stages: AudioProcessingStages
+    reference: Literal["playing", "idle", "none"]  # idle: nothing played for a second
+    cancelling: bool  # the canceller has a live reference now
+    echo_delay_ms: float | None  # reference to its echo, as the canceller is handed them
+    echo_path_ms: float | None  # loudspeaker (by its stamps) to microphone
+    echo_confidence: float | None  # normalised correlation at that delay (0-1)
+    realignments: int  # times the reference was moved (delay out of range, or a jump)
+    alignment_ms: float  # how far the reference is shifted from its stamps
+    erle_db: float | None  # microphone over output power while the room hears only echo
+    echo_return_loss_db: float | None  # loudspeaker reference over microphone power
+    input_level_dbfs: float | None  # the raw microphone, last second
+    gain_db: float | None  # the gain control's current gain
+    frames: int
+    errors: int
+    cpu_percent: float  # of one core
+
+
 class CaptureSection(TypedDict):
     """``health.capture``: each hub's ``describe()``."""
 

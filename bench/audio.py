@@ -1,7 +1,10 @@
 """Echo cancellation benchmark: each WebRTC-style audio processor on a simulated room.
 
 Run from a checkout: ``.venv/bin/python bench/audio.py [--libraries pywebrtc,livekit,speex]
-[--quick]``. Needs Debian's ``espeak-ng``.
+[--quick] [--seeds N]``. Needs Debian's ``espeak-ng``; livekit and speexdsp come with the
+``compare`` extra (``pip install -e ".[compare]"``, after ``apt-get install swig
+libspeexdsp-dev`` for speexdsp, which builds from source); a library that is not
+installed is named and skipped.
 
 The scene (agent/testkit/acoustics.py, synthetic and labelled so): espeak-ng far-end
 speech through a synthetic room response (40 ms bulk delay, RT60 0.3 s) at -24 dBFS,
@@ -24,15 +27,20 @@ For each library, with echo cancellation alone (plus its high-pass filter):
 
 The last row is the daemon's own stage (``agent.capture.AudioProcessor``: the engine
 plus the reference's timeline, the delay search and the health figures), fed 20 ms
-chunks with jittered stamps as the playback thread and the microphone hub make them.
+chunks with jittered stamps as the playback thread and the microphone hub make them;
+the line under the table gives its spread over ``--seeds`` stamp-jitter seeds (AEC3
+after a delay jump depends on where the echo falls against its blocks).
 
-Then ERLE against the bulk delay, to show what range each canceller handles unaided.
+Then (not with ``--quick``) ERLE against the bulk delay, to show what range each
+canceller handles unaided, and the double-talk loss against the echo's level over the
+talker's (AEC3's suppressor takes more of the talker the louder the echo is).
 The machine is shared: CPU figures are noisy, compare within one run.
 """
 
 from __future__ import annotations
 
 import argparse
+import logging
 import sys
 import time
 from collections.abc import Callable
@@ -187,7 +195,7 @@ def _result(label: str, scene: Scene, out: NDArray[np.float32], cpu: float) -> R
 
 
 def run_agent_stage(
-    scene: Scene, config: AudioProcessingConfig
+    scene: Scene, config: AudioProcessingConfig, seed: int = 3
 ) -> tuple[NDArray[np.float32], float]:
     """The scene through the daemon's own stage (`AudioProcessor`: the engine plus the
     reference's timeline, the delay search and the health figures), 20 ms chunks with
@@ -198,7 +206,7 @@ def run_agent_stage(
     fmt = AudioFormat(RATE, 1, chunk)
     mic, far = to_int16(scene.mic), to_int16(scene.far)
     out = np.zeros_like(mic)
-    rng = np.random.default_rng(3)
+    rng = np.random.default_rng(seed)
     t0 = time.monotonic_ns() + 1_000_000_000
     lead, period = 30, 20_000_000
     cpu = 0.0
@@ -218,11 +226,46 @@ def run_agent_stage(
     return to_float(out), cpu / (len(mic) // FRAME)
 
 
+AEC_ONLY = AudioProcessingConfig(mode="on", noise_suppression=False, auto_gain_control=False)
+
+
 def measure_agent_stage(scene: Scene) -> Result:
-    aec_only = AudioProcessingConfig(mode="on", noise_suppression=False, auto_gain_control=False)
-    out, _ = run_agent_stage(scene, aec_only)
+    out, _ = run_agent_stage(scene, AEC_ONLY)
     _, cpu = run_agent_stage(scene, AudioProcessingConfig(mode="on"))
     return _result("agent stage (pywebrtc-audio)", scene, out, cpu)
+
+
+def stage_over_seeds(scene: Scene, seeds: int) -> None:
+    """The stage's figures over stamp-jitter seeds: AEC3's behaviour after a delay jump
+    depends on where the echo falls against its blocks, so one seed can mislead."""
+    after, dt = [], []
+    for seed in range(seeds):
+        out, _ = run_agent_stage(scene, AEC_ONLY, seed)
+        after.append(erle(scene, out, slice(round((scene.change_s + 2) * RATE), 34 * RATE)))
+        near = scene.span("near_alone")
+        lag = lag_samples(scene.mic[near], out[near], max_lag=RATE // 10)
+        dt.append(-kept_db(scene.near, out, scene.span("double_talk"), lag=lag))
+    print(
+        f"agent stage over {seeds} stamp seeds: ERLE after the jump min {min(after):.1f} / "
+        f"median {float(np.median(after)):.1f} / max {max(after):.1f} dB; DT loss min "
+        f"{min(dt):.1f} / median {float(np.median(dt)):.1f} / max {max(dt):.1f} dB"
+    )
+
+
+def double_talk_sweep(levels: list[float], far: Any, near: Any) -> None:
+    """Near-end loss in double talk against the echo's level over the talker's."""
+    print("\nDouble-talk loss against the echo's level over the talker's (AEC3, raw):")
+    print(f"{'echo - talker':<28}" + "".join(f"{d:>+9.0f} dB" for d in levels))
+    row, erles = [], []
+    for diff in levels:
+        scene = classroom_scene(echo_dbfs=-28.0 + diff, near_dbfs=-28.0, far=far, near=near)
+        out, _ = run(PyWebrtc(False), scene)
+        near_span = scene.span("near_alone")
+        lag = lag_samples(scene.mic[near_span], out[near_span], max_lag=RATE // 10)
+        row.append(-kept_db(scene.near, out, scene.span("double_talk"), lag=lag))
+        erles.append(erle(scene, out, slice(2 * RATE, 12 * RATE)))
+    print(f"{'DT loss':<28}" + "".join(f"{v:>9.1f} dB" for v in row))
+    print(f"{'ERLE 2-12 s':<28}" + "".join(f"{v:>9.1f} dB" for v in erles))
 
 
 def _s(value: float | None) -> str:
@@ -271,11 +314,19 @@ def available(key: str) -> str | None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--libraries", default="pywebrtc,livekit,speex")
-    parser.add_argument("--quick", action="store_true", help="skip the delay sweep")
+    parser.add_argument("--quick", action="store_true", help="skip the sweeps")
     parser.add_argument("--delays", default="20,100,200,300,450")
     parser.add_argument("--echo-dbfs", type=float, default=-24.0, help="echo at the mic")
     parser.add_argument("--near-dbfs", type=float, default=-28.0, help="near-end talker")
+    parser.add_argument("--seeds", type=int, default=8, help="stamp seeds for the stage")
+    parser.add_argument("--delay-ms", type=float, default=40.0, help="echo path delay")
+    parser.add_argument("--jump-to-ms", type=float, default=90.0, help="its delay from 22 s")
+    parser.add_argument(
+        "--dt-levels", default="-12,-6,0,4,8", help="echo over talker (dB) for the DT sweep"
+    )
     args = parser.parse_args()
+    # The stage logs each realignment (the scene's delay jump): the table says it.
+    logging.getLogger("agent").setLevel(logging.ERROR)
     keys = []
     for key in args.libraries.split(","):
         why = available(key)
@@ -283,7 +334,12 @@ def main() -> None:
             keys.append(key)
         else:
             print(f"{key}: {why}")
-    scene = classroom_scene(echo_dbfs=args.echo_dbfs, near_dbfs=args.near_dbfs)
+    scene = classroom_scene(
+        echo_dbfs=args.echo_dbfs,
+        near_dbfs=args.near_dbfs,
+        delay_ms=args.delay_ms,
+        changed_delay_ms=args.jump_to_ms,
+    )
     print(
         f"simulated room: echo {args.echo_dbfs:g} dBFS, talker {args.near_dbfs:g} dBFS, "
         f"delay {scene.delays_ms[0]:.0f} ms -> {scene.delays_ms[1]:.0f} ms at "
@@ -294,9 +350,14 @@ def main() -> None:
     if "pywebrtc" in keys:
         results.append(measure_agent_stage(scene))
     print_table(results)
+    if "pywebrtc" in keys and args.seeds > 0:
+        stage_over_seeds(scene, args.seeds)
     if not args.quick:
         delays = [float(d) for d in args.delays.split(",")]
-        delay_sweep(keys, delays, speech(FAR_TEXT), speech(NEAR_TEXT, voice="en-gb+f3", wpm=165))
+        far, near = speech(FAR_TEXT), speech(NEAR_TEXT, voice="en-gb+f3", wpm=165)
+        delay_sweep(keys, delays, far, near)
+        if "pywebrtc" in keys:
+            double_talk_sweep([float(d) for d in args.dt_levels.split(",")], far, near)
 
 
 if __name__ == "__main__":

@@ -104,19 +104,25 @@ def test_canceller_removes_the_echo_keeps_the_talker_and_follows_a_delay_jump(
     reconverged = convergence_s(scene, out, scene.change_s, end_s=34.0)
     assert reconverged is not None
     assert reconverged <= 2.0
-    # After the jump AEC3 dips now and then (24-39 dB over stamp-jitter seeds here).
-    assert erle(scene, out, slice(24 * RATE, 34 * RATE)) >= 20.0
+    # After the jump the stage finds the new delay, hands the reference back to the
+    # canceller 40 ms before its echo and starts the canceller afresh: left alone, AEC3
+    # dipped now and then (24-39 dB over stamp-jitter seeds here); now 30-33 dB.
+    assert erle(scene, out, slice(24 * RATE, 34 * RATE)) >= 28.0
     # The pupil is kept: untouched alone, and most of it during double talk (AEC3's
     # suppressor takes about 5 dB here, more than the issue's 3 dB target).
     lag = near_lag(scene, out)
     assert -kept_db(scene.near, out, scene.span("near_alone"), lag=lag) <= 1.5
     assert -kept_db(scene.near, out, scene.span("double_talk"), lag=lag) <= 7.0
     # Health: the echo path as measured (90 ms after the jump, the mic stamps ~2 ms
-    # late), no realignment needed, an ERLE figure, and the stage's cost.
+    # late), the one realignment that put it back 40 ms after the reference, an ERLE
+    # figure, and the stage's cost.
     stats = stage.stats()
+    assert stats.echo_path_ms is not None
+    assert 80 <= stats.echo_path_ms <= 100
     assert stats.echo_delay_ms is not None
-    assert 80 <= stats.echo_delay_ms <= 100
-    assert stats.realignments == 0
+    assert 30 <= stats.echo_delay_ms <= 50
+    assert stats.realignments == 1
+    assert 40 <= stats.alignment_ms <= 60
     assert stats.erle_db is not None
     assert stats.erle_db >= 20
     assert stats.cancelling
@@ -124,6 +130,22 @@ def test_canceller_removes_the_echo_keeps_the_talker_and_follows_a_delay_jump(
     assert stats.errors == 0
     assert stats.frames == len(scene.mic) // (RATE // 100)
     assert 0 < stats.cpu_percent < 20
+
+
+def test_a_delay_that_jumps_down_is_followed_and_a_steady_one_left_alone() -> None:
+    # 100 ms to 40 ms (a sound card's buffer shrinking): left alone, AEC3 dipped to
+    # 18-24 dB for the ten seconds after on some stamp seeds.
+    config = AudioProcessingConfig(mode="on", noise_suppression=False, auto_gain_control=False)
+    jumped = classroom_scene(delay_ms=100.0, changed_delay_ms=40.0)
+    out, stage = run_stage(jumped, config)
+    assert erle(jumped, out, slice(24 * RATE, 34 * RATE)) >= 28.0
+    assert stage.stats().realignments == 1
+    # The same room with no jump (a new room response at the same delay; the
+    # microphone clock drifting): nothing to realign.
+    steady = classroom_scene(delay_ms=40.0, changed_delay_ms=40.0)
+    out, stage = run_stage(steady, config)
+    assert stage.stats().realignments == 0
+    assert erle(steady, out, slice(24 * RATE, 34 * RATE)) >= 30.0
 
 
 def test_a_misreported_output_delay_is_measured_and_the_reference_realigned(
@@ -134,14 +156,15 @@ def test_a_misreported_output_delay_is_measured_and_the_reference_realigned(
     config = AudioProcessingConfig(mode="on", noise_suppression=False, auto_gain_control=False)
     out, stage = run_stage(scene, config, stamp_error_ms=-450.0)
     stats = stage.stats()
-    assert stats.realignments == 1
-    assert 420 <= stats.alignment_ms <= 480
+    # Realigned once when found (about 450 ms), again at the scene's 50 ms jump.
+    assert stats.realignments == 2
+    assert 470 <= stats.alignment_ms <= 530
     assert stats.echo_path_ms is not None
     assert 520 <= stats.echo_path_ms <= 560
     assert stats.echo_delay_ms is not None
     assert 0 <= stats.echo_delay_ms <= 300
     assert erle(scene, out, slice(4 * RATE, 12 * RATE)) >= 25.0
-    assert erle(scene, out, slice(24 * RATE, 34 * RATE)) >= 20.0
+    assert erle(scene, out, slice(24 * RATE, 34 * RATE)) >= 25.0
 
 
 def test_stamps_too_late_put_the_echo_before_its_reference_and_are_realigned(
@@ -150,9 +173,9 @@ def test_stamps_too_late_put_the_echo_before_its_reference_and_are_realigned(
     config = AudioProcessingConfig(mode="on", noise_suppression=False, auto_gain_control=False)
     out, stage = run_stage(scene, config, stamp_error_ms=200.0)
     stats = stage.stats()
-    assert stats.realignments == 1
-    assert -230 <= stats.alignment_ms <= -170
-    assert erle(scene, out, slice(24 * RATE, 34 * RATE)) >= 20.0
+    assert stats.realignments == 2  # when found (about -200 ms), and at the jump
+    assert -180 <= stats.alignment_ms <= -120
+    assert erle(scene, out, slice(24 * RATE, 34 * RATE)) >= 25.0
 
 
 def test_every_stage_on_keeps_the_echo_far_below_the_talker(scene: Scene) -> None:

@@ -6,13 +6,18 @@ import dataclasses
 import datetime as dt
 import json
 import re
+import time
 from pathlib import Path
 from typing import Any, get_type_hints, is_typeddict
 
+import jsonschema
+import numpy as np
 import pytest
 
 from agent import contracts
 from agent.broker.acl import device_acl_lines
+from agent.capture import AudioFormat, AudioProcessor, FarEndReference
+from agent.config import AudioProcessingConfig
 from agent.config.models import DEVICE_ID_PATTERN, SLUG_PATTERN, IdentityConfig
 from agent.contracts import (
     Alert,
@@ -106,6 +111,8 @@ def test_alert_matches_its_schema() -> None:
         (("alerts",), contracts.AlertsSection),
         (("stream",), contracts.StreamSection),
         (("profiles",), contracts.ProfilesSection),
+        (("capture", "audio", "processing"), contracts.AudioProcessingSection),
+        (("capture", "audio", "processing", "stages"), contracts.AudioProcessingStages),
     ],
 )
 def test_health_sections_match_the_schema(path: tuple[str, ...], model: type) -> None:
@@ -113,6 +120,41 @@ def test_health_sections_match_the_schema(path: tuple[str, ...], model: type) ->
     for name in path:
         node = node["properties"][name]  # "stream" is {"type": ["object", "null"], ...}
     check(".".join(("health", *path)), node, model)
+
+
+def test_the_processing_section_a_stage_sends_is_valid_and_junk_is_not() -> None:
+    node = schema("health")["properties"]["capture"]["properties"]["audio"]
+    node = node["properties"]["processing"]
+    fmt = AudioFormat(48_000, 1, 960)
+    tone = (3000 * np.sin(np.arange(960) * 0.05)).astype(np.int16)[:, None]
+    rooms = [  # a room that always processes, no loudspeakers; one whose speakers play
+        (AudioProcessingConfig(mode="on"), None),
+        (AudioProcessingConfig(mode="auto"), FarEndReference(48_000)),
+    ]
+    for config, reference in rooms:
+        playing = reference is not None
+        stage = AudioProcessor(config, reference)
+        for _ in range(60):  # 1.2 s of microphone, the loudspeakers playing the tone
+            now = time.monotonic_ns()
+            if reference is not None:
+                reference.push(tone, 48_000, now - 20_000_000)
+            stage.process(tone, now, fmt)
+        section = stage.stats().to_dict()
+        jsonschema.validate(section, node)
+        assert set(section) == set(node["required"])
+        assert section["frames"] == 120
+        assert section["reference"] == ("playing" if playing else "none")
+        assert section["cancelling"] is playing
+    # The schema is not a formality: a wrong mode, a missing stage or a positive input
+    # level are refused.
+    for bad in (
+        {**section, "mode": "sometimes"},
+        {**section, "stages": {"echo_cancellation": True}},
+        {**section, "input_level_dbfs": 3.0},
+        {**section, "realignments": -1},
+    ):
+        with pytest.raises(jsonschema.ValidationError):
+            jsonschema.validate(bad, node)
 
 
 def test_the_device_id_is_defined_once() -> None:

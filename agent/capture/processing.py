@@ -16,7 +16,9 @@ through ``pywebrtc-audio``, chosen over livekit's ``rtc.AudioProcessingModule`` 
 * What the canceller sees is measured: every second, while the loudspeakers play, the
   raw microphone is cross-correlated (GCC-PHAT, at 8 kHz) with the reference it was
   given. That delay is the echo-path figure in health; when it leaves the range AEC3
-  searches (0 to ``max_echo_delay_ms``), the reference is realigned.
+  searches (0 to ``max_echo_delay_ms``) or jumps by more than 10 ms (confirmed half a
+  second later), the reference is realigned to put the echo 40 ms after it and the
+  canceller starts afresh (AEC3 left to follow a jump itself dips for seconds).
 * Both clocks are smoothed: blocks are placed back to back, and a stamp that keeps
   disagreeing by more than 5 ms (clock drift) moves the timeline by that much.
 
@@ -33,7 +35,7 @@ import time
 from collections import deque
 from dataclasses import dataclass
 from importlib import metadata
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 import pywebrtc_audio
@@ -41,6 +43,7 @@ from numpy.typing import NDArray
 
 from agent.capture.frames import AudioFormat, Samples
 from agent.config import AudioProcessingConfig
+from agent.contracts import AudioProcessingSection
 
 log = logging.getLogger(__name__)
 
@@ -55,6 +58,9 @@ _ESTIMATE_WINDOW_S = 2.0
 _ESTIMATE_EVERY_S = 1.0
 _EARLIEST_MS = 300.0  # how early an echo may show (before its reference: stamps too late)
 _TARGET_MS = 40.0  # where a realignment puts the echo (inside AEC3's range, off its edges)
+_JUMP_MS = 10.0  # a measured delay this far from the settled one is a jump, not drift
+_CONFIRM_MS = 3.0  # two estimates this close confirm a jump
+_CONFIRM_AFTER_S = 0.5  # the second estimate, this soon after the first
 _MIN_CONFIDENCE = 0.2  # normalised correlation at the found lag, to believe a delay
 _ECHO_DOMINATED = 0.3  # above this the microphone is mostly echo (a -6 dB DRR room peaks ~0.45)
 _FAR_ACTIVE_DBFS = -50.0
@@ -218,7 +224,14 @@ class _DelayEstimator:
         self._mic.append(self._down(mic))
         self._far.append(self._down(far))
         self._count += 1
-        return self._count % self._every == 0 and len(self._mic) == self._mic.maxlen
+        if self._count < self._every or len(self._mic) < (self._mic.maxlen or 0):
+            return False
+        self._count = 0
+        return True
+
+    def soon(self, seconds: float) -> None:
+        """Make the next estimate due ``seconds`` from now (to confirm a jump)."""
+        self._count = max(self._count, self._every - round(seconds * 1000 / FRAME_MS))
 
     def estimate(self) -> tuple[float, float, float, float] | None:
         """(delay ms, confidence 0-1, microphone power, reference power) or None while
@@ -244,45 +257,60 @@ class _DelayEstimator:
 
 
 class _Engine:
-    """pywebrtc-audio's AudioProcessor for one format; 10 ms frames, interleaved."""
+    """pywebrtc-audio for one format; 10 ms frames, interleaved.
+
+    The canceller (AEC3, with the high-pass filter it always runs) is its own object,
+    ahead of noise suppression and gain control (the order WebRTC's module runs them
+    in), so that it can start afresh after an echo path jump while the gain control
+    keeps the room's level.
+    """
 
     def __init__(self, cfg: AudioProcessingConfig, fmt: AudioFormat, cancel: bool) -> None:
         self.frame = fmt.sample_rate * FRAME_MS // 1000
         self.channels = fmt.channels
         self.cancel = cancel
+        self._aec = (
+            pywebrtc_audio.EchoCanceller(sample_rate=fmt.sample_rate, num_channels=fmt.channels)
+            if cancel
+            else None
+        )
+        high_pass = cfg.high_pass_filter and not cancel
         self._ap = pywebrtc_audio.AudioProcessor(
             sample_rate=fmt.sample_rate,
             num_channels=fmt.channels,
-            echo_cancellation=cancel,
             noise_suppression=cfg.noise_suppression,
-            high_pass_filter=cfg.high_pass_filter,
+            high_pass_filter=high_pass,
             auto_gain_control=cfg.auto_gain_control,
             ns_level=cfg.noise_suppression_level,
             agc_max_gain_db=cfg.max_gain_db,
         )
+        self._rest = cfg.noise_suppression or cfg.auto_gain_control or high_pass
         self._agc = cfg.auto_gain_control
+        self.restarts = 0
 
     def process(self, near: Samples, far: NDArray[np.float32] | None) -> Samples:
         """One frame (frame, channels) int16; ``far`` mono float or None."""
-        flat = np.ascontiguousarray(near).reshape(-1)
-        if self.cancel:
+        out = np.ascontiguousarray(near).reshape(-1)
+        if self._aec is not None:
             ref = np.zeros(self.frame, np.float32) if far is None else far
             far16 = np.clip(np.round(ref * 32767), -32768, 32767).astype(np.int16)
             if self.channels > 1:
                 far16 = np.repeat(far16, self.channels)
-            out = self._ap.process(flat, far16)
-        else:
-            out = self._ap.process(flat)
+            out = self._aec.process(out, far16)
+        if self._rest:
+            out = self._ap.process(out)
         result: Samples = np.asarray(out, np.int16).reshape(-1, self.channels)
         return result
+
+    def restart_canceller(self) -> None:
+        """Start the canceller afresh (its filters and delay search), nothing else."""
+        if self._aec is not None:
+            self._aec.reset()
+            self.restarts += 1
 
     @property
     def gain_db(self) -> float | None:
         return float(self._ap.gain_db) if self._agc else None
-
-    @property
-    def speech_probability(self) -> float:
-        return float(self._ap.speech_probability)
 
 
 @dataclass(frozen=True, slots=True)
@@ -290,13 +318,13 @@ class ProcessingStats:
     """The processing stage in health (``capture.audio.processing``)."""
 
     engine: str
-    mode: str  # as configured: auto, on, off
+    mode: Literal["auto", "on", "off"]  # as configured
     active: bool  # processing now ('auto': while loudspeakers feed the reference)
     echo_cancellation: bool  # configured and active
     noise_suppression: bool
     high_pass_filter: bool
     auto_gain_control: bool
-    reference: str  # "playing", "idle" (nothing played for a second) or "none" (no playback)
+    reference: Literal["playing", "idle", "none"]  # idle: nothing played for a second
     cancelling: bool  # the canceller has a live reference now
     echo_delay_ms: float | None  # reference to its echo, as the canceller is handed them
     echo_path_ms: float | None  # loudspeaker (by its stamps) to microphone
@@ -311,7 +339,7 @@ class ProcessingStats:
     errors: int
     cpu_percent: float  # of one core, mean over the last few seconds
 
-    def to_dict(self) -> dict[str, Any]:
+    def to_dict(self) -> AudioProcessingSection:
         def r(value: float | None) -> float | None:
             return None if value is None else round(value, 1)
 
@@ -362,6 +390,8 @@ class AudioProcessor:
         self._timeline = _Timeline(late_is_jitter=True)
         self._shift_ns = 0.0  # reference read this much earlier than its stamps say
         self._delay_ms: float | None = None
+        self._settled_ms: float | None = None  # the delay the canceller has settled on
+        self._jump_ms: float | None = None  # a jump seen once, awaiting confirmation
         self._confidence: float | None = None
         self._erle: float | None = None
         self._erl: float | None = None
@@ -479,20 +509,44 @@ class AudioProcessor:
             if confidence >= _ECHO_DOMINATED and out_power > 0:
                 erle = 10 * math.log10(mic_power / out_power)
                 self._erle = erle if self._erle is None else 0.7 * self._erle + 0.3 * erle
+        settled = self._settled_ms
         if seen < 0 or seen > self.config.max_echo_delay_ms:
-            self._realign(seen)
-            estimator.reset()
+            why = "is outside what the canceller searches"
+        elif settled is None or abs(seen - settled) <= _JUMP_MS:
+            self._settled_ms = seen  # first found, or drifting: the canceller follows
+            self._jump_ms = None
+            return
+        elif confidence < _ECHO_DOMINATED:
+            return  # a jump is only believed while the microphone hears mostly echo
+        elif self._jump_ms is None or abs(seen - self._jump_ms) > _CONFIRM_MS:
+            self._jump_ms = seen  # once may be a fluke: confirm it half a second later
+            estimator.soon(_CONFIRM_AFTER_S)
+            return
+        else:
+            # The sound card's buffering changed. Left alone, AEC3 finds the new delay
+            # within half a second but then dips below 20 dB now and then for the
+            # next ten; set back to where it works best and started afresh, it holds
+            # 30-34 dB from 2 s after the jump on (bench/audio.py, over stamp seeds).
+            why = f"jumped from {settled:.0f} ms"
+        self._realign(seen, why)
+        estimator.reset()
 
-    def _realign(self, seen_ms: float) -> None:
-        """Move the reference so the canceller sees the echo ``_TARGET_MS`` after it."""
+    def _realign(self, seen_ms: float, why: str) -> None:
+        """Move the reference so the canceller sees the echo ``_TARGET_MS`` after it,
+        and start the canceller afresh there (its filters modelled the old delay)."""
         with self._lock:
             self._shift_ns += (seen_ms - _TARGET_MS) * 1e6
+            self._settled_ms = _TARGET_MS
+            self._jump_ms = None
             self.realignments += 1
             shift = self._shift_ns / 1e6
+        if self._engine is not None:
+            self._engine.restart_canceller()
         log.warning(
-            "echo path delay %.0f ms is outside what the canceller searches (0-%d ms): "
-            "the loudspeaker reference now goes to the canceller %+.0f ms off its stamps",
+            "echo path delay %.0f ms %s (0-%d ms): the loudspeaker reference now goes to "
+            "the canceller %+.0f ms off its stamps, and the canceller starts afresh",
             seen_ms,
+            why,
             self.config.max_echo_delay_ms,
             shift,
             extra={"fields": {"echo_delay_ms": round(seen_ms, 1), "alignment_ms": shift}},
@@ -503,7 +557,7 @@ class AudioProcessor:
         cfg = self.config
         reference = self.reference
         active = self.active
-        ref_state = "none"
+        ref_state: Literal["playing", "idle", "none"] = "none"
         if reference is not None:
             ref_state = "playing" if reference.playing(now) else "idle"
         with self._lock:

@@ -17,6 +17,7 @@ import subprocess
 import threading
 import time
 import wave
+from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -449,6 +450,10 @@ class LoudspeakerEcho(AudioSource):
         self._channels = 0
         self.talking = threading.Event()
         self.heard_frames = 0  # frames of loudspeaker sound read so far
+        # (time each frame ended, its echo's power): what reached the microphone from
+        # the loudspeaker, for ERLE on what a room sends (the last minute).
+        self._echo_powers: deque[tuple[float, float]] = deque(maxlen=3000)
+        self._echo_lock = threading.Lock()
 
     @property
     def description(self) -> str:
@@ -498,11 +503,21 @@ class LoudspeakerEcho(AudioSource):
         self.heard_frames += got
         return out
 
+    def echo_dbfs(self, since: float, until: float) -> float | None:
+        """The echo's level (dBFS) at the microphone over the frames that ended from
+        ``since`` to ``until`` (``time.monotonic()``); None when none did."""
+        with self._echo_lock:
+            powers = [p for t, p in self._echo_powers if since <= t < until]
+        return db(float(np.mean(powers))) if powers else None
+
     def read(self) -> NDArray[np.int16]:
-        frame = self._speaker(self._pace())
+        ended = self._pace()
+        frame = self._speaker(ended)
         wet = np.fft.irfft(np.fft.rfft(frame, self._size) * self._spectrum, self._size)
         self._tail += wet
         echo = self._tail[: self._n].copy()
+        with self._echo_lock:
+            self._echo_powers.append((ended, power(echo)))
         self._tail = np.concatenate([self._tail[self._n :], np.zeros(self._n)])
         mic = echo + self._rng.standard_normal(self._n) * self._noise
         talker = self._talker
