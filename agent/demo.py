@@ -10,9 +10,10 @@ On Ctrl-C (or after ``--duration``) it ends the lesson, stops every agent with S
 and reports how long each took.
 
 The first receiving room senses its class: its camera is a video of real faces (an
-enrolled roster, one student absent, one visitor) and, where Debian's ``espeak-ng`` is
-installed, the lesson is spoken: the main room's microphone is a teacher's voice, the
-sensing room's its pupils answering, on a known script (`LESSON_SCRIPT`). The sensing
+enrolled roster, one student absent, one visitor, and a man standing at the side who
+raises his hands for 3 s every 12 s) and, where Debian's ``espeak-ng`` is installed, the
+lesson is spoken: the main room's microphone is a teacher's voice, the sensing room's its
+pupils answering, on a known script (`LESSON_SCRIPT`). The sensing
 room hears its remote teacher through its loudspeaker (a WAV file output, whose reference
 the talk analysis reads), so its S-T figures are the dual-teacher lesson's. When the
 lesson ends the demo prints the room's figures and writes its lesson report with
@@ -139,7 +140,7 @@ def site_file(
     *,
     password_file: Path,
     trusted_keys: list[str] | None = None,
-    sensing_video: Path | None = None,
+    sensing: DemoClass | None = None,
     microphone: Path | None = None,
     language: UiLanguage = "zh-CN",
 ) -> Path:
@@ -165,15 +166,16 @@ def site_file(
     }
     if trusted_keys:
         config["profiles"] = {"trusted_keys": trusted_keys}
-    if sensing_video is not None:
+    if sensing is not None:
         # The sensing room: its camera is a video of a class of real faces, and sensing
         # is on (off by default everywhere else), quick to settle for a short demo.
+        width, height = sensing.size
         config["capture"] = {
             "video": {
                 "source": "file",
-                "path": str(sensing_video),
-                "width": 640,
-                "height": 360,
+                "path": str(sensing.video),
+                "width": width,
+                "height": height,
                 "fps": 25,
             }
         }
@@ -409,7 +411,7 @@ class Demo:
             view = self.views[f"{room[0]}.{room[1]}"]
             view.panel_port = free_port(PANEL_PORT + index, taken)
             taken.add(view.panel_port)
-            video = await asyncio.to_thread(self._sensing_class, view.device)
+            sensing = await asyncio.to_thread(self._sensing_class, view.device)
             path = site_file(
                 self.workdir,
                 room,
@@ -418,7 +420,7 @@ class Demo:
                 view.panel_port,
                 password_file=self.credentials.password_file(view.device),
                 trusted_keys=pinned(self.keys),
-                sensing_video=video,
+                sensing=sensing,
                 microphone=self.microphones.get(view.device),
                 language=self.language,
             )
@@ -436,8 +438,9 @@ class Demo:
             )
             log_file.close()
 
-    def _sensing_class(self, device: str) -> Path | None:
-        """The sensing room's camera video, with its roster enrolled (None elsewhere)."""
+    def _sensing_class(self, device: str) -> DemoClass | None:
+        """The sensing room's class: its camera video, with its roster enrolled (None
+        elsewhere)."""
         if device != self.sensing_room:
             return None
         photos = photos_dir()
@@ -449,10 +452,11 @@ class Demo:
         truth = self.sensing_class
         self.out.write(
             f"sensing room {device}: {truth.enrolled} students enrolled (encrypted in "
-            f"{store}), {truth.in_room} of them and {truth.strangers} visitor in the video "
-            f"{truth.video}\n"
+            f"{store}), {truth.in_room} of them and {truth.strangers} people not enrolled in "
+            f"the video {truth.video}, one of whom raises his hands for "
+            f"{truth.hands_up_s[1] - truth.hands_up_s[0]:g} s every {truth.loop_s:g} s\n"
         )
-        return truth.video
+        return truth
 
     def _spoken_lesson(self) -> dict[str, Path]:
         """The lesson's sound (`LESSON_SCRIPT`, espeak-ng voices): the teacher's part for
@@ -655,11 +659,17 @@ class Demo:
             f"{view.device} attendance: present {counts['present']}, late {counts['late']}, "
             f"left early {counts['left_early']}, absent {counts['absent']} of "
             f"{counts['enrolled']} enrolled; {counts['unknown']} unknown face(s) "
-            f"(in the video: {truth.in_room} enrolled students, {truth.strangers} visitor)\n"
+            f"(in the video: {truth.in_room} enrolled students, {truth.strangers} not "
+            "enrolled)\n"
         )
         rate = counts.get("head_up_rate")
+        hands = counts.get("hand_raises")
         st = view.st
-        figures = [f"head-up rate {'-' if rate is None else f'{100 * rate:.0f}%'}"]
+        figures = [
+            f"head-up rate {'-' if rate is None else f'{100 * rate:.0f}%'}",
+            f"hand raises {'-' if hands is None else hands} (the video's: "
+            f"{truth.raises_per_loop} every {truth.loop_s:g} s)",
+        ]
         if st is not None:
             figures.append(
                 f"S-T {st['samples']}: Rt {st['rt']:.2f}, Ch {st['ch']:.2f}, {st['mode']} "
