@@ -27,6 +27,7 @@ from agent.capture import FrameHub, open_video_source
 from agent.capture.video import FileVideoSource
 from agent.config import SensingConfig
 from agent.config.models import CaptureConfig, VideoConfig
+from agent.demo import DEMO_SENSING
 from agent.sensing import RetinaFaceDetector, SensingService, model_info, shipped_models_dir
 from agent.sensing.hands import HAND_GAP_S, HandRaising
 from agent.sensing.pipeline import FaceResult
@@ -652,7 +653,7 @@ async def test_the_demos_class_raises_the_standing_mans_hand_once_a_loop(
     publisher = Collected()
     now: dict[str, str | None] = {"lesson": "lesson-demo-hands"}
     service = _RaisersNoted(
-        SensingConfig(enabled=True, sample_fps=4, embed_every_s=0.5, talk_analysis=False),
+        SensingConfig(**DEMO_SENSING, talk_analysis=False),
         video,
         publisher,
         "edu/s/r/sensing",
