@@ -27,6 +27,11 @@ second, in this process: CPU seconds (``time.process_time``, all threads) per wa
 second with the service running, against the same video hub without it, so the
 difference is sensing's share of one core.
 
+*demo*: the same, on the demo's sensing room (``classroom-agent demo``): its class video
+(``agent.testkit.make_demo_class``: 960x540, seven faces at desks and a man standing who
+raises his hands once a 12 s loop) at its settings (``agent.demo.DEMO_SENSING``: 4
+samples a second), with its enrolled roster, so embedding and matching are the demo's.
+
 *memory*: this process's RSS with both models loaded and the pipeline warmed, against
 the process before ``import onnxruntime`` (the agent's own RSS is that plus the rest of
 the daemon).
@@ -71,6 +76,7 @@ if str(ROOT) not in sys.path:
 from agent.capture import FrameHub  # noqa: E402
 from agent.config import SensingConfig  # noqa: E402
 from agent.config.models import CaptureConfig, VideoConfig  # noqa: E402
+from agent.demo import DEMO_SENSING  # noqa: E402
 from agent.sensing import (  # noqa: E402
     DlibResnetEmbedder,
     Gallery,
@@ -86,7 +92,7 @@ from agent.sensing.pose import PoseEstimator, body_region  # noqa: E402
 from agent.sensing.talk import SileroVad  # noqa: E402
 from agent.sensing.talk_live import StreamResampler  # noqa: E402
 from agent.sensing.track import Tracker  # noqa: E402
-from agent.testkit import FaceCrop, compose, cut_faces  # noqa: E402
+from agent.testkit import FaceCrop, compose, cut_faces, make_demo_class  # noqa: E402
 from agent.testkit.acoustics import espeak_available, speech  # noqa: E402
 
 FACES = ROOT / "tests" / "data" / "faces"
@@ -277,24 +283,33 @@ def _vad_cost() -> dict[str, Any]:
     }
 
 
-async def _hub_cpu(path: Path, seconds: float, sensing: bool) -> dict[str, Any]:
+async def _hub_cpu(
+    path: Path,
+    seconds: float,
+    sensing: SensingConfig | None,
+    *,
+    size: tuple[int, int] = (1280, 720),
+    store_dir: Path = Path("/nonexistent-bench-store"),
+) -> dict[str, Any]:
+    """CPU of a video hub playing ``path``, with the sensing service (``sensing``) or
+    without it (None)."""
     capture = CaptureConfig(
-        video=VideoConfig(source="file", path=path, width=1280, height=720, fps=10)
+        video=VideoConfig(source="file", path=path, width=size[0], height=size[1], fps=10)
     )
     from agent.capture import open_video_source  # noqa: PLC0415
 
     hub = FrameHub(open_video_source(capture.video), capture)
     tasks = [asyncio.create_task(hub.run())]
     service = None
-    if sensing:
+    if sensing is not None:
         service = SensingService(
-            SensingConfig(enabled=True, threads=1, talk_analysis=False),
+            sensing,
             hub,
             _Discard(),
             "bench/sensing",
             device="central.room1",
             lesson=lambda: None,
-            store_dir=Path("/nonexistent-bench-store"),
+            store_dir=store_dir,
         )
         tasks.append(asyncio.create_task(service.run()))
     try:
@@ -315,7 +330,8 @@ async def _hub_cpu(path: Path, seconds: float, sensing: bool) -> dict[str, Any]:
         result["samples_per_s"] = round(samples / wall, 2)
         result["cpu_ms_per_sample"] = round(1000 * cpu / max(1, samples), 1)
         result["latency_ms"] = section["latency_ms"]
-        result["hands"] = {k: section["hands"][k] for k in ("regions_per_sample", "ms_per_region")}
+        hands = ("regions_per_sample", "ms_per_region", "events")
+        result["hands"] = {k: section["hands"][k] for k in hands}
         result["head_count"] = section["head_count"]
     return result
 
@@ -330,10 +346,32 @@ def pipeline(seconds: float, tmp: Path) -> dict[str, Any]:
     for i in range(20):  # a slight wobble, as a real camera has
         writer.write(np.roll(frame, i % 3, axis=1))
     writer.release()
-    hub_only = asyncio.run(_hub_cpu(path, seconds, sensing=False))
-    with_sensing = asyncio.run(_hub_cpu(path, seconds, sensing=True))
+    hub_only = asyncio.run(_hub_cpu(path, seconds, None))
+    config = SensingConfig(enabled=True, threads=1, talk_analysis=False)
+    with_sensing = asyncio.run(_hub_cpu(path, seconds, config))
     return {
         "video": "1280x720 at 10 fps, 30 composed faces, sensing at 5 samples/s",
+        "hub_only": hub_only,
+        "with_sensing": with_sensing,
+        "sensing_share_of_a_core_percent": round(
+            with_sensing["cpu_percent_of_a_core"] - hub_only["cpu_percent_of_a_core"], 1
+        ),
+    }
+
+
+def demo(seconds: float, tmp: Path) -> dict[str, Any]:
+    """The sensing service on the demo's class (``make_demo_class``) at the demo's sensing
+    settings, with its enrolled roster, against the same video hub alone."""
+    truth = make_demo_class(FACES, tmp, tmp / "store")
+    config = SensingConfig(**DEMO_SENSING, talk_analysis=False)
+    hub_only = asyncio.run(_hub_cpu(truth.video, seconds, None, size=truth.size))
+    with_sensing = asyncio.run(
+        _hub_cpu(truth.video, seconds, config, size=truth.size, store_dir=tmp / "store")
+    )
+    width, height = truth.size
+    return {
+        "video": f"{width}x{height} at {truth.fps} fps, {truth.in_room} enrolled students and "
+        f"{truth.strangers} people not enrolled, sensing at {config.sample_fps:g} samples/s",
         "hub_only": hub_only,
         "with_sensing": with_sensing,
         "sensing_share_of_a_core_percent": round(
@@ -530,8 +568,8 @@ def lesson(hold_s: float, starts: int) -> dict[str, Any]:
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n", 1)[0])
-    parser.add_argument("--sections", default="speed,analyses,pipeline,memory,accuracy,lesson")
-    parser.add_argument("--seconds", type=float, default=20.0, help="pipeline: measured s")
+    parser.add_argument("--sections", default="speed,analyses,pipeline,demo,memory,accuracy,lesson")
+    parser.add_argument("--seconds", type=float, default=20.0, help="pipeline, demo: measured s")
     parser.add_argument("--hold", type=float, default=10.0, help="lesson: measured window")
     parser.add_argument("--starts", type=int, default=2, help="lesson: lessons started")
     parser.add_argument("--frames", type=int, default=20, help="repeats per timing")
@@ -548,6 +586,9 @@ def main() -> int:
     if "pipeline" in sections:
         with tempfile.TemporaryDirectory() as tmp:
             results["pipeline"] = pipeline(args.seconds, Path(tmp))
+    if "demo" in sections:
+        with tempfile.TemporaryDirectory() as tmp:
+            results["demo"] = demo(args.seconds, Path(tmp))
     if "accuracy" in sections:
         results["accuracy"] = accuracy()
     if "lesson" in sections:

@@ -1101,8 +1101,11 @@ async def test_a_sensing_lessons_counts_reach_the_lesson_view_and_nothing_about_
     roster = open_store(tmp_path / "store")
     people = [s.id for s in roster.students.values()] + [s.name for s in roster.students.values()]
     assert len(people) == 2 * truth.enrolled
+    width, height = truth.size
     capture = CaptureConfig(
-        video=VideoConfig(source="file", path=truth.video, width=640, height=360, fps=10)
+        video=VideoConfig(
+            source="file", path=truth.video, width=width, height=height, fps=truth.fps
+        )
     )
     video = FrameHub(open_video_source(capture.video), capture)
     link = make_link(mosquitto, DEVICE_1)

@@ -66,23 +66,29 @@ def test_demo_brings_rooms_online_and_stops_them_cleanly(tmp_path: Path) -> None
         r"watch page of central-school\.room-101: \S+/watch#token=\S{16,}", result.stdout
     )
     assert "lesson ended: receiving rooms back to 'waiting'" in result.stdout
-    # The sensing room (village-a): a video of 6 enrolled students and 1 visitor, 1
-    # enrolled student absent; counts only, from its sensing topic at the lesson's end.
+    # The sensing room (village-a): a video of 6 enrolled students, 1 visitor and a man
+    # standing at the side (neither enrolled), 1 enrolled student absent; counts only,
+    # from its sensing topic at the lesson's end.
     assert (
         "village-a.room-1 attendance: present 6, late 0, left early 0, absent 1 of 7 "
-        "enrolled; 1 unknown face(s)" in result.stdout
+        "enrolled; 2 unknown face(s)" in result.stdout
     ), result.stdout
     # The lesson's figures and its report, written by `classroom-agent report --html` in
     # the room's language (zh-CN, the demo's default).
     figures = re.search(
-        r"village-a\.room-1 lesson figures: head-up rate (\d+)%(?:, S-T ([TS]+): Rt [\d.]+, "
-        r"Ch [\d.]+, (practice|lecture|dialogue|mixed) \(the script's: dialogue\))?",
+        r"village-a\.room-1 lesson figures: head-up rate (\d+)%, hand raises (\d+) \(the "
+        r"video's: 1 every 12 s\)(?:, S-T ([TS]+): Rt [\d.]+, Ch [\d.]+, "
+        r"(practice|lecture|dialogue|mixed) \(the script's: dialogue\))?",
         result.stdout,
     )
     assert figures is not None, result.stdout
     assert 0 <= int(figures[1]) <= 100
+    # The man raises his hands for 3 s every 12 s: a lesson of about 20 s holds one such
+    # stretch whole, or two; never three.
+    hands = int(figures[2])
+    assert 1 <= hands <= 2, result.stdout
     if espeak_available():
-        samples = figures[2]
+        samples = figures[3]
         # The remote teacher on the loudspeaker is T, the pupils answering are S.
         assert samples is not None, result.stdout
         assert len(samples) >= 4
@@ -96,12 +102,13 @@ def test_demo_brings_rooms_online_and_stops_them_cleanly(tmp_path: Path) -> None
     zh = catalogue("zh-CN")
     assert '<html lang="zh-CN">' in page
     assert f"<h1>{zh['report.title']}</h1>" in page
-    charts = ["report.chart.head_up", "report.chart.head_count"]
+    charts = ["report.chart.head_up", "report.chart.head_count", "report.chart.hands"]
     if espeak_available():
         charts += ["report.chart.st", "report.chart.rt_ch"]
     for key in charts:
         assert f'<svg viewBox="0 0 520 220" role="img" aria-label="{zh[key]}"' in page, key
-    assert zh["report.chart.hands"] in page  # drawn, or says hand raising is off
+    assert zh["report.hands_off"] not in page  # measured, and drawn above
+    assert f'<div class="figure"><b>{hands}</b><span>{zh["report.fig.hands"]}</span>' in page
     assert "demo-s07" in page  # the absent student, by the roster
     assert result.stdout.count("exit code 0") == 2
     assert re.search(r"maintenance dashboard: http://127\.0\.0\.1:\d+/", result.stdout)

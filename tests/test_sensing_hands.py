@@ -12,7 +12,9 @@ one schedule test that says so.
 
 from __future__ import annotations
 
+import asyncio
 import shutil
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -22,15 +24,17 @@ import numpy as np
 import pytest
 
 from agent.capture import FrameHub, open_video_source
+from agent.capture.video import FileVideoSource
 from agent.config import SensingConfig
 from agent.config.models import CaptureConfig, VideoConfig
+from agent.demo import DEMO_SENSING
 from agent.sensing import RetinaFaceDetector, SensingService, model_info, shipped_models_dir
 from agent.sensing.hands import HAND_GAP_S, HandRaising
 from agent.sensing.pipeline import FaceResult
-from agent.sensing.pose import PoseEstimator, body_region, hand_raised
+from agent.sensing.pose import Image, PoseEstimator, body_region, hand_raised
 from agent.sensing.roster import open_store
 from agent.sensing.track import Track, Tracker
-from agent.testkit import compose, cut_faces
+from agent.testkit import compose, cut_faces, make_demo_class, photos_dir
 from tests.brokers import eventually
 from tests.rooms import MAIN, ROOM2, SMALL, room, until_live
 from tests.sensing_data import FACES, GROUP_PHOTOS, lessonless_service, load
@@ -604,3 +608,85 @@ def test_raise_room_hand_off_never_calls_the_hook(tmp_path: Path) -> None:
         tmp_path / "store", SensingConfig(enabled=True), raise_hand=raise_hand
     )
     assert service.raise_hand is None  # sensing.raise_room_hand false: the default
+
+
+class _RaisersNoted(SensingService):
+    """The real service, noting whose hand each counted raise was (the face's box): the
+    test's only addition, around the service's own hand raising."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.raisers: list[tuple[float, float, float, float]] = []
+
+    def _load_hands(self) -> None:
+        super()._load_hands()
+        hands = self.hands
+        if hands is None:
+            return
+        sample = hands.sample
+
+        def noted(now: float, image: Image, results: Sequence[FaceResult]) -> list[int]:
+            raised = sample(now, image, results)
+            boxes = {r.track.id: r.face.box for r in results if r.track is not None}
+            self.raisers.extend(boxes[track] for track in raised)
+            return raised
+
+        hands.sample = noted  # type: ignore[method-assign]
+
+
+@pytest.mark.slow
+async def test_the_demos_class_raises_the_standing_mans_hand_once_a_loop(
+    tmp_path: Path,
+) -> None:
+    """The demo's sensing-room video (agent.testkit.make_demo_class: real face photos at
+    desks, the Sports2D man standing at the side with his hands up for 3 s of each 12 s
+    loop) through the real service at the demo's settings: one raise a loop, his."""
+    photos = photos_dir()
+    if photos is None:
+        pytest.skip("no face photos (a source checkout has them)")
+    truth = make_demo_class(photos, tmp_path, tmp_path / "store")
+    width, height = truth.size
+    camera = VideoConfig(source="file", path=truth.video, width=width, height=height, fps=truth.fps)
+    source = open_video_source(camera)
+    assert isinstance(source, FileVideoSource)
+    video = FrameHub(source, CaptureConfig(video=camera, audio=SMALL.audio))
+    publisher = Collected()
+    now: dict[str, str | None] = {"lesson": "lesson-demo-hands"}
+    service = _RaisersNoted(
+        SensingConfig(**DEMO_SENSING, talk_analysis=False),
+        video,
+        publisher,
+        "edu/s/r/sensing",
+        device="s.r",
+        lesson=lambda: now["lesson"],
+        store_dir=tmp_path / "store",
+        minute_s=5.0,
+    )
+    loops = 3
+    async with _running(service.run()) as tasks:
+        # The video starts once the models are loaded, so the lesson sees every loop whole.
+        await eventually(lambda: service.state == "running", within=60, what="models loaded")
+        tasks.append(asyncio.create_task(video.run()))
+        # The lesson ends as the video starts its fourth loop, 4.5 s before its hands go up.
+        await eventually(
+            lambda: source.loops >= loops,
+            within=loops * truth.loop_s + 30,
+            what=f"{loops} loops of the video",
+        )
+        now["lesson"] = None
+        await eventually(
+            lambda: any(m["kind"] == "attendance" for m in publisher.messages),
+            within=30,
+            what="the lesson's end",
+        )
+    (done,) = [m for m in publisher.messages if m["kind"] == "attendance"]
+    # Exact: each loop holds his hands up for 3 s (the rule needs 1 s) and down for 9 s
+    # (seen down, so the next loop counts again); nobody else raises one.
+    assert done["hand_raises"] == loops * truth.raises_per_loop, done
+    x, _, w, _ = truth.standing
+    assert len(service.raisers) == done["hand_raises"]
+    for left, _, face_w, _ in service.raisers:
+        assert x <= left + face_w / 2 <= x + w, service.raisers  # his face, not a pupil's
+    # The attendance truth holds with him in the room: he is one more unknown face.
+    assert (done["present"], done["absent"]) == (truth.in_room, truth.enrolled - truth.in_room)
+    assert done["unknown"] == truth.strangers

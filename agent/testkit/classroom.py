@@ -5,7 +5,8 @@ resolution) are pasted at classroom sizes (16-80 px faces) in rows on a plain
 background, and the box of each pasted face is written down as the ground truth.
 Faces are cut where the detector finds them in the *full-size* photo (score >= 0.95),
 so what the composite tests is detection at small sizes and in a crowd, and identity
-across scale, not the cutting.
+across scale, not the cutting. The demo's class (:func:`make_demo_class`) adds a man
+standing at the side, strips of real pose photos, who raises his hands once a loop.
 """
 
 from __future__ import annotations
@@ -144,27 +145,88 @@ def recall(
 
 # -- the demo's sensing room ----------------------------------------------------------------
 
+DEMO_SIZE = (960, 540)  # the demo camera's frame (width, height)
+DEMO_FPS = 10
+DEMO_LOOP_S = 12.0  # the video's length: it plays in a loop
+DEMO_HANDS_UP_S = (4.5, 7.5)  # when, in each loop, the standing man holds his hands up
+STANDING_W = 288  # the strip at the room's right side where the man stands
+STANDING_FACE_TOP = 80  # where his face's top is in the frame
+STANDING_ABOVE = 70  # photo pixels kept above his face (his raised hands reach 45)
+
 
 @dataclass(frozen=True)
 class DemoClass:
-    """A class for the demo: a camera video, an enrolled roster, and what is true in it."""
+    """A class for the demo: a camera video, an enrolled roster, and what is true in it.
+
+    The video is ``loop_s`` long and plays in a loop; in each loop the standing man holds
+    his hands up from ``hands_up_s[0]`` to ``hands_up_s[1]`` (seconds into the loop), one
+    hand raise (``raises_per_loop``) for a rule that needs a hand up for 1 s, and his
+    hands are down the rest of the time. Nobody else raises a hand."""
 
     video: Path
     enrolled: int
     in_room: int  # enrolled students in the picture
-    strangers: int  # faces in the picture that are not enrolled
+    strangers: int  # faces in the picture that are not enrolled (the visitor, the man)
+    size: tuple[int, int] = DEMO_SIZE  # the video's frame (width, height)
+    fps: int = DEMO_FPS
+    loop_s: float = DEMO_LOOP_S
+    hands_up_s: tuple[float, float] = DEMO_HANDS_UP_S
+    raises_per_loop: int = 1
+    # The strip of the frame the man stands in (x, y, w, h); the seated class is left of it.
+    standing: tuple[float, float, float, float] = (
+        DEMO_SIZE[0] - STANDING_W,
+        0,
+        STANDING_W,
+        DEMO_SIZE[1],
+    )
 
 
 def photos_dir() -> Path | None:
-    """The real face photos kept with the tests (a source checkout), or None."""
+    """The real face photos kept with the tests (a source checkout), or None. The pose
+    photos the demo's standing man comes from are beside them (``../pose``)."""
     folder = Path(__file__).resolve().parents[2] / "tests" / "data" / "faces"
-    return folder if any(folder.glob("faceapi-sample*.jpg")) else None
+    if not any(folder.glob("faceapi-sample*.jpg")):
+        return None
+    return folder if all(p.is_file() for p in _standing_photos(folder)) else None
+
+
+def _standing_photos(photos: Path) -> tuple[Path, Path]:
+    """The Sports2D man's photos (hands down, hands up) beside the face photos."""
+    pose = photos.parent / "pose"
+    return pose / "sports2d-man-hands-down.jpg", pose / "sports2d-man-hands-up.jpg"
+
+
+def _standing(path: Path, detector: Detector, height: int) -> Image:
+    """A strip of the photo, at full resolution and unchanged, ``STANDING_W`` wide and
+    ``height`` tall, centred on the man's face with ``STANDING_ABOVE`` pixels above it:
+    both poses cut this way put his face at the same place of the frame."""
+    read = cv2.imread(str(path))
+    if read is None:
+        raise FileNotFoundError(f"cannot read {path}")
+    image: Image = np.asarray(read, np.uint8)
+    x, y, w, _ = max(detector.detect(image), key=lambda f: f.score).box
+    x0 = round(x + w / 2 - STANDING_W / 2)
+    y0 = round(y) - STANDING_ABOVE
+    if x0 < 0 or y0 < 0 or x0 + STANDING_W > image.shape[1] or y0 + height > image.shape[0]:
+        raise ValueError(f"{path.name}: the man is too near the photo's edge to cut")
+    return np.ascontiguousarray(image[y0 : y0 + height, x0 : x0 + STANDING_W])
 
 
 def make_demo_class(photos: Path, workdir: Path, store_dir: Path) -> DemoClass:
     """Enrol students cut from face-api's group photos (MIT, see tests/data/faces/
-    LICENSES.md) into an encrypted store, and write a 640x360 video of the class: most of
-    them at their desks, one absent, one visitor who is not enrolled."""
+    LICENSES.md) into an encrypted store, and write a 960x540 video of the class: most of
+    them at their desks, one absent, one visitor who is not enrolled; and, at the room's
+    right side, a man standing (not enrolled) who raises his hands once a loop.
+
+    The man is the Sports2D demo's (BSD-3, see tests/data/pose/LICENSES.md): a strip of
+    its hands-down photo, switched for the same strip of its hands-up photo for
+    ``DEMO_HANDS_UP_S`` of each loop; both strips are pasted at full resolution (his face
+    about 40 px high), aligned on his face, with their own background (a rooftop, not a
+    classroom; it shifts by the 19 px his head rose between the two frames). The hands-up
+    photo is the top of a jumping jack (legs apart): real arms held up, in an exercise
+    rather than a pupil's raised hand. His face and body region (``body_region``: about 235 px
+    square) lie inside the strip, so MoveNet reads him as it reads the photos themselves
+    (tests/test_sensing_hands.py); the seated faces' regions read down or unknown."""
     from agent.config import SensingConfig  # noqa: PLC0415
     from agent.sensing import (  # noqa: PLC0415
         Enrolled,
@@ -177,7 +239,10 @@ def make_demo_class(photos: Path, workdir: Path, store_dir: Path) -> DemoClass:
     pipeline = Pipeline(SensingConfig())
     full = RetinaFaceDetector(model_info("retinaface-mnet025"), detect_width=None)
     crops = cut_faces(sorted(photos.glob("faceapi-sample*.jpg")), full)
-    students, visitor = crops[:7], crops[7]
+    # The absent student (the last) is the one with her hands in her hair: the keypoint
+    # test reads a hand on the head as up (agent/sensing/hands.py), and the demo's class
+    # raises no hand but the standing man's.
+    students, visitor = [*crops[:4], *crops[5:7], crops[4]], crops[7]
     store = open_store(store_dir, create=True)
     assert pipeline.embedder is not None
     for i, crop in enumerate(students, start=1):
@@ -185,11 +250,23 @@ def make_demo_class(photos: Path, workdir: Path, store_dir: Path) -> DemoClass:
         embedding = pipeline.embedder.embed([pipeline.embedder.align(crop.image, face)])[0]
         store.put(Enrolled(f"demo-s{i:02d}", f"Student {i}", "demo-class", True, [embedding], 0))
     store.save()
+    width, height = DEMO_SIZE
     seated: list[FaceCrop | None] = [*students[:-1], None, visitor]  # the last one is absent
-    frame, _ = compose(seated, width=640, height=360, face_px=(60, 70), rows=2, seed=7)
+    desks, _ = compose(
+        seated, width=width - STANDING_W, height=height, face_px=(60, 70), rows=2, seed=7
+    )
+    top = STANDING_FACE_TOP - STANDING_ABOVE
+    down, up = (_standing(path, full, height - top) for path in _standing_photos(photos))
+    frames = []
+    for standing in (down, up):
+        frame = np.full((height, width, 3), 120, np.uint8)
+        frame[:, : width - STANDING_W] = desks
+        _paste(frame, standing, width - STANDING_W, top)
+        frames.append(frame)
     video = workdir / "sensing-class.avi"
-    writer = cv2.VideoWriter(str(video), cv2.VideoWriter.fourcc(*"MJPG"), 10, (640, 360))
-    for i in range(30):  # the camera's own small wobble
-        writer.write(np.roll(frame, (i % 4) - 2, axis=1))
+    writer = cv2.VideoWriter(str(video), cv2.VideoWriter.fourcc(*"MJPG"), DEMO_FPS, DEMO_SIZE)
+    first, last = (round(s * DEMO_FPS) for s in DEMO_HANDS_UP_S)
+    for i in range(round(DEMO_LOOP_S * DEMO_FPS)):  # with the camera's own small wobble
+        writer.write(np.roll(frames[first <= i < last], (i % 4) - 2, axis=1))
     writer.release()
-    return DemoClass(video, len(students), len(students) - 1, 1)
+    return DemoClass(video, len(students), len(students) - 1, 2)
