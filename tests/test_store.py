@@ -170,7 +170,10 @@ async def test_kill_9_mid_stream_loses_nothing_acknowledged(
             with contextlib.suppress(ProcessLookupError):
                 child.kill()
         await child.wait()
-    assert child.returncode == -signal.SIGKILL
+    # -9; or 255 where asyncio's child watcher found the child already reaped ("Unknown
+    # child process", seen once in CI on a machine busy with other test runs): either
+    # way it died mid-stream by our SIGKILL, and what follows checks what it left.
+    assert child.returncode in (-signal.SIGKILL, 255), child.returncode
 
     outbox = Outbox(path, max_rows=1_000_000)
     assert await outbox.open() >= acked + 1
