@@ -97,6 +97,8 @@ def run(scene: Scene, mode: str) -> Run:
             d = linear.process(d, far[part])
             if linear.engaged and not was:
                 engaged.append(f * N / RATE)
+            if was and not linear.engaged:
+                aec.reset()  # as the stage does: the echo path moved under the filter
             cpu += time.process_time() - started
         near = np.clip(np.round(d), -32768, 32767).astype(np.int16)
         started = time.process_time()
