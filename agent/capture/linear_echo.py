@@ -16,12 +16,12 @@ little to do, and the talker keeps all but 1.4-2.7 dB (``bench/linear_echo.py``)
 * Clock drift: every 0.5 s the foreground's phase against its previous snapshot gives
   how far the echo moved; the reference is read from its history at a position that
   moves by the estimated clock ratio (windowed-sinc fractional delay), so the path the
-  filter sees stands still. A restart (realignment, timeline step) keeps the estimate.
-* The gate: its output replaces the microphone only once it removes 12 dB (AEC3 behind
-  a filter that is still moving loses ERLE), and the microphone again as soon as its
-  output grows louder than its input while it expects echo (over 100 ms: a path it no
-  longer models). Switching costs AEC3 a reconvergence (the path it models changes),
-  so neither happens on a whim.
+  filter sees stands still. A restart (a realignment, the window moved) keeps the estimate.
+* The gate: its output replaces the microphone only once it removes 12 dB below 8 kHz
+  (the band it models; AEC3 behind a filter that is still moving loses ERLE), and the
+  microphone again as soon as its output grows louder than its input while it expects
+  echo (over 100 ms: a path it no longer models). Switching costs AEC3 a reconvergence
+  (the path it models changes), so neither happens on a whim.
 
 No latency is added: each frame's output is the frame minus the echo estimated from
 reference already heard.
@@ -71,6 +71,7 @@ class LinearCanceller:
         self.n = n = frame
         self.m = m = _PARTITIONS
         self.k = k = min(frame + 1, round(_TOP_HZ * 2 * frame / rate) + 1)
+        self.cut = min(frame // 2 + 1, round(_TOP_HZ * frame / rate) + 1)  # in a frame's rfft
         self.delay = max(delay, _HALF + 1)  # reference samples before the first tap
         self.drift = drift  # reference samples per microphone sample, minus one
         self.phase = 0.0  # accumulated reference offset from the drift
@@ -121,7 +122,7 @@ class LinearCanceller:
 
     @property
     def erle_db(self) -> float | None:
-        """Microphone over the filter's output, smoothed over about a second."""
+        """Microphone over the filter's output below 8 kHz, over about a second."""
         if self.mic_power <= _ACTIVE_POWER or self.out_power <= 0:
             return None
         return 10 * math.log10(self.mic_power / self.out_power)
@@ -137,7 +138,13 @@ class LinearCanceller:
         self.end += n
         x = self._reference()
         e = self._filter(near, x)
-        mic, out = float(near @ near), float(e @ e)
+        # The gate and the figures count the band the filter models: above it the
+        # output is the microphone (AEC3 suppresses there), which would cap what a
+        # wideband far end (music, sibilants) lets it show it removes.
+        spectrum = np.fft.rfft(near)[self.cut :]
+        above = 2 * float(np.vdot(spectrum, spectrum).real) / n
+        mic = max(0.0, float(near @ near) - above)
+        out = max(0.0, float(e @ e) - above)
         self.mic_power = 0.99 * self.mic_power + 0.01 * mic
         self.out_power = 0.99 * self.out_power + 0.01 * out
         self.mic_now = 0.9 * self.mic_now + 0.1 * mic
