@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import ipaddress
 import json
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -22,7 +23,7 @@ import pytest
 
 from agent.config.models import UiConfig
 from agent.sensing import LessonReports
-from agent.sensing.privacy import purge_student
+from agent.sensing.privacy import purge_before, purge_student
 from agent.sensing.roster import Enrolled, RosterStore, open_store
 from tests.brokers import BrokerUnderTest
 from tests.rooms import MAIN, PANEL_TOKEN, room
@@ -338,3 +339,41 @@ def test_the_daemons_panel_reads_the_sensing_store(tmp_path: Path) -> None:
         {**base, "sensing": {"enabled": True, "roster_dir": str(tmp_path / "roster")}}
     )
     assert LessonReports.of(chosen) == LessonReports(tmp_path / "roster", None)
+
+
+def test_a_correction_saved_during_a_retention_purge_does_not_bring_the_report_back(
+    tmp_path: Path,
+) -> None:
+    """The purge deletes under the records' lock, so a correction that read the report
+    first lands (and the report is deleted after it) instead of failing half-way on a
+    file deleted under it, or writing back a record the purge deleted."""
+    store = seal_reports(tmp_path / "store")
+    reading = threading.Event()
+    release = threading.Event()
+
+    def slow_correction(report: dict[str, Any]) -> dict[str, Any]:
+        reading.set()  # the correction holds the report it read ...
+        assert release.wait(30)  # ... while the purge is asked to delete it
+        return report
+
+    failed: list[BaseException] = []
+
+    def correct() -> None:
+        try:
+            store.update_record(LATEST, "report", slow_correction)
+        except BaseException as exc:  # the thread's error is the finding
+            failed.append(exc)
+
+    correcting = threading.Thread(target=correct)
+    correcting.start()
+    assert reading.wait(30)
+    purging = threading.Thread(target=purge_before, args=(open_store(store.directory), 2e9))
+    purging.start()
+    purging.join(0.5)  # without the lock it deletes at once, and the correction rewrites
+    release.set()
+    correcting.join(30)
+    purging.join(30)
+    assert not correcting.is_alive()
+    assert not purging.is_alive()
+    assert failed == []
+    assert store.record_path(LATEST, "report") is None

@@ -191,17 +191,15 @@ def purge_before(store: RosterStore, cutoff_epoch: float) -> PurgeReport:
     """Delete the records (attendance and report) of lessons that ended before the cutoff."""
     report = PurgeReport()
     for kind, path in _records(store):
-        payload = _open(store, path)
-        end = None if payload is None else _lesson_time(payload, "end")
-        if end is None:
-            report.unreadable.append(f"{kind}/{path.stem}")
-            try:
-                end = path.stat().st_mtime
-            except FileNotFoundError:
-                continue
-        if end < cutoff_epoch:
-            path.unlink(missing_ok=True)
-            report.deleted.setdefault(kind, []).append(path.stem)
+        try:
+            # Under the records' lock: a correction saved meanwhile on the panel cannot
+            # write back a record this deletes.
+            with store.locked(kind):
+                if _expired(store, kind, path, cutoff_epoch, report):
+                    path.unlink(missing_ok=True)
+                    report.deleted.setdefault(kind, []).append(path.stem)
+        except RosterError:  # the folder went meanwhile: nothing left to delete
+            continue
     log.info(
         "privacy: %d records of lessons that ended before %s deleted",
         sum(len(v) for v in report.deleted.values()),
@@ -209,6 +207,22 @@ def purge_before(store: RosterStore, cutoff_epoch: float) -> PurgeReport:
         extra={"fields": {"purge": "before", "cutoff": cutoff_epoch, **report.fields()}},
     )
     return report
+
+
+def _expired(
+    store: RosterStore, kind: str, path: Path, cutoff_epoch: float, report: PurgeReport
+) -> bool:
+    """Whether the record's lesson ended before the cutoff (by the file's time when the
+    record cannot be opened, which ``report`` notes)."""
+    payload = _open(store, path)
+    end = None if payload is None else _lesson_time(payload, "end")
+    if end is None:
+        report.unreadable.append(f"{kind}/{path.stem}")
+        try:
+            end = path.stat().st_mtime
+        except FileNotFoundError:
+            return False
+    return end < cutoff_epoch
 
 
 def purge_expired(store: RosterStore, retention_days: int, now: float) -> PurgeReport:

@@ -353,7 +353,7 @@ class RosterStore:
         ``change`` returns the new payload, or None to leave the record as it is (what
         this returns then). The file keeps its modification time: retention and the
         records' order go by it. RosterError when there is no such record."""
-        with self._locked(kind):
+        with self.locked(kind):
             path = self.record_path(name, kind)
             if path is None:
                 raise RosterError(f"{name}: no {kind} record in {self.directory / kind}")
@@ -366,8 +366,9 @@ class RosterStore:
             return changed
 
     @contextlib.contextmanager
-    def _locked(self, kind: RecordKind) -> Iterator[None]:
-        """An exclusive lock on the kind's folder (flock: it goes with the process)."""
+    def locked(self, kind: RecordKind) -> Iterator[None]:
+        """An exclusive lock on the kind's folder (flock: it goes with the process), held
+        by every writer that reads a record before it rewrites or deletes it."""
         folder = self.directory / kind
         try:
             fd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY)
