@@ -639,6 +639,7 @@ class AudioProcessingStages(TypedDict):
     noise_suppression: bool
     high_pass_filter: bool
     auto_gain_control: bool
+    linear_canceller: bool  # the linear stage ahead of AEC3 (configured, mono microphone)
 
 
 class AudioProcessingSection(TypedDict):
@@ -657,6 +658,8 @@ class AudioProcessingSection(TypedDict):
     realignments: int  # times the reference was moved (delay out of range, or a jump)
     alignment_ms: float  # how far the reference is shifted from its stamps
     erle_db: float | None  # microphone over output power while the room hears only echo
+    linear_engaged: bool  # the linear stage's output goes to AEC3 (it has converged)
+    linear_erle_db: float | None  # microphone over the linear stage's output, last second
     echo_return_loss_db: float | None  # loudspeaker reference over microphone power
     input_level_dbfs: float | None  # the raw microphone, last second
     gain_db: float | None  # the gain control's current gain

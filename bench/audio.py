@@ -25,11 +25,12 @@ For each library, with echo cancellation alone (plus its high-pass filter):
 * CPU: process CPU time (all threads: livekit runs its own) per 10 ms frame with every
   stage on (AEC, NS, HPF, AGC) as the daemon runs it, in % of one core.
 
-The last row is the daemon's own stage (``agent.capture.AudioProcessor``: the engine
-plus the reference's timeline, the delay search and the health figures), fed 20 ms
-chunks with jittered stamps as the playback thread and the microphone hub make them;
-the line under the table gives its spread over ``--seeds`` stamp-jitter seeds (AEC3
-after a delay jump depends on where the echo falls against its blocks).
+The last rows are the daemon's own stage (``agent.capture.AudioProcessor``: the engine
+plus the reference's timeline, the delay search and the health figures) without and
+with its linear canceller ahead of AEC3 (``linear_canceller``), fed 20 ms chunks with
+jittered stamps as the playback thread and the microphone hub make them; the lines
+under the table give their spread over ``--seeds`` stamp-jitter seeds (AEC3 after a
+delay jump depends on where the echo falls against its blocks).
 
 Then (not with ``--quick``) ERLE against the bulk delay, to show what range each
 canceller handles unaided, and the double-talk loss against the echo's level over the
@@ -226,27 +227,32 @@ def run_agent_stage(
     return to_float(out), cpu / (len(mic) // FRAME)
 
 
-AEC_ONLY = AudioProcessingConfig(mode="on", noise_suppression=False, auto_gain_control=False)
+def _aec_only(linear: bool) -> AudioProcessingConfig:
+    return AudioProcessingConfig(
+        mode="on", noise_suppression=False, auto_gain_control=False, linear_canceller=linear
+    )
 
 
-def measure_agent_stage(scene: Scene) -> Result:
-    out, _ = run_agent_stage(scene, AEC_ONLY)
-    _, cpu = run_agent_stage(scene, AudioProcessingConfig(mode="on"))
-    return _result("agent stage (pywebrtc-audio)", scene, out, cpu)
+def measure_agent_stage(scene: Scene, linear: bool) -> Result:
+    out, _ = run_agent_stage(scene, _aec_only(linear))
+    _, cpu = run_agent_stage(scene, AudioProcessingConfig(mode="on", linear_canceller=linear))
+    label = "agent stage + linear" if linear else "agent stage (pywebrtc-audio)"
+    return _result(label, scene, out, cpu)
 
 
-def stage_over_seeds(scene: Scene, seeds: int) -> None:
+def stage_over_seeds(scene: Scene, seeds: int, linear: bool) -> None:
     """The stage's figures over stamp-jitter seeds: AEC3's behaviour after a delay jump
     depends on where the echo falls against its blocks, so one seed can mislead."""
     after, dt = [], []
     for seed in range(seeds):
-        out, _ = run_agent_stage(scene, AEC_ONLY, seed)
+        out, _ = run_agent_stage(scene, _aec_only(linear), seed)
         after.append(erle(scene, out, slice(round((scene.change_s + 2) * RATE), 34 * RATE)))
         near = scene.span("near_alone")
         lag = lag_samples(scene.mic[near], out[near], max_lag=RATE // 10)
         dt.append(-kept_db(scene.near, out, scene.span("double_talk"), lag=lag))
     print(
-        f"agent stage over {seeds} stamp seeds: ERLE after the jump min {min(after):.1f} / "
+        f"{'agent stage + linear' if linear else 'agent stage'} over {seeds} stamp seeds: "
+        f"ERLE after the jump min {min(after):.1f} / "
         f"median {float(np.median(after)):.1f} / max {max(after):.1f} dB; DT loss min "
         f"{min(dt):.1f} / median {float(np.median(dt)):.1f} / max {max(dt):.1f} dB"
     )
@@ -348,10 +354,12 @@ def main() -> None:
     )
     results = [measure(key, scene) for key in keys]
     if "pywebrtc" in keys:
-        results.append(measure_agent_stage(scene))
+        results.append(measure_agent_stage(scene, linear=False))
+        results.append(measure_agent_stage(scene, linear=True))
     print_table(results)
     if "pywebrtc" in keys and args.seeds > 0:
-        stage_over_seeds(scene, args.seeds)
+        stage_over_seeds(scene, args.seeds, linear=False)
+        stage_over_seeds(scene, args.seeds, linear=True)
     if not args.quick:
         delays = [float(d) for d in args.delays.split(",")]
         far, near = speech(FAR_TEXT), speech(NEAR_TEXT, voice="en-gb+f3", wpm=165)

@@ -94,7 +94,10 @@ def near_lag(scene: Scene, out: NDArray[np.float32]) -> int:
 def test_canceller_removes_the_echo_keeps_the_talker_and_follows_a_delay_jump(
     scene: Scene,
 ) -> None:
-    config = AudioProcessingConfig(mode="on", noise_suppression=False, auto_gain_control=False)
+    # AEC3 alone here (the linear stage ahead of it: the next test).
+    config = AudioProcessingConfig(
+        mode="on", noise_suppression=False, auto_gain_control=False, linear_canceller=False
+    )
     out, stage = run_stage(scene, config)
     # ERLE after 2 s of far-end speech, and again once the path's delay has jumped.
     assert erle(scene, out, slice(2 * RATE, 12 * RATE)) >= 25.0
@@ -130,6 +133,38 @@ def test_canceller_removes_the_echo_keeps_the_talker_and_follows_a_delay_jump(
     assert stats.errors == 0
     assert stats.frames == len(scene.mic) // (RATE // 100)
     assert 0 < stats.cpu_percent < 20
+
+
+def test_the_linear_stage_keeps_the_talker_in_double_talk_and_the_echo_out(
+    scene: Scene,
+) -> None:
+    # The targets with the linear canceller ahead of AEC3 (the default), in the
+    # scene where AEC3 alone takes 5-6 dB of the talker (its echo 4 dB over the talker).
+    config = AudioProcessingConfig(mode="on", noise_suppression=False, auto_gain_control=False)
+    assert config.linear_canceller
+    out, stage = run_stage(scene, config)
+    assert erle(scene, out, slice(2 * RATE, 12 * RATE)) >= 25.0
+    assert erle(scene, out, slice(24 * RATE, 34 * RATE)) >= 25.0
+    lag = near_lag(scene, out)
+    assert -kept_db(scene.near, out, scene.span("double_talk"), lag=lag) <= 3.0
+    assert -kept_db(scene.near, out, scene.span("near_alone"), lag=lag) <= 1.5
+    stats = stage.stats()
+    assert stats.linear_canceller
+    assert stats.linear_engaged  # re-engaged after the jump's realignment
+    assert stats.linear_erle_db is not None
+    assert stats.linear_erle_db >= 12.0
+    assert stats.realignments == 1
+    assert stats.errors == 0
+    # The same scene without it: the talker loses more than the target allows, so the
+    # figure above is the linear stage's doing.
+    config = config.model_copy(update={"linear_canceller": False})
+    out, stage = run_stage(scene, config)
+    lag = near_lag(scene, out)
+    assert -kept_db(scene.near, out, scene.span("double_talk"), lag=lag) > 4.0
+    stats = stage.stats()
+    assert not stats.linear_canceller
+    assert not stats.linear_engaged
+    assert stats.linear_erle_db is None
 
 
 def test_a_delay_that_jumps_down_is_followed_and_a_steady_one_left_alone() -> None:
@@ -277,9 +312,11 @@ async def test_hub_consumers_and_the_level_get_the_processed_microphone() -> Non
         "noise_suppression": True,
         "high_pass_filter": True,
         "auto_gain_control": True,
+        "linear_canceller": True,
     }
     assert section["reference"] == "idle"  # nothing played yet
     assert section["cancelling"] is False
+    assert section["linear_engaged"] is False  # no echo to have converged on
     assert section["frames"] >= 200
     assert section["errors"] == 0
     # The raw level is in the section; the hub's own level is of what is sent.

@@ -350,7 +350,14 @@ async def test_the_daemon_processes_the_microphone_of_a_room_with_loudspeakers(
     assert processing["mode"] == "auto"
     assert processing["active"] is True
     assert processing["stages"] == dict.fromkeys(
-        ("echo_cancellation", "noise_suppression", "high_pass_filter", "auto_gain_control"), True
+        (
+            "echo_cancellation",
+            "noise_suppression",
+            "high_pass_filter",
+            "auto_gain_control",
+            "linear_canceller",
+        ),
+        True,
     )
     assert processing["reference"] == "idle"  # no lesson: the loudspeakers are quiet
     assert processing["errors"] == 0

@@ -42,6 +42,7 @@ import pywebrtc_audio
 from numpy.typing import NDArray
 
 from agent.capture.frames import AudioFormat, Samples
+from agent.capture.linear_echo import LinearCanceller
 from agent.config import AudioProcessingConfig
 from agent.contracts import AudioProcessingSection
 
@@ -63,6 +64,9 @@ _CONFIRM_MS = 3.0  # two estimates this close confirm a jump
 _CONFIRM_AFTER_S = 0.5  # the second estimate, this soon after the first
 _MIN_CONFIDENCE = 0.2  # normalised correlation at the found lag, to believe a delay
 _ECHO_DOMINATED = 0.3  # above this the microphone is mostly echo (a -6 dB DRR room peaks ~0.45)
+_LINEAR_LEAD_MS = 5.0  # the linear filter's window starts this long before the echo
+_LINEAR_EARLIEST_MS = 2.0  # an echo this close to the window's start (or before) moves it
+_LINEAR_LATEST_MS = 40.0  # and one this far into the 160 ms window (its tail cut off)
 _FAR_ACTIVE_DBFS = -50.0
 _SILENCE_DBFS = -120.0
 
@@ -287,6 +291,12 @@ class _Engine:
         self._rest = cfg.noise_suppression or cfg.auto_gain_control or high_pass
         self._agc = cfg.auto_gain_control
         self.restarts = 0
+        self.rate = fmt.sample_rate
+        # The linear stage (mono only) starts where a realignment puts the echo, and
+        # moves once the echo's delay is measured elsewhere.
+        self.linear_on = cancel and cfg.linear_canceller and fmt.channels == 1
+        self.linear: LinearCanceller | None = None
+        self.place_linear(_TARGET_MS)
 
     def process(self, near: Samples, far: NDArray[np.float32] | None) -> Samples:
         """One frame (frame, channels) int16; ``far`` mono float or None."""
@@ -296,6 +306,18 @@ class _Engine:
             far16 = np.clip(np.round(ref * 32767), -32768, 32767).astype(np.int16)
             if self.channels > 1:
                 far16 = np.repeat(far16, self.channels)
+            linear = self.linear
+            if linear is not None:
+                was = linear.engaged
+                cleaned = linear.process(out.astype(np.float32), ref * np.float32(32767))
+                out = np.clip(np.round(cleaned), -32768, 32767).astype(np.int16)
+                if was and not linear.engaged:
+                    # The echo path moved under it: AEC3, which modelled the small
+                    # residual, now gets the whole echo; afresh it finds it in 0.5 s.
+                    self._aec.reset()
+                    self.restarts += 1
+                if linear.lost:  # the drift took its window out of the history
+                    self.linear = linear.restarted()
             out = self._aec.process(out, far16)
         if self._rest:
             out = self._ap.process(out)
@@ -303,10 +325,30 @@ class _Engine:
         return result
 
     def restart_canceller(self) -> None:
-        """Start the canceller afresh (its filters and delay search), nothing else."""
+        """Start the canceller afresh (its filters and delay search), nothing else; the
+        linear stage starts afresh where it reads, keeping its drift estimate."""
         if self._aec is not None:
             self._aec.reset()
             self.restarts += 1
+        if self.linear is not None:
+            self.linear = self.linear.restarted()
+
+    def place_linear(self, echo_ms: float) -> None:
+        """Keep the linear filter's window on an echo ``echo_ms`` after the reference:
+        a fresh filter (keeping the drift estimate) starting just before it, unless the
+        echo already falls early in the window (the filter follows drift itself)."""
+        if not self.linear_on:
+            return
+        linear = self.linear
+        if linear is not None:
+            into = echo_ms - linear.reads_ms
+            if _LINEAR_EARLIEST_MS <= into <= _LINEAR_LATEST_MS:
+                return
+        delay = round((echo_ms - _LINEAR_LEAD_MS) * self.rate / 1000)
+        if linear is None:
+            self.linear = LinearCanceller(self.rate, self.frame, delay)
+        else:
+            self.linear = linear.restarted(delay)
 
     @property
     def gain_db(self) -> float | None:
@@ -324,6 +366,7 @@ class ProcessingStats:
     noise_suppression: bool
     high_pass_filter: bool
     auto_gain_control: bool
+    linear_canceller: bool  # configured, echo cancellation on, a mono microphone
     reference: Literal["playing", "idle", "none"]  # idle: nothing played for a second
     cancelling: bool  # the canceller has a live reference now
     echo_delay_ms: float | None  # reference to its echo, as the canceller is handed them
@@ -332,6 +375,8 @@ class ProcessingStats:
     realignments: int  # times the reference was moved to keep the delay in range
     alignment_ms: float  # how far the reference is shifted from its stamps
     erle_db: float | None  # microphone over output power while the room hears only echo
+    linear_engaged: bool  # the linear stage's output goes to AEC3 (it has converged)
+    linear_erle_db: float | None  # microphone over the linear stage's output, last second
     echo_return_loss_db: float | None  # loudspeaker reference over microphone power
     input_level_dbfs: float | None  # the raw microphone, last second
     gain_db: float | None  # the gain control's current gain
@@ -352,6 +397,7 @@ class ProcessingStats:
                 "noise_suppression": self.noise_suppression,
                 "high_pass_filter": self.high_pass_filter,
                 "auto_gain_control": self.auto_gain_control,
+                "linear_canceller": self.linear_canceller,
             },
             "reference": self.reference,
             "cancelling": self.cancelling,
@@ -363,6 +409,8 @@ class ProcessingStats:
             "realignments": self.realignments,
             "alignment_ms": round(self.alignment_ms, 1),
             "erle_db": r(self.erle_db),
+            "linear_engaged": self.linear_engaged,
+            "linear_erle_db": r(self.linear_erle_db),
             "echo_return_loss_db": r(self.echo_return_loss_db),
             "input_level_dbfs": r(self.input_level_dbfs),
             "gain_db": r(self.gain_db),
@@ -400,6 +448,9 @@ class AudioProcessor:
         self._cpu: deque[float] = deque(maxlen=500)
         self._cancelling = False
         self._gain: float | None = None
+        self._linear_on = False
+        self._linear_engaged = False
+        self._linear_erle: float | None = None
         self.realignments = 0
         self.frames = 0
         self.errors = 0
@@ -462,6 +513,7 @@ class AudioProcessor:
                 out[i : i + size] = engine.process(near, far)
                 self._observe(near, out[i : i + size], far, captured_ns)
             gain = engine.gain_db
+            linear = engine.linear
             elapsed = time.perf_counter() - started
         except Exception as exc:
             self.errors += 1
@@ -476,6 +528,9 @@ class AudioProcessor:
         with self._lock:
             self._cancelling = playing and engine.cancel
             self._gain = gain
+            self._linear_on = engine.linear_on
+            self._linear_engaged = linear is not None and linear.engaged
+            self._linear_erle = None if linear is None else linear.erle_db
             self._cpu.append(elapsed / (frames / rate))
             self.frames += frames // size
         return out
@@ -515,6 +570,8 @@ class AudioProcessor:
         elif settled is None or abs(seen - settled) <= _JUMP_MS:
             self._settled_ms = seen  # first found, or drifting: the canceller follows
             self._jump_ms = None
+            if self._engine is not None:
+                self._engine.place_linear(seen)
             return
         elif confidence < _ECHO_DOMINATED:
             return  # a jump is only believed while the microphone hears mostly echo
@@ -542,6 +599,7 @@ class AudioProcessor:
             shift = self._shift_ns / 1e6
         if self._engine is not None:
             self._engine.restart_canceller()
+            self._engine.place_linear(_TARGET_MS)
         log.warning(
             "echo path delay %.0f ms %s (0-%d ms): the loudspeaker reference now goes to "
             "the canceller %+.0f ms off its stamps, and the canceller starts afresh",
@@ -572,6 +630,7 @@ class AudioProcessor:
                 noise_suppression=active and cfg.noise_suppression,
                 high_pass_filter=active and cfg.high_pass_filter,
                 auto_gain_control=active and cfg.auto_gain_control,
+                linear_canceller=active and self._linear_on,
                 reference=ref_state,
                 cancelling=self._cancelling and ref_state == "playing",
                 echo_delay_ms=self._delay_ms,
@@ -580,6 +639,8 @@ class AudioProcessor:
                 realignments=self.realignments,
                 alignment_ms=self._shift_ns / 1e6,
                 erle_db=self._erle,
+                linear_engaged=self._linear_engaged,
+                linear_erle_db=self._linear_erle,
                 echo_return_loss_db=self._erl,
                 input_level_dbfs=_dbfs(sum(levels) / len(levels)) if levels else None,
                 gain_db=self._gain,
