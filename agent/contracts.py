@@ -29,7 +29,7 @@ import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from enum import Enum
-from typing import Any, ClassVar, Literal, TypedDict
+from typing import Any, ClassVar, Literal, TypedDict, get_args
 
 # -- names --------------------------------------------------------------------------------
 
@@ -802,6 +802,10 @@ class SensingAttendance(TypedDict):
     hand_raises: int | None  # the lesson's; None: not measured
 
 
+StMode = Literal["practice", "lecture", "dialogue", "mixed"]  # by the S-T thresholds
+ST_MODES: tuple[StMode, ...] = get_args(StMode)
+
+
 class SensingSt(TypedDict):
     """``{prefix}/{site}/{room}/sensing`` at a lesson's end: its S-T figures, aggregates of
     the talk analysis only (never audio or who spoke when)."""
@@ -819,7 +823,7 @@ class SensingSt(TypedDict):
     runs: int
     rt: float
     ch: float
-    mode: Literal["practice", "lecture", "dialogue", "mixed"]
+    mode: StMode
 
 
 class ProfilesSection(TypedDict):

@@ -49,7 +49,14 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from agent import contracts
-from agent.contracts import RESERVED_SITES, ContractError, DeviceState, StateOrder, is_device_id
+from agent.contracts import (
+    RESERVED_SITES,
+    ST_MODES,
+    ContractError,
+    DeviceState,
+    StateOrder,
+    is_device_id,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -68,7 +75,6 @@ PROFILE_STATES = PROFILE_PROBLEMS | {"pending", "waiting", "applied", "cleared"}
 
 _SLUG = re.compile(contracts.SLUG_PATTERN)
 SENSING_KINDS = frozenset({"minute", "st", "attendance"})
-ST_MODES = frozenset({"practice", "lecture", "dialogue", "mixed"})
 ATTENDANCE_COUNTS = ("present", "late", "left_early", "absent", "unknown", "enrolled")
 MAX_SENSED_LESSONS = 200  # lessons whose sensing figures are kept (the newest)
 SHOWN_SENSED_LESSONS = 20  # of those, the ones the page lists (live ones first)

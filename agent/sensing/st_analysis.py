@@ -22,14 +22,15 @@ from __future__ import annotations
 import itertools
 from collections.abc import Iterable
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any
 
+from agent.contracts import StMode
 from agent.sensing.talk import Span
 
 SAMPLE_INTERVAL_S = 30.0  # the standard S-T sampling interval
 PRACTICE_RT, LECTURE_RT, DIALOGUE_CH = 0.3, 0.7, 0.4
 
-Mode = Literal["practice", "lecture", "dialogue", "mixed"]
+Mode = StMode  # the contract's (the sensing topic's ``st`` message carries it)
 
 
 @dataclass(frozen=True)
