@@ -104,7 +104,6 @@ class LinearCanceller:
         hz = bins * rate / (2 * n)
         self.band = (hz > 150) & (hz < 2500)
         self.omega = (np.pi * bins[self.band] / n).astype(np.float32)
-        self.steps = np.arange(n)
 
     def restarted(self, delay: int | None = None) -> LinearCanceller:
         """A fresh filter (window from ``delay``, or where this one reads now) keeping
