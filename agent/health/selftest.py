@@ -137,7 +137,9 @@ class SelftestThresholds:
     max_disk_percent: float = 95.0
     broker_timeout_s: float = 5.0
     echo_play_s: float = 4.0  # the test sound; the canceller converges in the first 2 s
-    echo_quiet_s: float = 0.6  # the room's own level, listened to before the sound
+    # The room's own level, listened to before the sound: counted in audio, not in wall
+    # time, so a busy device that hands chunks over late still measures this much.
+    echo_quiet_s: float = 1.0
     # What comes back of the test sound after processing may raise the microphone this
     # much above the room's own level: a working canceller leaves a few dB, none ~30.
     echo_max_rise_db: float = 10.0
@@ -552,6 +554,22 @@ async def _play(speaker: Speaker, sound: np.ndarray[Any, np.dtype[np.int16]]) ->
         speaker.observe(ECHO_TEST_SOURCE, "audio", _audio_frame(sound[at : at + _ECHO_FRAME]))
 
 
+async def _collect_audio(
+    get: Callable[[], Awaitable[AudioChunk]],
+    into: list[AudioChunk],
+    first_timeout_s: float,
+    audio_s: float,
+) -> None:
+    """Append chunks until they hold ``audio_s`` of sound (or the source stalls)."""
+    heard = 0.0
+    with contextlib.suppress(TimeoutError):
+        async with asyncio.timeout(first_timeout_s + 2 * audio_s):
+            while heard < audio_s:
+                chunk = await get()
+                into.append(chunk)
+                heard += chunk.duration_s
+
+
 def _level(chunks: list[AudioChunk]) -> float:
     if not chunks:
         return -120.0
@@ -573,10 +591,8 @@ async def check_echo_path(
     quiet: list[AudioChunk] = []
     during: list[AudioChunk] = []
     with hub.subscribe(f"selftest-echo-{uuid.uuid4().hex[:6]}", max_chunks=1000) as chunks:
-        count, _ = await _collect(
-            chunks.get, quiet.append, limits.first_item_timeout_s, limits.echo_quiet_s
-        )
-        if not count:
+        await _collect_audio(chunks.get, quiet, limits.first_item_timeout_s, limits.echo_quiet_s)
+        if not quiet:
             return CheckResult(
                 name, CheckStatus.SKIP, "echo path: the microphone sends no audio (see microphone)"
             )
