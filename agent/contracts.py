@@ -783,7 +783,8 @@ class SensingMinute(TypedDict):
 
 
 class SensingAttendance(TypedDict):
-    """``{prefix}/{site}/{room}/sensing`` at a lesson's end: attendance counts only."""
+    """``{prefix}/{site}/{room}/sensing`` at a lesson's end, and again after each teacher
+    correction on the panel: attendance counts only. The newest (by ``ts``) holds."""
 
     v: int
     ts: float
@@ -800,6 +801,9 @@ class SensingAttendance(TypedDict):
     head_count_max: int
     head_up_rate: float | None  # mean of the per-minute rates
     hand_raises: int | None  # the lesson's; None: not measured
+    # Teacher corrections counted in the figures above: 0 at the lesson's end; the room
+    # sends the message again, with the corrected counts, after each panel correction.
+    corrections: int
 
 
 StMode = Literal["practice", "lecture", "dialogue", "mixed"]  # by the S-T thresholds

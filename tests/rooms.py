@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -96,14 +96,15 @@ async def room(
     observers: Sequence[FrameObserver] = (),
     panel_bind: str = "127.0.0.1",
     reports: LessonReports | None = None,
+    corrected: Callable[[dict[str, Any]], Awaitable[None]] | None = None,
     ui: UiConfig | None = None,
 ) -> AsyncIterator[Room]:
     """One classroom's agent (link + hubs + stream service [+ panel]), stopped on exit.
 
     ``playback``: its loudspeakers (the stream service runs it and wires it to the
     microphone's echo canceller, as in the daemon); ``observers``: more consumers of
-    the media it receives; ``panel_bind``, ``reports`` and ``ui``: the panel's address,
-    lesson reports and language."""
+    the media it receives; ``panel_bind``, ``reports``, ``corrected`` and ``ui``: the
+    panel's address, lesson reports, hook for a corrected report and language."""
     role = LessonRole.MAIN if main else LessonRole.RECEIVING
     link = MqttLink(
         broker.broker_config(None),
@@ -140,6 +141,7 @@ async def room(
             audio=audio,
             ui=ui,
             reports=reports,
+            corrected=corrected,
         )
     r = Room(device, link, video, audio, service, probe, board, server)
     async with running(link) as link_task:

@@ -15,12 +15,15 @@ from collections.abc import AsyncIterator, Sequence
 from pathlib import Path
 from typing import Any
 
+import aiohttp
 import jsonschema
 import pytest
 import yaml
 
 from agent.panel import PanelClient
+from agent.sensing.roster import open_store
 from tests.brokers import ADMIN, DEVICE_1, BrokerUnderTest, observing
+from tests.sensing_data import lesson_report
 
 REPO = Path(__file__).resolve().parents[1]
 SCHEMAS = {
@@ -394,4 +397,34 @@ async def test_commands_over_mqtt_ping_restart_capture_and_selftest(
         assert not unknown["ok"]
         assert "unknown command" in unknown["error"]
     assert daemon.process.returncode is None
+    assert "Traceback" not in daemon.log()
+
+
+async def test_a_teachers_correction_reaches_the_fleet(
+    mosquitto: BrokerUnderTest, tmp_path: Path, daemon_factory: Any
+) -> None:
+    """The daemon's panel corrects a sealed report, and the room's sensing topic carries
+    the lesson's attendance again with the corrected counts (sensing itself is off)."""
+    lesson = "lesson-20261206-0800"
+    store = open_store(tmp_path / "state" / "sensing", create=True)
+    store.seal_record(lesson, lesson_report(lesson=lesson, start=time.time() - 3600), "report")
+    daemon = daemon_factory(site_config(mosquitto, tmp_path))
+    topic = f"{mosquitto.prefix}/school1/room1/sensing"
+    async with observing(mosquitto, topic, user=ADMIN) as it:
+        await daemon.start()
+        await daemon.wait_log("lesson kiosk at ")  # a receiving room's panel
+        found = re.search(r"lesson kiosk at (http://[0-9.:]+/)", daemon.log())
+        assert found is not None, daemon.log()
+        async with (
+            aiohttp.ClientSession() as session,
+            session.post(
+                f"{found.group(1)}api/reports/{lesson}/corrections",
+                json={"student": "s-c", "status": "present"},
+            ) as reply,
+        ):
+            assert reply.status == 200, await reply.text()
+        counts = (await it.wait_for(topic, within=30)).json()
+    jsonschema.validate(counts, json.loads((REPO / "schemas" / "sensing.v1.json").read_text()))
+    assert (counts["lesson"], counts["kind"], counts["device"]) == (lesson, "attendance", DEVICE_1)
+    assert (counts["present"], counts["absent"], counts["corrections"]) == (2, 0, 1)
     assert "Traceback" not in daemon.log()

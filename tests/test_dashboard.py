@@ -837,6 +837,7 @@ def sensing(kind: str, /, *, device: str = "school1.room1", **fields: Any) -> by
             "head_count": 24,
             "head_count_max": 26,
             "head_up_rate": 0.74,
+            "corrections": 0,
         },
     }
     message = {
@@ -923,18 +924,27 @@ def test_sensing_figures_per_room_and_per_lesson() -> None:
         "absent": 3,
         "unknown": 1,
         "enrolled": 27,
+        "corrections": 0,
     }
     assert ended["totals"]["present"] == 21
+    # The teacher corrects two absences on the panel: the room sends its counts again.
+    corrected = {"present": 23, "absent": 1, "corrections": 2, **va}
+    assert model.apply(topic, sensing("attendance", ts=2100.0, hand_raises=7, **corrected))
+    # A re-delivery of the lesson's first attendance must not undo the correction.
+    assert not model.apply(topic, sensing("attendance", hand_raises=7, **va))
+    a = model.sensing_view()[0]["rooms"][0]
+    assert (a["present"], a["absent"], a["corrections"]) == (23, 1, 2)
     assert ended["totals"]["final"] is False  # village-b has not reported its end yet
     # An attendance without the hand-raise field keeps what the minutes added up.
     model.apply("edu/village-b/r1/sensing", sensing("attendance", device="village-b.r1", absent=0))
     totals = model.sensing_view()[0]["totals"]
     assert (totals["final"], totals["present"], totals["absent"], totals["late"]) == (
         True,
-        42,
-        3,
+        44,
+        1,
         4,
     )
+    assert totals["corrections"] == 2
     assert totals["hand_raises"] == 7
     # Outside a lesson a room's minute carries no lesson: nothing to file it under.
     assert not model.apply(topic, sensing("minute", lesson=None, minute_start=5000.0, **va))

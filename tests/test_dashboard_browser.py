@@ -22,6 +22,7 @@ from typing import Any
 import pytest
 
 from agent.dashboard import DashboardConfig, DashboardServer
+from agent.locales import catalogue
 from agent.testkit import SimFleet, fleet_layout
 from tests.brokers import DASHBOARD, BrokerUnderTest, observing
 from tests.browsers import ARTIFACTS, chromium, needs_chromium, until
@@ -312,4 +313,19 @@ async def check_sensing(browser: Any, server: DashboardServer, broker: BrokerUnd
     total = f'tr.sensing-total[data-lesson="{lesson.lesson_id}"]'
     assert lesson.subject in (await page.text_content(total) or "")
     assert await page.text_content(f'{total} td[data-f="present"]') == "28"
+    assert await page.locator(f"{row} .corrected").count() == 0
+    # The teacher corrects two absences on the panel: the room sends its counts again.
+    corrected = attendance | {"present": 30, "absent": 1, "corrections": 2}
+    async with observing(broker) as publisher:
+        await publisher.publish(topic, json.dumps(base | corrected | {"ts": time.time() + 1}))
+    await until(
+        page,
+        f"document.querySelector('{cell('present')}').textContent === '30'",
+        within=10,
+        what="the corrected attendance counts",
+    )
+    assert (await page.text_content(cell("absent")) or "").startswith("1")
+    mark = page.locator(f"{row} .corrected")
+    expected = catalogue("en")["dash.sensing.corrected"].replace("{n}", "2")
+    assert await mark.get_attribute("title") == expected
     await page.locator("#sensing-part").screenshot(path=str(ARTIFACTS / "dashboard-sensing.png"))

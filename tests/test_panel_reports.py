@@ -9,25 +9,30 @@ every address), so the token rule is exercised as a classroom's network would.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import ipaddress
 import json
 import threading
 import time
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
 import aiohttp
+import jsonschema
 import numpy as np
 import psutil
 import pytest
 
 from agent.config.models import UiConfig
-from agent.sensing import LessonReports
+from agent.sensing import LessonReports, announce_correction
 from agent.sensing.privacy import purge_before, purge_student
 from agent.sensing.roster import Enrolled, RosterStore, open_store
-from tests.brokers import BrokerUnderTest
-from tests.rooms import MAIN, PANEL_TOKEN, room
+from agent.sync import Outbox, ReliablePublisher
+from tests.brokers import BrokerUnderTest, observing
+from tests.rooms import MAIN, PANEL_TOKEN, Room, room
 from tests.sensing_data import lesson_report
+from tests.test_contracts import schema
 
 EARLIER = "lesson-20261205-1000"
 LATEST = "lesson-20261206-0800"
@@ -46,6 +51,28 @@ def seal_reports(directory: Path) -> RosterStore:
     earlier = lesson_report(lesson=EARLIER, start=1_796_000_000.0 - day)
     store.seal_record(EARLIER, earlier, "report")
     return store
+
+
+@contextlib.asynccontextmanager
+async def reporting_room(
+    broker: BrokerUnderTest, store: RosterStore, outbox: Path
+) -> AsyncIterator[Room]:
+    """The main room with its panel serving ``store``'s reports; a correction sends the
+    lesson's attendance counts through an outbox and publisher, as the composition wires
+    it."""
+    publishers: list[ReliablePublisher] = []
+
+    async def corrected(report: dict[str, Any]) -> None:
+        [publisher] = publishers
+        await announce_correction(publisher, publisher.link.topics.sensing, MAIN, report)
+
+    reports = LessonReports(store.directory)
+    async with room(
+        broker, MAIN, main=True, panel=True, reports=reports, corrected=corrected
+    ) as main:
+        publishers.append(ReliablePublisher(main.link, Outbox(outbox)))
+        main.tasks.append(asyncio.create_task(publishers[0].run()))
+        yield main
 
 
 def lan_address() -> str:
@@ -87,8 +114,10 @@ async def test_reports_are_listed_shown_and_corrected(
     mosquitto: BrokerUnderTest, tmp_path: Path
 ) -> None:
     store = seal_reports(tmp_path / "store")
-    reports = LessonReports(store.directory)
-    async with room(mosquitto, MAIN, main=True, panel=True, reports=reports) as main:
+    async with (
+        observing(mosquitto, f"{mosquitto.prefix}/+/+/sensing") as observer,
+        reporting_room(mosquitto, store, tmp_path / "outbox.db") as main,
+    ):
         assert main.panel is not None
         base = main.panel.url
         status, listed = await call(base, "GET", "/api/reports")
@@ -144,6 +173,16 @@ async def test_reports_are_listed_shown_and_corrected(
         row = relisted["reports"][0]
         assert (row["present"], row["absent"], row["corrections"]) == (2, 0, 1)
 
+        # The fleet hears the corrected counts: the lesson's attendance message again.
+        sent = await observer.wait_for(main.link.topics.sensing, within=30)
+        counts = json.loads(sent.payload)
+        jsonschema.validate(counts, schema("sensing"))
+        assert (counts["kind"], counts["lesson"], counts["device"]) == ("attendance", LATEST, MAIN)
+        assert (counts["present"], counts["late"], counts["absent"]) == (2, 1, 0)
+        assert (counts["enrolled"], counts["corrections"]) == (3, 1)
+        assert "s-c" not in sent.payload.decode()
+        assert "王小明" not in sent.payload.decode()
+
         # The page itself is only the frame: it carries no report and needs no token.
         status, frame = await call(base, "GET", "/report")
         assert status == 200
@@ -196,8 +235,10 @@ async def test_bad_requests_name_the_field_and_the_fix(
     mosquitto: BrokerUnderTest, tmp_path: Path
 ) -> None:
     store = seal_reports(tmp_path / "store")
-    reports = LessonReports(store.directory)
-    async with room(mosquitto, MAIN, main=True, panel=True, reports=reports) as main:
+    async with (
+        observing(mosquitto, f"{mosquitto.prefix}/+/+/sensing") as observer,
+        reporting_room(mosquitto, store, tmp_path / "outbox.db") as main,
+    ):
         assert main.panel is not None
         base = main.panel.url
         for bad in ("a.b", "x" * 65, "%C3%BCber", "lesson%20one"):
@@ -252,6 +293,12 @@ async def test_bad_requests_name_the_field_and_the_fix(
         assert refused["error"].startswith("language:")
         record = store.open_record(store.record_path(LATEST, "report"))  # type: ignore[arg-type]
         assert record["corrections"] == []  # nothing refused was written
+        # ... nor sent: the first message the fleet hears is the first correction that holds.
+        status, _ = await call(base, "POST", corrections, {"student": "s-c", "status": "late"})
+        assert status == 200
+        sent = await observer.wait_for(main.link.topics.sensing, within=30)
+        assert json.loads(sent.payload)["corrections"] == 1
+        assert len(observer.messages) == 1
 
 
 def correction_body() -> dict[str, str]:

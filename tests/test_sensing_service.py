@@ -176,6 +176,7 @@ async def test_a_lesson_with_sensing_on_sends_only_counts(
     counts = json.loads(done.payload)
     jsonschema.validate(counts, sensing_schema)
     assert (counts["present"], counts["absent"], counts["enrolled"]) == (2, 1, 3)
+    assert counts["corrections"] == 0
     (st,) = [
         json.loads(m.payload)
         for m in observer.messages

@@ -27,8 +27,9 @@ Rules that are easy to get wrong:
   json): while a lesson runs, each ``minute`` gives the latest head count and head-up rate
   (hand raises add up per minute); at its end ``st`` (Rt, Ch, mode) and ``attendance``
   (present/late/absent counts, the lesson's mean head-up rate) complete the lesson's
-  figures. They arrive after the lesson's announcement is gone, so the model remembers
-  which group and subject each announced lesson id had. The newest
+  figures; a teacher's correction on the panel sends ``attendance`` again, and the
+  newest by ``ts`` holds. They arrive after the lesson's announcement is gone, so the
+  model remembers which group and subject each announced lesson id had. The newest
   ``MAX_SENSED_LESSONS`` lessons are kept; nothing but numbers is stored.
 - *Bad input.* Payloads that are not JSON, have the wrong shape or types, or name
   another device are counted per kind (`ModelStats`) and change nothing.
@@ -296,6 +297,8 @@ class RoomFigures:
     ch: float | None = None
     mode: str | None = None
     counts: dict[str, int] | None = None  # ATTENDANCE_COUNTS, from the attendance message
+    counted_ts: float | None = None  # device time of the attendance message taken
+    corrections: int | None = None  # teacher corrections in those counts (None: none sent)
 
     def to_dict(self) -> dict[str, Any]:
         counts = self.counts or {}
@@ -309,6 +312,7 @@ class RoomFigures:
             "ch": _round(self.ch, 3),
             "mode": self.mode,
             **{name: counts.get(name) for name in ATTENDANCE_COUNTS},
+            "corrections": self.corrections,
         }
 
 
@@ -1036,6 +1040,7 @@ class FleetModel:
             }
         else:
             update = {
+                "corrections": _count_field(data, "corrections", required=False),
                 "counts": {name: _count_field(data, name) for name in ATTENDANCE_COUNTS},
                 "head_count": _count_field(data, "head_count"),
                 "head_up_rate": _rate_field(data, "head_up_rate", nullable=True),
@@ -1070,7 +1075,11 @@ class FleetModel:
         elif kind == "st":
             figures.rt, figures.ch, figures.mode = update["rt"], update["ch"], update["mode"]
         else:
+            if figures.counted_ts is not None and ts <= figures.counted_ts:
+                return False  # re-delivered, or overtaken by a teacher's correction
             figures.final = True
+            figures.counted_ts = ts
+            figures.corrections = update["corrections"]
             figures.counts = update["counts"]
             figures.head_count = update["head_count"]
             figures.head_up_rate = update["head_up_rate"]
@@ -1265,6 +1274,7 @@ def _sensing_totals(rooms: list[dict[str, Any]]) -> dict[str, Any]:
         "head_up_rate": _round(rate, 3),
         "hand_raises": total("hand_raises"),
         **{name: total(name) for name in ATTENDANCE_COUNTS},
+        "corrections": total("corrections"),
     }
 
 

@@ -227,9 +227,12 @@ class PanelServer:
         audio: AudioHub | None = None,
         ui: UiConfig | None = None,
         reports: LessonReports | None = None,
+        corrected: Callable[[dict[str, Any]], Awaitable[None]] | None = None,
     ) -> None:
         self.stream = stream
         self.reports = reports
+        # Told each corrected report (the composition sends its counts to the fleet).
+        self.corrected = corrected
         self.ui = ui or UiConfig()
         self.config = config
         self.identity = identity
@@ -601,7 +604,10 @@ class PanelServer:
             )
             return _report_view(report, names, language)
 
-        return await self._report_call(corrected)
+        view = await self._report_call(corrected)
+        if self.corrected is not None:
+            await self.corrected(view["report"])
+        return view
 
     async def _report_call(self, work: Callable[[], dict[str, Any]]) -> dict[str, Any]:
         """Run a report's file work (decrypting, sealing, rendering) off the event loop;

@@ -35,7 +35,7 @@ from agent.health import (
 )
 from agent.panel import PanelServer, load_or_create_token, token_path
 from agent.runtime.profiles import ProfileListener, ProfileManager
-from agent.sensing import LessonReports, SensingService, sensing_service
+from agent.sensing import LessonReports, SensingService, announce_correction, sensing_service
 from agent.stream import (
     FanOutSink,
     FrameObserver,
@@ -260,7 +260,19 @@ def _panel(host: Host) -> PanelServer | None:
         ui=config.ui,
         # The lesson reports sensing leaves in its store (read even with sensing off now).
         reports=LessonReports.of(config),
+        corrected=_correction_announcer(host),
     )
+
+
+def _correction_announcer(host: Host) -> Callable[[dict[str, Any]], Awaitable[None]]:
+    publisher: ReliablePublisher = host.part("publisher")
+    topic = host.part("mqtt").topics.sensing
+    device = host.config.identity.device_id
+
+    async def announce(report: dict[str, Any]) -> None:
+        await announce_correction(publisher, topic, device, report)
+
+    return announce
 
 
 def _discovery(host: Host) -> HomeAssistantDiscovery | None:
@@ -345,7 +357,7 @@ PARTS: tuple[Part, ...] = (
             "sensing.key_file",
         ),
         _panel,
-        needs=("stream", "capture"),
+        needs=("stream", "capture", "publisher"),
         live=True,
     ),
     Part(

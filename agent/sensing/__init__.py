@@ -64,7 +64,7 @@ from agent.sensing.roster import (
     read_roster,
     read_signed_roster,
 )
-from agent.sensing.service import SensingService, sensing_service
+from agent.sensing.service import SensingService, announce_correction, sensing_service
 from agent.sensing.talk import write_wav
 from agent.sensing.track import UNKNOWN, Track, Tracker, iou
 
@@ -103,6 +103,7 @@ __all__ = [
     "Tracker",
     "add_report_parser",
     "add_sensing_commands",
+    "announce_correction",
     "choose_providers",
     "effective_status",
     "heads_up",

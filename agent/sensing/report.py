@@ -136,6 +136,25 @@ def corrected_counts(report: dict[str, Any]) -> dict[str, int]:
     return counts
 
 
+def attendance_aggregate(report: dict[str, Any]) -> dict[str, Any]:
+    """The body of the lesson's ``attendance`` message on the sensing topic (contract
+    ``SensingAttendance``), from its report: counts and rates only, the teacher's
+    corrections applied and counted. The same at the lesson's end and after a correction,
+    so the fleet's figures follow the teacher's."""
+    summary = report.get("summary", {})
+    return {
+        "kind": "attendance",
+        **corrected_counts(report),
+        "unknown": report["attendance"]["unknown"],
+        "enrolled": len(report["attendance"]["students"]),
+        "head_count": summary.get("head_count", 0),
+        "head_count_max": summary.get("head_count_max", 0),
+        "head_up_rate": summary.get("head_up_rate"),
+        "hand_raises": summary.get("hand_raises"),
+        "corrections": len(report.get("corrections", [])),
+    }
+
+
 def report_row(report: dict[str, Any]) -> dict[str, Any]:
     """One line of a list of reports: when, where, the figures and the attendance counts
     (corrected). No student appears in it."""

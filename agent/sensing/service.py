@@ -53,7 +53,7 @@ from agent.sensing.models import ModelError
 from agent.sensing.pipeline import STAGES, FaceResult, Gallery, Pipeline, heads_up
 from agent.sensing.pose import PoseEstimator
 from agent.sensing.privacy import purge_expired
-from agent.sensing.report import report_record
+from agent.sensing.report import attendance_aggregate, report_record
 from agent.sensing.roster import (
     RECORD_KINDS,
     STORE_FILE,
@@ -556,8 +556,7 @@ class SensingService:
         await self._send({"kind": "minute", **body})
 
     async def _send(self, body: dict[str, Any]) -> None:
-        lesson = None if self._lesson_id is None else self._lesson_id
-        message = {"v": 1, "ts": self.clock(), "device": self.device, "lesson": lesson, **body}
+        message = sensing_message(self.device, self._lesson_id, body, self.clock())
         await self.publisher.send(self.topic, message, "event")
         self.published += 1
 
@@ -580,23 +579,16 @@ class SensingService:
                 self.store.seal_record, attendance.lesson_id, record
             )
             log.info("sensing: lesson %s attendance sealed in %s", attendance.lesson_id, path)
-        summary = attendance.summary()
         report = report_record(
             record,
-            summary,
+            attendance.summary(),
             st,
             room=self.device,
             role=talk_role or self.role(),
             hands=attendance.hands(),
         )
         await asyncio.to_thread(self._seal_report, attendance.lesson_id, report)
-        counts = {
-            "kind": "attendance",
-            **record["counts"],
-            "unknown": record["unknown"],
-            "enrolled": len(attendance.enrolled),
-            **summary,
-        }
+        counts = attendance_aggregate(report)
         sends: list[dict[str, Any]] = [] if tail is None else [{"kind": "minute", **tail}]
         if st is not None:
             sends.append({"kind": "st", "role": talk_role, **st.to_dict()})
@@ -607,6 +599,24 @@ class SensingService:
                 await asyncio.shield(self._send(body))
             else:
                 await self._send(body)
+
+
+def sensing_message(
+    device: str, lesson: str | None, body: dict[str, Any], ts: float
+) -> dict[str, Any]:
+    """A message for the room's sensing topic (``schemas/sensing.v1.json``): ``body``
+    (its ``kind`` and figures) stamped with the room, the lesson and the time."""
+    return {"v": 1, "ts": ts, "device": device, "lesson": lesson, **body}
+
+
+async def announce_correction(
+    publisher: Publisher, topic: str, device: str, report: dict[str, Any]
+) -> None:
+    """After a teacher's correction on the panel: the lesson's attendance message again,
+    with the corrected counts, so the fleet's figures agree with the report (through the
+    outbox like every sensing message; sensing itself may be off by now)."""
+    message = sensing_message(device, report["lesson"], attendance_aggregate(report), time.time())
+    await publisher.send(topic, message, "event")
 
 
 def period_id(periods: list[str], now: datetime.datetime) -> str | None:

@@ -692,6 +692,12 @@
       cell.dataset.f = name;
       tr.append(cell);
     }
+    if (figures.corrections > 0) {
+      // The teacher corrected attendance on the panel: these counts are the corrected ones.
+      const mark = el("span", "corrected", "✎");
+      mark.title = t("dash.sensing.corrected", { n: I18N.number(figures.corrections) });
+      tr.lastChild.append(" ", mark);
+    }
     return tr;
   }
 
