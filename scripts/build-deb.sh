@@ -69,10 +69,12 @@ if leftover=$(grep -rlI -F "$ROOT" "$ROOT$VENV" | head -5) && [ -n "$leftover" ]
 fi
 
 echo "build-deb: files"
-install -d "$ROOT/usr/bin" "$ROOT$SHARE" "$ROOT/etc/classroom-agent" \
+install -d "$ROOT/usr/bin" "$ROOT/usr/sbin" "$ROOT$SHARE" "$ROOT/etc/classroom-agent" \
   "$ROOT/lib/systemd/system" "$ROOT/usr/lib/systemd/user" "$ROOT/var/lib/classroom-agent" \
   "$ROOT$PREFIX/docs" "$ROOT/usr/share/doc/classroom-agent"
 ln -s "$VENV/bin/classroom-agent" "$ROOT/usr/bin/classroom-agent"
+# Root's way to run the sensing commands with the service's account and key.
+install -m 0755 packaging/classroom-agent-admin "$ROOT/usr/sbin/"
 # The agent looks here first (agent/config/profiles.py: SYSTEM_PROFILES); a kit added
 # to this folder on one PC needs no new package.
 cp -r firmware-profiles "$ROOT$SHARE/firmware-profiles"

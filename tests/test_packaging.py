@@ -17,6 +17,7 @@ import shutil
 import subprocess
 import sys
 import sysconfig
+import tempfile
 import urllib.request
 import zipfile
 from collections.abc import Iterator
@@ -27,6 +28,7 @@ from typing import Any
 import pytest
 
 from tests.brokers import BrokerUnderTest
+from tests.sensing_data import OBAMA
 from tests.test_daemon import Daemon, site_config
 
 REPO = Path(__file__).resolve().parents[1]
@@ -360,3 +362,88 @@ def test_the_deb_installs_an_agent_that_checks_its_site_file_and_a_unit_that_ver
 
 def _uid(name: str) -> int:
     return pwd.getpwnam(name).pw_uid
+
+
+CREDENTIAL = Path("/etc/classroom-agent/sensing-key.cred")
+POSTINST = Path("/var/lib/dpkg/info/classroom-agent.postinst")
+
+
+def test_the_records_key_is_an_encrypted_credential_only_the_admin_tool_opens(
+    installed_deb: Path, tmp_path: Path
+) -> None:
+    """Rosters, attendance and reports are sealed with a key the package keeps as a
+    systemd encrypted credential (root 0600), never beside the store; root's
+    classroom-agent-admin runs a sensing command as the service's account with it."""
+    if shutil.which("systemd-creds") is None:
+        pytest.skip("systemd-creds is not installed (a Debian machine with systemd has it)")
+    made = CREDENTIAL.stat()
+    assert (made.st_mode & 0o777, made.st_uid) == (0o600, 0)
+    assert len(_decrypted_key()) == 32  # fresh random bytes
+    assert "sensing-key" in INSTALLED_UNIT.read_text(encoding="utf-8")
+
+    # An upgrade from a version that kept the key beside the store seals that key (the
+    # store stays readable) and removes the plain copy.
+    store = Path("/var/lib/classroom-agent/sensing")
+    store.mkdir(mode=0o700, exist_ok=True)
+    old_key = store / "store.key"
+    old_key.write_text("ab" * 32 + "\n")
+    CREDENTIAL.unlink()
+    upgraded = sh(str(POSTINST), "configure", "0.0.9", cwd=tmp_path)
+    assert upgraded.returncode == 0, upgraded.stderr
+    assert not old_key.exists()
+    assert _decrypted_key() == b"ab" * 32 + b"\n"
+    shutil.chown(store, DEB_PACKAGE, DEB_PACKAGE)
+
+    # Enrolment through the admin tool: as the service's account, with that key.
+    photos = Path(tempfile.mkdtemp(prefix="enrol-", dir="/tmp"))
+    try:
+        (photos / "s-obama").mkdir()
+        shutil.copy(OBAMA[0], photos / "s-obama" / "1.jpg")
+        roster = photos / "roster.yaml"
+        roster.write_text(
+            "class: g3\nstudents:\n  - {id: s-obama, name: 欧巴马, consent: true}\n",
+            encoding="utf-8",
+        )
+        for path in (photos, photos / "s-obama", photos / "s-obama" / "1.jpg", roster):
+            path.chmod(0o755 if path.is_dir() else 0o644)
+        enrolled = sh(
+            "classroom-agent-admin",
+            "roster",
+            "enroll",
+            "--roster",
+            str(roster),
+            "--photos",
+            str(photos),
+            cwd=tmp_path,
+            timeout=300,
+        )
+        assert enrolled.returncode == 0, enrolled.stdout + enrolled.stderr
+    finally:
+        shutil.rmtree(photos)
+    sealed = store / "roster.enc"
+    assert sealed.stat().st_uid == _uid(DEB_PACKAGE)  # the service can open what it wrote
+    assert not old_key.exists()  # the key came from the credential, none was made
+    listed = sh("classroom-agent-admin", "roster", "list", cwd=tmp_path)
+    assert listed.returncode == 0, listed.stderr
+    assert "s-obama" in listed.stdout
+    assert not list(Path("/run").glob("classroom-agent-admin.*"))  # the key is gone again
+    # Without the tool even root finds no key: the state directory holds none.
+    direct = sh("classroom-agent", "roster", "list", cwd=tmp_path)
+    assert direct.returncode != 0
+    assert "key missing" in direct.stdout + direct.stderr
+    refused = sh(
+        "setpriv", "--reuid=nobody", "classroom-agent-admin", "roster", "list", cwd=tmp_path
+    )
+    assert refused.returncode == 2
+    assert "sudo" in refused.stderr
+
+
+def _decrypted_key() -> bytes:
+    done = subprocess.run(
+        ["systemd-creds", "decrypt", "--name=sensing-key", str(CREDENTIAL), "-"],
+        capture_output=True,
+        timeout=60,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr
+    return done.stdout

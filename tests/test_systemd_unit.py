@@ -18,8 +18,10 @@ from pathlib import Path
 import pytest
 
 from agent.config.models import StreamConfig, SupervisorConfig
+from agent.sensing.roster import CREDENTIAL
 
-UNIT = Path(__file__).resolve().parents[1] / "systemd" / "classroom-agent.service"
+REPO = Path(__file__).resolve().parents[1]
+UNIT = REPO / "systemd" / "classroom-agent.service"
 MAX_EXPOSURE = 2.0
 INSTALLED_EXEC = "/opt/classroom-agent/.venv/bin/classroom-agent"
 
@@ -152,6 +154,17 @@ def test_state_directory_matches_the_default_config(
 ) -> None:
     state = Path("/var/lib") / _one(unit, "Service", "StateDirectory")
     assert state == SupervisorConfig().state_dir
+
+
+def test_the_records_key_comes_as_the_credential_the_agent_reads(
+    unit: dict[tuple[str, str], list[str]],
+) -> None:
+    name, path = _one(unit, "Service", "LoadCredentialEncrypted").split(":", 1)
+    assert name == CREDENTIAL  # where agent/sensing/roster.py looks
+    postinst = (REPO / "packaging" / "debian" / "postinst").read_text(encoding="utf-8")
+    assert f"CREDENTIAL={path}" in postinst  # the file the package makes
+    admin = (REPO / "packaging" / "classroom-agent-admin").read_text(encoding="utf-8")
+    assert f"CREDENTIAL={path}" in admin
 
 
 def test_camera_and_microphone_stay_reachable(unit: dict[tuple[str, str], list[str]]) -> None:
