@@ -7,9 +7,11 @@ store copied off the device without its key is unreadable. Attendance records us
 same key (``seal``/``unseal``).
 
 The key (32 bytes, raw or 64 hex digits) comes from, in order: ``sensing.key_file`` or
-``--key-file`` (must be 0600 or stricter), the systemd credential ``sensing-key``
-(``LoadCredential=sensing-key:...`` puts it in ``$CREDENTIALS_DIRECTORY``), or
-``{store}/store.key``, created 0600 on first enrolment. It is never logged.
+``--key-file`` (must be 0600 or stricter), the systemd credential ``sensing-key`` in
+``$CREDENTIALS_DIRECTORY`` (the package's unit decrypts it there with
+``LoadCredentialEncrypted=``; ``classroom-agent-admin`` does the same for the CLI), or
+``{store}/store.key``, created 0600 on first enrolment (a checkout, the demo). It is
+never logged.
 """
 
 from __future__ import annotations
