@@ -181,7 +181,7 @@ class LinearCanceller:
         n = self.n
         self.window[:n] = self.window[n:]
         self.window[n:] = x
-        spectrum = np.fft.rfft(self.window)[: self.k].astype(np.complex64)
+        spectrum = np.fft.rfft(self.window)[: self.k].astype(np.complex64, copy=False)
         self.x[1:] = self.x[:-1]
         self.x[0] = spectrum
         self.x2[1:] = self.x2[:-1]
@@ -226,7 +226,7 @@ class LinearCanceller:
         else:
             self.power[:] = self.x2[0]
         self.pad[n:] = e
-        err = np.fft.rfft(self.pad)[: self.k].astype(np.complex64)
+        err = np.fft.rfft(self.pad)[: self.k].astype(np.complex64, copy=False)
         self.psi *= _SMOOTH
         self.psi += (1 - _SMOOTH) * (err.real**2 + err.imag**2)
         px = self.p * self.x2
