@@ -183,6 +183,25 @@ def test_a_delay_that_jumps_down_is_followed_and_a_steady_one_left_alone() -> No
     assert erle(steady, out, slice(24 * RATE, 34 * RATE)) >= 30.0
 
 
+@pytest.mark.parametrize("changed_ms", [40.0, 46.0])
+def test_a_small_change_of_the_echo_path_is_relearned_without_a_realignment(
+    changed_ms: float,
+) -> None:
+    # At 22 s the room's response changes (someone moved) at the same delay, or the
+    # delay steps by 6 ms (under what counts as a jump): no realignment; the linear
+    # stage hands over to AEC3, re-learns and engages again, keeping its double-talk
+    # protection for the rest of the lesson (left alone it stayed out 10 s and more).
+    config = AudioProcessingConfig(mode="on", noise_suppression=False, auto_gain_control=False)
+    changed = classroom_scene(delay_ms=40.0, changed_delay_ms=changed_ms)
+    out, stage = run_stage(changed, config)
+    stats = stage.stats()
+    assert stats.realignments == 0
+    assert stats.linear_engaged
+    assert stats.linear_erle_db is not None
+    assert stats.linear_erle_db >= 12.0
+    assert erle(changed, out, slice(24 * RATE, 34 * RATE)) >= 25.0
+
+
 def test_a_misreported_output_delay_is_measured_and_the_reference_realigned(
     scene: Scene,
 ) -> None:

@@ -156,9 +156,13 @@ class LinearCanceller:
         elif self.out_now > 1.4 * self.mic_now and self.echo_now > 0.25 * self.mic_now:
             # It adds more than it removes while it expects echo (the echo path moved;
             # not a quiet far end, when it removes nothing): AEC3 gets the microphone
-            # until a restart has converged again.
+            # until it has converged again. The Kalman state is sure of a path that is
+            # gone: its uncertainty goes back up, so it re-learns from the weights it
+            # has in 2-3 s (left alone it took over 10 s after a 6 ms step or a new
+            # room response at the same delay; bench/audio.py).
             self.engaged = False
             self.mic_power = self.out_power = 0.0
+            self.p[:] = _P0
         return e if self.engaged else near
 
     def _reference(self) -> Floats:
