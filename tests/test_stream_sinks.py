@@ -27,6 +27,7 @@ import pyaudio
 import pytest
 from aiortc import RTCSessionDescription
 from aiortc.mediastreams import MediaStreamError, MediaStreamTrack
+from pydantic import ValidationError
 
 from agent.capture import AudioHub, DeviceState, FrameHub, open_audio_source, open_video_source
 from agent.capture import read_stamp as read_stamp_
@@ -273,6 +274,32 @@ async def test_playback_into_a_wav_file_plays_the_tone_at_real_time(tmp_path: Pa
     assert abs(dominant_hz(signal, rate) - 440) < 5
     assert 0.9 * rate <= len(signal) <= 1.5 * rate
     assert stat.S_IMODE(os.stat(path).st_mode) == 0o640
+
+
+def test_a_full_wav_output_starts_again_and_keeps_the_latest_sound(tmp_path: Path) -> None:
+    # A room playing into a file all day must not fill the disk: at max_s the file
+    # starts again empty, and what it holds is the newest sound, in a valid WAV file.
+    path = tmp_path / "speaker.wav"
+    output = WavFileOutput(path, sample_rate=8000, channels=1, buffer_ms=2000, max_s=0.5)
+    output.open()
+    try:
+        for value in range(1, 13):  # 1.2 s: 100 ms blocks, each of its own value
+            output.write(np.full((800, 1), value, np.int16))
+            # The timeline goes on across restarts: the newest block plays at the
+            # file's newest frames.
+            heard = output.frame_heard_at(output._t0 + 0.1 * value)
+            assert heard is not None
+            assert output._in_file - 2 <= heard <= output._in_file + 2
+    finally:
+        output.close()
+    assert output.restarts == 2  # at 0.5 s and at 1.0 s
+    assert output.frames_written == 12 * 800
+    signal, rate = read_wav(path)
+    assert rate == 8000
+    assert list(np.unique(signal)) == [11, 12]  # the last 0.2 s, nothing older
+    assert stat.S_IMODE(os.stat(path).st_mode) == 0o640
+    with pytest.raises(ValidationError, match="file_max_s"):
+        PlaybackConfig(output="file", path=path, file_max_s=1.0)
 
 
 async def test_playback_drops_the_oldest_beyond_its_buffer_and_mixes_sources(

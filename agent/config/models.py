@@ -289,6 +289,14 @@ class PlaybackConfig(StrictModel):
         description="PyAudio output device index or a substring of its name; empty: default",
     )
     path: Path | None = Field(default=None, description="WAV file to write (output: file)")
+    file_max_s: float = Field(
+        default=600.0,
+        ge=10.0,
+        le=86_400.0,
+        description="output file: the most sound the file holds; when full it starts again "
+        "empty (a WAV file cannot wrap around), so a room left playing never fills the disk "
+        "(600 s of 48 kHz stereo is 110 MB)",
+    )
 
     @model_validator(mode="after")
     def _output_needs(self) -> Self:

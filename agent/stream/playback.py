@@ -219,7 +219,8 @@ class WavFileOutput(AudioOutput):
     of buffer: :meth:`write` blocks until the audio is due. Pauses up to ``max_gap_s``
     are written as silence (what the room would have heard); after a longer one the
     file simply goes on. The header is kept current, so the file is readable while it
-    grows. The file is created (or replaced) with mode 0o640 at each open.
+    grows. The file is created (or replaced) with mode 0o640 at each open, and again
+    when it holds ``max_s`` of sound: it keeps the latest stretch, never the whole day.
     """
 
     def __init__(
@@ -230,8 +231,12 @@ class WavFileOutput(AudioOutput):
         channels: int = 2,
         buffer_ms: int = 60,
         max_gap_s: float = 1.0,
+        max_s: float = 600.0,
     ) -> None:
         self.path = Path(path)
+        self._max_frames = round(max_s * sample_rate)
+        self._in_file = 0  # frames in the file now
+        self.restarts = 0  # times the file was full and started again
         self._format = OutputFormat(sample_rate, channels)
         self._buffer_s = buffer_ms / 1000
         self._max_gap_s = max_gap_s
@@ -248,6 +253,15 @@ class WavFileOutput(AudioOutput):
         return f"file {self.path}"
 
     def open(self) -> OutputFormat:
+        self._create()
+        self._interrupt.clear()
+        self._t0, self._written = time.monotonic(), 0
+        self._base = 0
+        log.info("playing the lesson's sound into %s (%s)", self.path, self._format)
+        return self._format
+
+    def _create(self) -> None:
+        """The file, empty, with its header."""
         where = f"stream.playback.path: {self.path}"
         try:
             fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o640)
@@ -261,11 +275,7 @@ class WavFileOutput(AudioOutput):
         wav.setframerate(self._format.sample_rate)
         self._wav = wav
         self._raw = raw
-        self._interrupt.clear()
-        self._t0, self._written = time.monotonic(), 0
-        self._base = 0
-        log.info("playing the lesson's sound into %s (%s)", self.path, self._format)
-        return self._format
+        self._in_file = 0
 
     def write(self, samples: Samples) -> None:
         wav = self._wav
@@ -287,6 +297,8 @@ class WavFileOutput(AudioOutput):
             self._interrupt.wait(ahead_s)
 
     def _frames(self, samples: Samples) -> None:
+        if self._in_file + int(samples.shape[0]) > self._max_frames:
+            self._start_again()
         assert self._wav is not None
         try:
             self._wav.writeframes(np.ascontiguousarray(samples, dtype="<i2").tobytes())
@@ -295,7 +307,21 @@ class WavFileOutput(AudioOutput):
                 f"stream.playback.path: writing {self.path} failed ({exc.strerror or exc})"
             ) from exc
         self._written += int(samples.shape[0])
+        self._in_file += int(samples.shape[0])
         self.frames_written += int(samples.shape[0])
+
+    def _start_again(self) -> None:
+        """The file is full: the same file, empty; the timeline goes on (its frame
+        numbers now count from the new start)."""
+        self._base -= self._in_file
+        self.close()
+        self._create()
+        self.restarts += 1
+        log.info(
+            "%s held %.0f s of sound: started again empty",
+            self.path,
+            self._max_frames / self._format.sample_rate,
+        )
 
     def frame_heard_at(self, monotonic_s: float) -> int | None:
         """The file's frame that plays at ``monotonic_s`` on its timeline (None before
@@ -720,5 +746,5 @@ def open_playback(config: PlaybackConfig, **options: Any) -> AudioPlayback | Non
     if config.output == "file":
         if config.path is None:  # the config model already refuses this
             raise ValueError("stream.playback.path: required when stream.playback.output is 'file'")
-        return AudioPlayback(WavFileOutput(config.path), **options)
+        return AudioPlayback(WavFileOutput(config.path, max_s=config.file_max_s), **options)
     return AudioPlayback(PyAudioOutput(config.device), **options)
