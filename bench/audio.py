@@ -32,9 +32,11 @@ jittered stamps as the playback thread and the microphone hub make them; the lin
 under the table give their spread over ``--seeds`` stamp-jitter seeds (AEC3 after a
 delay jump depends on where the echo falls against its blocks).
 
-Then (not with ``--quick``) ERLE against the bulk delay, to show what range each
-canceller handles unaided, and the double-talk loss against the echo's level over the
-talker's (AEC3's suppressor takes more of the talker the louder the echo is).
+``--far-end music`` plays synthetic music instead of speech (chords and a hi-hat:
+tonal, wideband, no pauses). Then (not with ``--quick``) ERLE against the bulk delay,
+to show what range each canceller handles unaided, and the double-talk loss against
+the echo's level over the talker's (AEC3's suppressor takes more of the talker the
+louder the echo is).
 The machine is shared: CPU figures are noisy, compare within one run.
 """
 
@@ -68,6 +70,7 @@ from agent.testkit.acoustics import (  # noqa: E402
     kept_db,
     lag_samples,
     speech,
+    synthetic_music,
     to_float,
     to_int16,
 )
@@ -330,6 +333,13 @@ def main() -> None:
     parser.add_argument(
         "--dt-levels", default="-12,-6,0,4,8", help="echo over talker (dB) for the DT sweep"
     )
+    parser.add_argument(
+        "--far-end",
+        choices=("speech", "music"),
+        default="speech",
+        help="what the loudspeakers play: espeak-ng speech, or synthetic music (chords and "
+        "a hi-hat, agent/testkit/acoustics.py)",
+    )
     args = parser.parse_args()
     # The stage logs each realignment (the scene's delay jump): the table says it.
     logging.getLogger("agent").setLevel(logging.ERROR)
@@ -345,9 +355,11 @@ def main() -> None:
         near_dbfs=args.near_dbfs,
         delay_ms=args.delay_ms,
         changed_delay_ms=args.jump_to_ms,
+        far=synthetic_music() if args.far_end == "music" else None,
     )
     print(
-        f"simulated room: echo {args.echo_dbfs:g} dBFS, talker {args.near_dbfs:g} dBFS, "
+        f"simulated room: far end {args.far_end}, "
+        f"echo {args.echo_dbfs:g} dBFS, talker {args.near_dbfs:g} dBFS, "
         f"delay {scene.delays_ms[0]:.0f} ms -> {scene.delays_ms[1]:.0f} ms at "
         f"{scene.change_s:.0f} s, mic clock +100 ppm, 48 kHz mono, 10 ms frames "
         "(shared machine: CPU figures are noisy)\n"

@@ -97,6 +97,35 @@ def room_response(
     return response
 
 
+def synthetic_music(seconds: float = 40.0, *, rate: int = 48_000, seed: int = 5) -> Signal:
+    """A far end that is not speech, honestly synthetic: three-note chords of harmonic
+    tones (up to 12 kHz) changing every 250 ms, and a hi-hat (differenced noise, 30 ms)
+    every 125 ms. Tonal, wideband and without speech's pauses: what a class's video or
+    song on the loudspeakers gives the canceller. Peak -6 dBFS."""
+    rng = np.random.default_rng(seed)
+    total = round(seconds * rate)
+    out = np.zeros(total, np.float32)
+    t = np.arange(round(0.25 * rate)) / rate
+    envelope = np.minimum(1.0, t / 0.01) * np.exp(-t / 0.3)
+    for start in range(0, total - len(t), len(t)):
+        for midi in rng.choice(np.arange(45, 80), 3, replace=False):
+            f0 = 440.0 * 2 ** ((int(midi) - 69) / 12)
+            note = np.zeros(len(t))
+            for harmonic in range(1, 13):
+                if f0 * harmonic < 12_000:
+                    note += 0.6 ** (harmonic - 1) * np.sin(2 * np.pi * f0 * harmonic * t)
+            out[start : start + len(t)] += (envelope * note).astype(np.float32)
+    hat_n = round(0.03 * rate)
+    hat = np.diff(rng.standard_normal(hat_n), prepend=0.0) * np.exp(
+        -np.arange(hat_n) / (0.008 * rate)
+    )
+    for start in range(0, total - hat_n, round(0.125 * rate)):
+        out[start : start + hat_n] += (0.3 * hat).astype(np.float32)
+    peak = float(np.max(np.abs(out))) or 1.0
+    music: Signal = (out * (0.5 / peak)).astype(np.float32)
+    return music
+
+
 def _dbfs_gain(signal: Signal, dbfs: float, active: NDArray[np.bool_] | None = None) -> Signal:
     """``signal`` scaled so its RMS (over ``active`` samples) is ``dbfs``."""
     part = signal if active is None else signal[active]
