@@ -106,7 +106,20 @@ async def test_a_lesson_holds_on_the_rural_link(preset: str) -> None:
                 )
                 screen.measuring = False
                 described = main.describe()
+                if described["layer"] == "paused":
+                    # The receiving room tells a pause from the picture stopping while
+                    # the sound goes on, a few seconds after it began (here it may have
+                    # begun at the window's end): it must know soon, unless the main
+                    # room has sent video again by then.
+                    await eventually(
+                        lambda: (
+                            room.describe()["audio_only"] or main.describe()["layer"] != "paused"
+                        ),
+                        within=30,
+                        what="the receiving room told of the pause",
+                    )
                 heard = room.describe()
+                resumed = main.describe()["layer"] != "paused"
     finally:
         await room.close()
         await main.close()
@@ -116,7 +129,7 @@ async def test_a_lesson_holds_on_the_rural_link(preset: str) -> None:
     assert screen.missing_ms < 0.08 * 1000 * WINDOW_S, screen
     if described["layer"] == "paused":
         # Audio only is allowed on a line too poor for video, but both ends must know.
-        assert heard["audio_only"] or screen.last_video is None, (described, heard)
+        assert heard["audio_only"] or resumed or screen.last_video is None, (described, heard)
     else:
         assert screen.video > 2 * WINDOW_S, (screen, described)
         assert screen.longest_gap_s < 4.0, (screen, described)
