@@ -165,10 +165,13 @@ def test_the_report_command_lists_shows_and_saves(tmp_path: Path) -> None:
             check=False,
         )
 
+    (path.parent / "lesson-broken.enc").write_bytes(b"not sealed by this store")
     listed = cli("list")
     assert listed.returncode == 0, listed.stderr
     assert "lesson-20261206-0800" in listed.stdout
     assert "mode lecture" in listed.stdout
+    assert "lesson-broken.enc" in listed.stderr  # named, left out, the rest listed
+    (path.parent / "lesson-broken.enc").unlink()
     shown = cli(report["lesson"], "--json")
     assert json.loads(shown.stdout)["attendance"]["students"]["s-a"]["status"] == "present"
     out = tmp_path / "report.html"

@@ -20,8 +20,8 @@ from agent.sensing.cli import (
     _store_dir,
     write_new_private,
 )
-from agent.sensing.report import render_html, report_row
-from agent.sensing.reports import open_reports, roster_names
+from agent.sensing.report import render_html
+from agent.sensing.reports import open_reports, report_rows, roster_names
 from agent.sensing.roster import RosterError, RosterStore
 
 
@@ -81,14 +81,10 @@ def cmd_report(args: argparse.Namespace) -> int:
 
 
 def _list(store: RosterStore, *, json_out: bool) -> int:
-    rows = []
-    for path in store.records("report"):
-        try:
-            report = store.open_record(path)
-        except RosterError as exc:
-            print(f"{path.name}: {exc}", file=sys.stderr)
-            continue
-        rows.append(report_row(report))  # attendance counts as corrected
+    def unreadable(path: Path, exc: Exception) -> None:
+        print(f"{path.name}: {exc}", file=sys.stderr)
+
+    rows = report_rows(store, unreadable)  # newest first; attendance counts as corrected
     if json_out:
         print(json.dumps(rows, indent=2, ensure_ascii=False))
         return EXIT_OK

@@ -10,6 +10,7 @@ beside it cannot be undone by it.
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -31,6 +32,20 @@ def open_reports(store_dir: Path, key_file: Path | None) -> RosterStore:
     if not (store_dir / "report").is_dir():
         raise RosterError(f"{store_dir}: no lesson reports here yet (a lesson with sensing on)")
     return open_store(store_dir, key_file=key_file, create=True)
+
+
+def report_rows(
+    store: RosterStore, unreadable: Callable[[Path, Exception], None]
+) -> list[dict[str, Any]]:
+    """Every report's list row (`report_row`: corrected counts, no student), newest
+    lesson first; a record that cannot be opened is told to ``unreadable`` and left out."""
+    rows = []
+    for path in store.records("report"):
+        try:
+            rows.append(report_row(store.open_record(path)))
+        except (RosterError, ValueError, KeyError) as exc:
+            unreadable(path, exc)
+    return sorted(rows, key=lambda row: row["start"], reverse=True)
 
 
 def roster_names(store: RosterStore) -> dict[str, str]:
@@ -56,14 +71,11 @@ class LessonReports:
         are none. A record that cannot be opened is logged and left out."""
         if not (self.directory / "report").is_dir():
             return []
-        store = self._store()
-        rows = []
-        for path in store.records("report"):
-            try:
-                rows.append(report_row(store.open_record(path)))
-            except (RosterError, ValueError, KeyError) as exc:
-                log.warning("lesson report %s left out of the list: %s", path.name, exc)
-        return sorted(rows, key=lambda row: row["start"], reverse=True)
+
+        def unreadable(path: Path, exc: Exception) -> None:
+            log.warning("lesson report %s left out of the list: %s", path.name, exc)
+
+        return report_rows(self._store(), unreadable)
 
     def read(self, lesson: str) -> tuple[dict[str, Any], dict[str, str]]:
         """Lesson ``lesson``'s report and the roster's names."""
