@@ -424,3 +424,29 @@ def test_a_correction_saved_during_a_retention_purge_does_not_bring_the_report_b
     assert not purging.is_alive()
     assert failed == []
     assert store.record_path(LATEST, "report") is None
+
+
+async def test_a_correction_holds_when_the_fleet_cannot_be_told(
+    mosquitto: BrokerUnderTest, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    store = seal_reports(tmp_path / "store")
+
+    async def broken(report: dict[str, Any]) -> None:
+        raise OSError("outbox: disk full")
+
+    reports = LessonReports(store.directory)
+    async with room(
+        mosquitto, MAIN, main=True, panel=True, reports=reports, corrected=broken
+    ) as main:
+        assert main.panel is not None
+        status, corrected = await call(
+            main.panel.url,
+            "POST",
+            f"/api/reports/{LATEST}/corrections",
+            {"student": "s-c", "status": "late"},
+        )
+    assert status == 200, corrected  # saved: the teacher's work is not lost
+    assert corrected["statuses"]["s-c"] == "late"
+    record = store.open_record(store.record_path(LATEST, "report"))  # type: ignore[arg-type]
+    assert [c["status"] for c in record["corrections"]] == ["late"]
+    assert "corrected counts not sent to the fleet: outbox: disk full" in caplog.text

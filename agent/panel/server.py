@@ -606,7 +606,15 @@ class PanelServer:
 
         view = await self._report_call(corrected)
         if self.corrected is not None:
-            await self.corrected(view["report"])
+            try:
+                await self.corrected(view["report"])
+            except Exception as exc:  # the correction itself is saved: it must not fail
+                log.error(
+                    "lesson %s: corrected counts not sent to the fleet: %s",
+                    lesson,
+                    exc,
+                    extra={"fields": {"lesson": lesson, "error": str(exc)}},
+                )
         return view
 
     async def _report_call(self, work: Callable[[], dict[str, Any]]) -> dict[str, Any]:
