@@ -642,6 +642,10 @@ class AudioProcessingStages(TypedDict):
     linear_canceller: bool  # the linear stage ahead of AEC3 (configured, mono microphone)
 
 
+ReferenceState = Literal["playing", "idle", "none"]  # the loudspeaker reference; idle:
+# nothing played for a second; none: no playback in this agent
+
+
 class AudioProcessingSection(TypedDict):
     """``health.capture.audio.processing``: the microphone's processing stage
     (agent.capture.processing); absent when ``capture.audio.processing.mode`` is off."""
@@ -650,7 +654,7 @@ class AudioProcessingSection(TypedDict):
     mode: Literal["auto", "on", "off"]  # as configured
     active: bool  # processing now ('auto': while loudspeakers feed the reference)
     stages: AudioProcessingStages
-    reference: Literal["playing", "idle", "none"]  # idle: nothing played for a second
+    reference: ReferenceState
     cancelling: bool  # the canceller has a live reference now
     echo_delay_ms: float | None  # reference to its echo, as the canceller is handed them
     echo_path_ms: float | None  # loudspeaker (by its stamps) to microphone

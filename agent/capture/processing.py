@@ -44,7 +44,7 @@ from numpy.typing import NDArray
 from agent.capture.frames import AudioFormat, Samples
 from agent.capture.linear_echo import LinearCanceller
 from agent.config import AudioProcessingConfig
-from agent.contracts import AudioProcessingSection
+from agent.contracts import AudioProcessingSection, ReferenceState
 
 log = logging.getLogger(__name__)
 
@@ -305,20 +305,19 @@ class _Engine:
         """One frame (frame, channels) int16; ``far`` mono float or None."""
         out = np.ascontiguousarray(near).reshape(-1)
         if self._aec is not None:
-            ref = np.zeros(self.frame, np.float32) if far is None else far
-            far16 = np.clip(np.round(ref * 32767), -32768, 32767).astype(np.int16)
+            ref = np.zeros(self.frame, np.float32) if far is None else far * np.float32(32767)
+            far16 = np.clip(np.round(ref), -32768, 32767).astype(np.int16)
             if self.channels > 1:
                 far16 = np.repeat(far16, self.channels)
             linear = self.linear
             if linear is not None:
                 was = linear.engaged
-                cleaned = linear.process(out.astype(np.float32), ref * np.float32(32767))
+                cleaned = linear.process(out.astype(np.float32), ref)
                 out = np.clip(np.round(cleaned), -32768, 32767).astype(np.int16)
                 if was and not linear.engaged:
                     # The echo path moved under it: AEC3, which modelled the small
                     # residual, now gets the whole echo; afresh it finds it in 0.5 s.
-                    self._aec.reset()
-                    self.restarts += 1
+                    self._reset_aec()
                 if linear.lost:  # the drift took its window out of the history
                     self.linear = linear.restarted()
             out = self._aec.process(out, far16)
@@ -330,11 +329,14 @@ class _Engine:
     def restart_canceller(self) -> None:
         """Start the canceller afresh (its filters and delay search), nothing else; the
         linear stage starts afresh where it reads, keeping its drift estimate."""
+        self._reset_aec()
+        if self.linear is not None:
+            self.linear = self.linear.restarted()
+
+    def _reset_aec(self) -> None:
         if self._aec is not None:
             self._aec.reset()
             self.restarts += 1
-        if self.linear is not None:
-            self.linear = self.linear.restarted()
 
     def place_linear(self, echo_ms: float) -> None:
         """Keep the linear filter's window on an echo ``echo_ms`` after the reference:
@@ -370,7 +372,7 @@ class ProcessingStats:
     high_pass_filter: bool
     auto_gain_control: bool
     linear_canceller: bool  # configured, echo cancellation on, a mono microphone
-    reference: Literal["playing", "idle", "none"]  # idle: nothing played for a second
+    reference: ReferenceState
     cancelling: bool  # the canceller has a live reference now
     echo_delay_ms: float | None  # reference to its echo, as the canceller is handed them
     echo_path_ms: float | None  # loudspeaker (by its stamps) to microphone
@@ -623,7 +625,7 @@ class AudioProcessor:
         cfg = self.config
         reference = self.reference
         active = self.active
-        ref_state: Literal["playing", "idle", "none"] = "none"
+        ref_state: ReferenceState = "none"
         if reference is not None:
             ref_state = "playing" if reference.playing(now) else "idle"
         with self._lock:
