@@ -475,7 +475,7 @@ class SensingService:
         self._rate.append(time.monotonic())
         del self._rate[:-64]
         ended = self.pipeline.tracker.drain_ended()
-        hands, self._sample_hands = self._sample_hands, None
+        hands = self._sample_hands  # set by this sample's _analyse (None: not measured)
         if self.attendance is not None:
             self.attendance.tracks_ended(ended)
             self.attendance.observe(
