@@ -120,6 +120,17 @@ class ReceivedAudio:
         steps = np.arange(since, until - 0.999, 1.0)
         return float(np.median([self.level(source, t, t + 1) for t in steps]))
 
+    async def level_with_talker(self, source: str, mic: LoudspeakerEcho, who: str) -> float:
+        """``mic``'s talker starts: the median level of ``source`` from 1 to 5 s after."""
+        mic.talking.set()
+        talk = time.monotonic()
+        await eventually(
+            lambda: self.seconds_since(source, talk) >= 5,
+            within=30,
+            what=f"5 s of {who} talking",
+        )
+        return self.median_level(source, talk + 1, talk + 5)
+
 
 def _write_wav(path: Path, signal: NDArray[np.float32]) -> Path:
     with wave.open(str(path), "wb") as wav:
@@ -203,14 +214,7 @@ async def test_live_lesson_the_main_room_does_not_hear_its_teacher_back(
             echo3 = received.median_level(rooms.ROOM3, start + 2, start + 10)
             stats = a2.stats().to_dict()["processing"]
             # The pupil speaks (double talk with the teacher on the loudspeaker).
-            mic2.talking.set()
-            talk = time.monotonic()
-            await eventually(
-                lambda: received.seconds_since(rooms.ROOM2, talk) >= 5,
-                within=30,
-                what="5 s of room2 with its pupil talking",
-            )
-            voice2 = received.median_level(rooms.ROOM2, talk + 1, talk + 5)
+            voice2 = await received.level_with_talker(rooms.ROOM2, mic2, "room2 with its pupil")
     finally:
         for task in tasks:
             task.cancel()
@@ -292,14 +296,10 @@ async def test_live_lesson_a_main_room_with_loudspeakers_sends_the_pupil_no_echo
             echo_levels = [mic.echo_dbfs(t, t + 1) for t in windows]
             sent = [received.level(rooms.MAIN, t, t + 1) for t in windows]
             stats = main.audio.stats().to_dict()["processing"]
-            mic.talking.set()  # the teacher answers while the pupil still talks
-            talk = time.monotonic()
-            await eventually(
-                lambda: received.seconds_since(rooms.MAIN, talk) >= 5,
-                within=30,
-                what="5 s of the main room with its teacher talking",
+            # The teacher answers while the pupil still talks.
+            voice = await received.level_with_talker(
+                rooms.MAIN, mic, "the main room with its teacher"
             )
-            voice = received.median_level(rooms.MAIN, talk + 1, talk + 5)
     finally:
         for task in tasks:
             task.cancel()
