@@ -11,9 +11,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
+
+import aiohttp
 
 from agent.capture import AudioHub, FrameHub, open_audio_source, open_video_source
 from agent.config.models import (
@@ -178,3 +181,27 @@ async def frames_advance(sink: ProbeSink, source: str, by: int = 10, within: flo
         within=within,
         what=f"{by} more stamped frames from {source}",
     )
+
+
+async def panel_request(
+    base: str,
+    method: str,
+    path: str,
+    body: Any = None,
+    *,
+    headers: dict[str, str] | None = None,
+    raw: bytes | None = None,
+) -> tuple[int, Any]:
+    """One request to the panel at ``base`` (JSON ``body``, or ``raw`` bytes); the reply's
+    status and JSON (or its text when it is not JSON)."""
+    sent = {"Content-Type": "application/json", **(headers or {})}
+    data = raw if raw is not None else (None if body is None else json.dumps(body).encode())
+    async with (
+        aiohttp.ClientSession() as session,
+        session.request(method, base.rstrip("/") + path, data=data, headers=sent) as reply,
+    ):
+        text = await reply.text()
+        try:
+            return reply.status, json.loads(text)
+        except ValueError:
+            return reply.status, text

@@ -22,7 +22,17 @@ from agent.panel import PanelServer, load_or_create_token
 from agent.panel.cli import describe_status
 from agent.stream import JoinState
 from tests.brokers import BrokerUnderTest, eventually, observing
-from tests.rooms import GROUP, MAIN, PANEL_TOKEN, ROOM2, ROOM3, display_name, room, until_live
+from tests.rooms import (
+    GROUP,
+    MAIN,
+    PANEL_TOKEN,
+    ROOM2,
+    ROOM3,
+    display_name,
+    panel_request,
+    room,
+    until_live,
+)
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -35,14 +45,8 @@ async def call(
     *,
     headers: dict[str, str] | None = None,
     raw: bytes | None = None,
-) -> tuple[int, dict[str, Any]]:
-    sent = {"Content-Type": "application/json", **(headers or {})}
-    data = raw if raw is not None else (None if body is None else json.dumps(body).encode())
-    async with (
-        aiohttp.ClientSession() as session,
-        session.request(method, panel.url.rstrip("/") + path, data=data, headers=sent) as reply,
-    ):
-        return reply.status, await reply.json()
+) -> tuple[int, Any]:
+    return await panel_request(panel.url, method, path, body, headers=headers, raw=raw)
 
 
 async def test_the_button_starts_and_ends_the_lesson(mosquitto: BrokerUnderTest) -> None:

@@ -31,6 +31,7 @@ from agent.sensing.roster import Enrolled, RosterStore, open_store
 from agent.sync import Outbox, ReliablePublisher
 from tests.brokers import BrokerUnderTest, observing
 from tests.rooms import MAIN, PANEL_TOKEN, Room, room
+from tests.rooms import panel_request as call
 from tests.sensing_data import lesson_report
 from tests.test_contracts import schema
 
@@ -85,29 +86,6 @@ def lan_address() -> str:
             ):
                 return str(address.address)
     pytest.skip("no non-loopback IPv4 address on this machine")
-
-
-async def call(
-    base: str,
-    method: str,
-    path: str,
-    body: Any = None,
-    *,
-    headers: dict[str, str] | None = None,
-    raw: bytes | None = None,
-) -> tuple[int, Any]:
-    """One request; the reply's JSON (or its text when it is not JSON)."""
-    sent = {"Content-Type": "application/json", **(headers or {})}
-    data = raw if raw is not None else (None if body is None else json.dumps(body).encode())
-    async with (
-        aiohttp.ClientSession() as session,
-        session.request(method, base.rstrip("/") + path, data=data, headers=sent) as reply,
-    ):
-        text = await reply.text()
-        try:
-            return reply.status, json.loads(text)
-        except ValueError:
-            return reply.status, text
 
 
 async def test_reports_are_listed_shown_and_corrected(
