@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -28,6 +29,30 @@ def load(path: Path) -> np.ndarray:
     return image
 
 
+def room_service(
+    store_dir: Path,
+    config: SensingConfig,
+    video: FrameHub,
+    *,
+    lesson: Callable[[], str | None] = lambda: None,
+    service_class: type[SensingService] = SensingService,
+    publisher: Any = None,
+    **options: Any,
+) -> SensingService:
+    """A sensing service of the test room ``s.r`` (topic ``edu/s/r/sensing``) on
+    ``video``, in the lesson ``lesson()`` names (None: no lesson)."""
+    return service_class(
+        config,
+        video,
+        publisher,
+        "edu/s/r/sensing",
+        device="s.r",
+        lesson=lesson,
+        store_dir=store_dir,
+        **options,
+    )
+
+
 def lessonless_service(
     store_dir: Path,
     config: SensingConfig | None = None,
@@ -38,15 +63,12 @@ def lessonless_service(
 ) -> SensingService:
     """A sensing service on a small synthetic camera in a room with no lesson (nothing is
     published unless a lesson opens): for the tests of loading, failing and housekeeping."""
-    video = FrameHub(open_video_source(SMALL.video), SMALL)
-    return service_class(
+    return room_service(
+        store_dir,
         config or SensingConfig(enabled=True),
-        video,
-        publisher,
-        "edu/s/r/sensing",
-        device="s.r",
-        lesson=lambda: None,
-        store_dir=store_dir,
+        FrameHub(open_video_source(SMALL.video), SMALL),
+        service_class=service_class,
+        publisher=publisher,
         **options,
     )
 

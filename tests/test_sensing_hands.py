@@ -37,7 +37,7 @@ from agent.sensing.track import Track, Tracker
 from agent.testkit import compose, cut_faces, make_demo_class, photos_dir
 from tests.brokers import eventually
 from tests.rooms import MAIN, ROOM2, SMALL, room, until_live
-from tests.sensing_data import FACES, GROUP_PHOTOS, lessonless_service, load
+from tests.sensing_data import FACES, GROUP_PHOTOS, lessonless_service, load, room_service
 from tests.test_contracts import schema
 from tests.test_sensing_service import _running
 from tests.test_sensing_talk_live import Collected
@@ -443,14 +443,12 @@ async def test_the_service_counts_raises_per_minute_and_in_the_lessons_report(
     video = _file_hub(_held_video(tmp_path / "held.avi", frames), 10)
     publisher = Collected()
     now: dict[str, str | None] = {"lesson": "lesson-hands"}
-    service = SensingService(
+    service = room_service(
+        tmp_path / "store",
         SensingConfig(enabled=True, sample_fps=5, talk_analysis=False),
         video,
-        publisher,
-        "edu/s/r/sensing",
-        device="s.r",
         lesson=lambda: now["lesson"],
-        store_dir=tmp_path / "store",
+        publisher=publisher,
         minute_s=2.0,
     )
 
@@ -688,14 +686,13 @@ async def test_the_demos_class_raises_the_standing_mans_hand_once_a_loop(
     video = FrameHub(source, CaptureConfig(video=camera, audio=SMALL.audio))
     publisher = Collected()
     now: dict[str, str | None] = {"lesson": "lesson-demo-hands"}
-    service = _RaisersNoted(
+    service = room_service(
+        tmp_path / "store",
         SensingConfig(**DEMO_SENSING, talk_analysis=False),
         video,
-        publisher,
-        "edu/s/r/sensing",
-        device="s.r",
         lesson=lambda: now["lesson"],
-        store_dir=tmp_path / "store",
+        service_class=_RaisersNoted,
+        publisher=publisher,
         minute_s=5.0,
     )
     loops = 3

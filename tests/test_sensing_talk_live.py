@@ -21,13 +21,13 @@ import pytest
 from agent.capture import AudioChunk, AudioHub, FrameHub, open_audio_source, open_video_source
 from agent.config import AudioProcessingConfig, SensingConfig
 from agent.config.models import AudioConfig, CaptureConfig
-from agent.sensing import SensingService
 from agent.sensing.st_analysis import sample
 from agent.sensing.talk import SileroVad, analyse_talk, write_wav
 from agent.sensing.talk_live import LiveTalk, StreamResampler
 from agent.testkit.acoustics import espeak_available
 from tests.brokers import eventually
 from tests.rooms import SMALL
+from tests.sensing_data import lessonless_service, room_service
 from tests.test_contracts import schema
 from tests.test_sensing_talk import (  # noqa: F401  (voices, vad: fixtures)
     INTERVAL_S,
@@ -129,14 +129,12 @@ async def test_the_service_publishes_a_lessons_st_figures_from_the_microphone(
     config = SensingConfig(enabled=True, sample_fps=5, st_interval_s=INTERVAL_S)
     now = {"lesson": "lesson-st"}
     publisher = Collected()
-    service = SensingService(
+    service = room_service(
+        tmp_path / "store",
         config,
         video,
-        publisher,
-        "edu/s/r/sensing",
-        device="s.r",
         lesson=lambda: now["lesson"],
-        store_dir=tmp_path / "store",
+        publisher=publisher,
         audio=audio,
     )
 
@@ -179,16 +177,7 @@ def test_the_service_reads_what_the_loudspeakers_played_over_each_chunk(
     chunk's own samples (a chunk is stamped when complete); nothing when the room plays
     nothing, or plays no more."""
     audio = AudioHub(open_audio_source(SMALL.audio), SMALL)  # processing: auto
-    service = SensingService(
-        SensingConfig(enabled=True),
-        FrameHub(open_video_source(SMALL.video), SMALL),
-        Collected(),
-        "edu/s/r/sensing",
-        device="s.r",
-        lesson=lambda: None,
-        store_dir=tmp_path / "store",
-        audio=audio,
-    )
+    service = lessonless_service(tmp_path / "store", publisher=Collected(), audio=audio)
     silence = np.zeros((BLOCK, 1), np.int16)
 
     def chunk(captured_ns: int) -> AudioChunk:
