@@ -288,7 +288,6 @@ class RoomFigures:
 
     device: str
     ts: float  # device time of the newest message taken
-    final: bool = False  # the lesson's attendance message came: the figures are complete
     head_count: int | None = None  # live: the latest minute's; final: the lesson's median
     head_up_rate: float | None = None  # live: the latest minute's; final: the lesson's mean
     hand_raises: int | None = None  # None: not measured in this room
@@ -299,6 +298,11 @@ class RoomFigures:
     counts: dict[str, int] | None = None  # ATTENDANCE_COUNTS, from the attendance message
     counted_ts: float | None = None  # device time of the attendance message taken
     corrections: int | None = None  # teacher corrections in those counts (None: none sent)
+
+    @property
+    def final(self) -> bool:
+        """The lesson's attendance message came: the figures are complete."""
+        return self.counted_ts is not None
 
     def to_dict(self) -> dict[str, Any]:
         counts = self.counts or {}
@@ -1077,7 +1081,6 @@ class FleetModel:
         else:
             if figures.counted_ts is not None and ts <= figures.counted_ts:
                 return False  # re-delivered, or overtaken by a teacher's correction
-            figures.final = True
             figures.counted_ts = ts
             figures.corrections = update["corrections"]
             figures.counts = update["counts"]
