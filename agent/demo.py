@@ -189,7 +189,7 @@ def site_file(
         }
         config["sensing"] = dict(DEMO_SENSING)
         # Its loudspeaker is a file: what it plays (the remote teacher) is the reference
-        # the talk analysis counts as T. It grows by 96 kB a second while the demo runs.
+        # the talk analysis counts as T (at most stream.playback.file_max_s of it).
         state = workdir / "state" / f"{site}.{name}"
         config["stream"]["playback"] = {"output": "file", "path": str(state / "loudspeaker.wav")}
     if microphone is not None:
